@@ -1,0 +1,1 @@
+"""Configuration files (ml_collections); each has get_config()."""

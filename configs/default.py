@@ -1,0 +1,97 @@
+r"""Base configuration: every field of DESIGN.md section 3, with the reference defaults.
+
+Other configs import this one and override a few fields. Launch (on digits, the embedded data):
+
+  python -m pcl_jax.main --config=configs/default.py --workdir=/tmp/pcl_default
+
+Any field can be overridden on the command line, e.g. `--config.optim.lr=0.03`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base configuration (the salesforce/PCL defaults where they exist)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'digits'  # digits | fake | image_folder | mini_imagenet
+  config.data.root = ''  # dataset directory (image_folder, mini_imagenet)
+  config.data.image_size = 32  # crop size fed to the network
+  config.data.train_split = 'train'  # e.g. 'train', 'train+val+test'
+  config.data.eval_split = 'test'  # split used by --mode=eval
+  config.data.aug_plus = True  # MoCo v2 augmentation (False: MoCo v1)
+  config.data.num_workers = 2  # torch DataLoader worker processes
+  config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)
+  config.data.fake_size = 512  # number of images of data.name=fake
+  config.data.fake_classes = 10  # number of classes of data.name=fake
+
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = 'resnet18'  # conv4 | resnet18 | resnet34 | resnet50
+  config.model.dim = 128  # output embedding dimension
+  config.model.mlp = False  # 2-layer MLP head (MoCo v2) instead of one linear layer
+  config.model.small_stem = False  # 3x3 stride-1 stem without max-pool (small images)
+  config.model.width = 64  # channels of Conv4 / first ResNet stage
+
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 200
+  config.train.batch_size = 256
+  config.train.log_every_steps = 50
+  config.train.steps_per_epoch = 0  # quick-run switch: cap on steps per epoch (0: full epoch)
+  config.train.dtype = 'float32'  # float32 | bfloat16 (compute dtype; params stay float32)
+  # Shuffle-BN emulation: BN statistics are computed per group of the batch, as if each group
+  # sat on its own device; keys are permuted across groups first (DESIGN.md, M-step).
+  config.train.shuffle_bn_groups = 4
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 0.03
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4
+  config.optim.cos = True  # cosine decay; False: step decay x0.1 at `schedule` milestones
+  config.optim.schedule = '120,160'  # milestone epochs of the step decay (comma string)
+  config.optim.schedule_per = 'epoch'  # epoch (as the reference) | step
+
+  config.pcl = ml_collections.ConfigDict()
+  config.pcl.temperature = 0.2
+  config.pcl.moco_m = 0.999
+  config.pcl.num_negatives = 16384  # r: queue length and number of negative prototypes
+  config.pcl.warmup_epochs = 20  # epochs of InfoNCE only, before the first E-step
+  config.pcl.smoothing_cap = 0.2
+  config.pcl.max_clusters = 0  # 0: the largest entry of schedule.all_clusters
+
+  config.clustering = ml_collections.ConfigDict()
+  config.clustering.backend = 'auto'  # auto | faiss | jax
+  config.clustering.niter = 20
+  config.clustering.nredo = 5
+  config.clustering.spherical = True
+  config.clustering.hierarchical = False
+  config.clustering.use_float16 = True  # faiss GPU index in float16
+  config.clustering.max_points_factor = 5 / 3  # max_points_per_centroid = int(N * f / k)
+  config.clustering.min_points_factor = 1 / 3  # min_points_per_centroid = int(N * f / k)
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.all_clusters = '25000,50000,100000'
+  config.schedule.num_levels = 3
+  config.schedule.mode = 'plateau'  # plateau | fixed
+  config.schedule.metric = 'acc_inst'
+  config.schedule.window = 5
+  config.schedule.min_delta = 0.5
+  config.schedule.init_threshold = 0.0
+  config.schedule.threshold_step = 1.0
+  config.schedule.patience = 0  # 0: no cap on epochs per stage
+  config.schedule.every = 10  # epochs per stage in mode=fixed
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.knn_k = 20
+  config.eval.knn_t = 0.07
+  config.eval.fewshot_episodes = 2000
+  config.eval.fewshot_queries = 15
+  config.eval.val_every = 0  # epochs between validation kNN checks (0: off)
+  config.eval.save_features = False
+  config.eval.feature_layer = 'head'  # head | backbone
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_epochs = 1
+  config.checkpoint.max_to_keep = 3
+  return config

@@ -1,0 +1,71 @@
+"""Orbax checkpoints of a run: save every few epochs, resume the latest, restore for evaluation.
+
+This module owns the on-disk layout `WORKDIR/checkpoints/<epochs_done>/{state,meta}`: `state` is
+the PCLState pytree (StandardSave), `meta` a JSON dict of host-side state (the cluster-schedule
+controller, the config's model fields). The checkpoint step is the number of completed epochs.
+It never decides *when* to save (train.py does) and never unpickles anything.
+"""
+
+import os
+from typing import Any, Optional, Tuple
+
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager with the project's two items."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    self.manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=('state', 'meta'))
+
+  def latest_epoch(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, epochs_done: int, state, meta: dict) -> None:
+    self.manager.save(epochs_done, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
+    """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
+    step = self.manager.latest_step() if epochs_done is None else epochs_done
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(template_state), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_for_eval(workdir: str, epochs_done: Optional[int] = None) -> Tuple[dict, dict, int]:
+  """Restores the raw saved tree (no optimizer, no template) for evaluation.
+
+  Returns:
+    (state_tree, meta, epochs_done): `state_tree` is a nested dict with the PCLState field names
+    (`key_params`, `key_batch_stats`, ...).
+  Raises:
+    FileNotFoundError: no checkpoint under WORKDIR/checkpoints (or not the requested one).
+  """
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint in {directory}; train first with the same --workdir')
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))
+  steps = manager.all_steps()
+  step = max(steps) if (epochs_done is None and steps) else epochs_done
+  if step is None or step not in steps:
+    raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in {directory} '
+                            f'(available: {sorted(steps)}); train first or pass an existing --step')
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  manager.close()
+  return restored['state'], restored['meta'], step

@@ -1,0 +1,620 @@
+"""The E-step's clustering: k-means backends, hierarchical levels and cluster concentration.
+
+This module owns DESIGN.md section 1 steps 2-4 (k-means per level, the hierarchical mode, the
+concentration formula) and the "Clustering backends" of section 2: `faiss` (faiss.Clustering,
+with a GPU index when one exists), `jax` (a pure-JAX mirror of faiss's k-means) and `auto`. It
+takes features in and gives centroids, assignments and concentrations back as device arrays; it
+never touches model parameters, the optimizer, the data pipeline or the cluster-count schedule
+(which levels are active is the caller's decision).
+
+The `jax` backend follows faiss's `Clustering::train` step by step so the two agree: subsample
+the training set to `k * max_points_per_centroid` points when larger; for each of `nredo` runs,
+initialise with the first k points of a seeded random permutation, run `niter` Lloyd iterations
+(assign with the squared L2 distance, weighted-mean update, split empty clusters, renormalise
+when spherical) and keep the run whose last-iteration objective (sum of squared L2 distances,
+also when spherical: faiss's assignment index is an L2 index) is lowest; finally assign every
+sample to its nearest returned centroid. Its random streams are JAX's, not faiss's, so the two
+backends agree exactly only from the same `init_centroids`.
+"""
+
+import fractions
+import logging
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# faiss's split_clusters perturbation, "a bit above machine epsilon for float16".
+_SPLIT_EPS = 1.0 / 1024.0
+# Elements of one [chunk, k] distance block. On CPU a block that stays in cache is fastest
+# (measured in benchmarks/clustering.py); accelerators want large blocks to fill the chip.
+_CPU_BLOCK_ELEMENTS = 1 << 20
+_ACCELERATOR_BLOCK_ELEMENTS = 1 << 25
+_MAX_CHUNK_ROWS = 8192
+# Cluster-count ratio between hierarchical levels below which the notes saw harm.
+_MIN_HIERARCHY_RATIO = 1.2
+
+_BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection.
+
+
+def _import_faiss():
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return faiss
+
+
+def _faiss_sees_gpu(faiss) -> bool:
+  get_num_gpus = getattr(faiss, 'get_num_gpus', None)
+  return get_num_gpus is not None and get_num_gpus() > 0
+
+
+def resolve_backend(name: str) -> str:
+  """Maps a `clustering.backend` setting to the implementation that will run.
+
+  `auto` picks faiss with a GPU index when JAX runs on a GPU and faiss sees one ('faiss-gpu');
+  faiss-cpu when JAX runs on the CPU and faiss imports ('faiss-cpu'); the pure-JAX k-means
+  otherwise ('jax': TPUs, or a GPU without faiss-gpu, where copying features to the host for
+  faiss-cpu would cost more than clustering on the chip). `faiss` is 'faiss-gpu' under the same
+  GPU condition, else 'faiss-cpu'. The resolved names are accepted as settings too.
+
+  Args:
+    name: 'auto', 'faiss' or 'jax' (or an already resolved 'faiss-cpu' / 'faiss-gpu').
+  Returns:
+    'faiss-gpu', 'faiss-cpu' or 'jax'.
+  Raises:
+    ValueError: unknown name, or faiss requested but not installed.
+  """
+  if name not in _BACKENDS:
+    raise ValueError(f"clustering.backend='{name}' is unknown; use auto, faiss or jax")
+  if name == 'jax':
+    return 'jax'
+  faiss = _import_faiss()
+  on_gpu = jax.default_backend() == 'gpu'
+  if name == 'auto':
+    if faiss is None:
+      return 'jax'
+    if on_gpu:
+      return 'faiss-gpu' if _faiss_sees_gpu(faiss) else 'jax'
+    return 'faiss-cpu' if jax.default_backend() == 'cpu' else 'jax'
+  if faiss is None:
+    raise ValueError(f"clustering.backend='{name}' but faiss is not installed; install faiss-cpu "
+                     '(or faiss-gpu) or set clustering.backend=jax')
+  gpu_ok = on_gpu and _faiss_sees_gpu(faiss)
+  if name == 'faiss-gpu' and not gpu_ok:
+    raise ValueError("clustering.backend='faiss-gpu' needs JAX on a GPU and a faiss build that "
+                     'sees it; use clustering.backend=faiss or auto')
+  if name == 'faiss':
+    return 'faiss-gpu' if gpu_ok else 'faiss-cpu'
+  return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and small helpers.
+
+
+def _points_per_centroid(num_points: int, k: int, factor: float) -> int:
+  """int(num_points * factor / k), exact for rational factors such as 5/3 and 1/3.
+
+  The float product N * (1/3) can land just below an integer and floor one too low; the
+  researcher's int(N * 5 / 3 / k) cannot, so the factor is taken as a fraction.
+  """
+  ratio = fractions.Fraction(factor).limit_denominator(1000)
+  return int(num_points * ratio.numerator // (ratio.denominator * k))
+
+
+def _check_k(k: int, num_points: int):
+  if k < 1:
+    raise ValueError(f'schedule.all_clusters contains k={k}; every cluster count must be >= 1')
+  if k > num_points:
+    raise ValueError(f'schedule.all_clusters contains k={k} but only N={num_points} samples; '
+                     'use a k <= N')
+
+
+def _check_finite(x):
+  if not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError('features contain NaN/inf; k-means refuses them')
+
+
+def _l2_normalize(x):
+  """Row-wise L2 normalisation; zero rows stay zero (as faiss's fvec_renorm_L2)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.where(norm > 0, norm, 1.0)
+
+
+def _chunk_rows(num_points: int, k: int) -> int:
+  """Rows per assignment block so that one [chunk, k] distance block stays small."""
+  budget = _CPU_BLOCK_ELEMENTS if jax.default_backend() == 'cpu' else _ACCELERATOR_BLOCK_ELEMENTS
+  rows = max(128, min(_MAX_CHUNK_ROWS, budget // k))
+  # No point in a chunk larger than the (8-aligned) data.
+  return min(rows, -(-num_points // 8) * 8)
+
+
+def _pad_rows(x, multiple: int):
+  pad = (-x.shape[0]) % multiple
+  if pad == 0:
+    return x
+  return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-JAX k-means.
+
+
+def _assign_block(x_block, centroids, centroid_sq_norm):
+  """Nearest centroid of each row and its squared L2 distance, for one [chunk, D] block.
+
+  Distances expand as ||x||^2 - 2 x.c + ||c||^2 (one matmul, like faiss's IndexFlatL2), at
+  HIGHEST precision: on GPUs the default would round the matmul to TF32 and flip near ties; on
+  CPU it costs nothing. ||x||^2 is constant along a row, so it is added after the argmin. The
+  argmin is a min followed by the first index attaining it: two plain reductions, which XLA
+  vectorises, instead of one variadic (value, index) reduction, which it does not on CPU.
+  """
+  k = centroids.shape[0]
+  partial_dist = centroid_sq_norm[None, :] + jnp.dot(
+      x_block, -2.0 * centroids.T, precision=jax.lax.Precision.HIGHEST)
+  best = jnp.min(partial_dist, axis=1)
+  cluster_ids = jnp.arange(k, dtype=jnp.int32)[None, :]
+  im2cluster = jnp.min(jnp.where(partial_dist == best[:, None], cluster_ids, k), axis=1)
+  # Round-off can make the expansion slightly negative for a point sitting on its centroid.
+  sq_dist = jnp.maximum(jnp.sum(x_block * x_block, axis=1) + best, 0.0)
+  return im2cluster, sq_dist
+
+
+def _assign_chunks(x_chunks, centroids):
+  """Assignment over [num_chunks, chunk, D] rows; memory stays chunk x k. Returns flat [N]."""
+  centroid_sq_norm = jnp.sum(centroids * centroids, axis=1)
+  im2cluster, sq_dist = jax.lax.map(
+      lambda block: _assign_block(block, centroids, centroid_sq_norm), x_chunks)
+  return im2cluster.reshape(-1), sq_dist.reshape(-1)
+
+
+@jax.jit
+def _nearest_centroid(x_chunks, centroids):
+  """Jitted nearest-centroid search (im2cluster, expanded sq_dist) over chunked rows."""
+  return _assign_chunks(x_chunks, centroids)
+
+
+@jax.jit
+def sq_dist_to_assigned(x, centroids, im2cluster):
+  """Squared L2 distance of each row of x to its assigned centroid, computed directly.
+
+  Direct differences instead of the matmul expansion: no cancellation, so small distances (the
+  ones concentration takes square roots of) keep their relative precision. Jitted.
+
+  Args:
+    x: [N, D] samples.
+    centroids: [k, D].
+    im2cluster: [N] int assignment.
+  Returns:
+    [N] float32 squared distances.
+  """
+  diff = x - centroids[im2cluster]
+  return jnp.sum(diff * diff, axis=1)
+
+
+def _split_empty_clusters(centroids, cluster_weight, key):
+  """faiss's split_clusters: every empty cluster takes over half of a non-empty one.
+
+  Empty clusters are handled in index order. Each copies a donor centroid chosen with
+  probability proportional to (size - 1) (faiss draws it the same way, by a cyclic scan), the
+  pair gets the symmetric perturbation (1 +/- EPS, alternating by dimension) that separates
+  them, and the donor's size is split evenly so later draws see the halves. Loops only over the
+  empty clusters (a while_loop), so it is free when there are none.
+
+  Args:
+    centroids: [k, D] updated centroids (empty clusters' rows are zero).
+    cluster_weight: [k] summed member weights (0 = empty).
+    key: PRNG key.
+  Returns:
+    (centroids, cluster_weight, number of splits).
+  """
+  dim = centroids.shape[1]
+  perturbation = _SPLIT_EPS * jnp.where(jnp.arange(dim) % 2 == 0, 1.0, -1.0)
+
+  def has_work(state):
+    _, weight, _, _ = state
+    # A donor needs size > 1; without one faiss would loop forever, we stop.
+    return jnp.any(weight == 0) & jnp.any(weight > 1)
+
+  def split_one(state):
+    centroids, weight, key, num_splits = state
+    key, donor_key = jax.random.split(key)
+    empty = jnp.argmax(weight == 0)
+    donor = jax.random.categorical(donor_key, jnp.log(jnp.maximum(weight - 1.0, 0.0)))
+    donor_centroid = centroids[donor]
+    centroids = centroids.at[empty].set(donor_centroid * (1.0 + perturbation))
+    centroids = centroids.at[donor].set(donor_centroid * (1.0 - perturbation))
+    half = weight[donor] / 2.0
+    weight = weight.at[empty].set(half).at[donor].set(weight[donor] - half)
+    return centroids, weight, key, num_splits + 1
+
+  centroids, cluster_weight, _, num_splits = jax.lax.while_loop(
+      has_work, split_one, (centroids, cluster_weight, key, jnp.int32(0)))
+  return centroids, cluster_weight, num_splits
+
+
+@jax.jit(static_argnames=('spherical',))
+def _lloyd(x_chunks, weights, valid, centroids, niter, key, *, spherical):
+  """One k-means run: `niter` Lloyd iterations from `centroids`, faiss's iteration order.
+
+  Jitted once per (N, D, k) shape and `spherical`; `niter` and the key are traced, so the
+  nredo restarts reuse one compilation.
+
+  Args:
+    x_chunks: [num_chunks, chunk, D] training points (zero padding at the end).
+    weights: [num_chunks * chunk] point weights, 0 for padding.
+    valid: [num_chunks * chunk] bool, False for padding.
+    centroids: [k, D] initial centroids (already normalised when spherical).
+    niter: number of iterations.
+    key: PRNG key for the empty-cluster splits.
+    spherical: renormalise centroids after each update.
+  Returns:
+    (centroids [k, D], objective of the last iteration, total number of splits).
+  """
+  k, dim = centroids.shape
+  x_flat = x_chunks.reshape(-1, dim)
+  weighted_x = x_flat * weights[:, None]
+
+  def iteration(i, carry):
+    centroids, _, num_splits = carry
+    # Step 1: assign; faiss's objective is the plain sum of the distances of this assignment.
+    im2cluster, sq_dist = _assign_chunks(x_chunks, centroids)
+    objective = jnp.sum(jnp.where(valid, sq_dist, 0.0))
+    # Step 2: weighted means (padding has weight 0, so it moves nothing).
+    cluster_weight = jax.ops.segment_sum(weights, im2cluster, num_segments=k)
+    cluster_sum = jax.ops.segment_sum(weighted_x, im2cluster, num_segments=k)
+    safe_weight = jnp.where(cluster_weight > 0, cluster_weight, 1.0)
+    updated = jnp.where(cluster_weight[:, None] > 0, cluster_sum / safe_weight[:, None], 0.0)
+    # Step 3: empty clusters, then the spherical projection (faiss's post_process_centroids).
+    updated, _, splits = _split_empty_clusters(updated, cluster_weight, jax.random.fold_in(key, i))
+    if spherical:
+      updated = _l2_normalize(updated)
+    return updated, objective, num_splits + splits
+
+  init = (centroids, jnp.float32(jnp.inf), jnp.int32(0))
+  return jax.lax.fori_loop(0, niter, iteration, init)
+
+
+def _kmeans_jax(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weights,
+                init_centroids):
+  """Pure-JAX k-means (see the module docstring); returns centroids [k, D]."""
+  num_points = x.shape[0]
+  base_key = jax.random.PRNGKey(seed)
+  train_x, train_weights = x, weights
+  # Same subsampling rule as faiss (a seeded random subset of k * max_points points).
+  if num_points > k * max_points:
+    subset = jax.random.permutation(jax.random.fold_in(base_key, 0), num_points)[:k * max_points]
+    train_x = x[subset]
+    train_weights = None if weights is None else weights[subset]
+  elif num_points < k * min_points:
+    logging.warning('clustering %d points to %d centroids: please provide at least %d training '
+                    'points', num_points, k, k * min_points)
+  num_train = train_x.shape[0]
+
+  if num_train == k and init_centroids is None:
+    # faiss's corner case: every point is its own centroid, no iteration.
+    centroids = train_x
+    return _l2_normalize(centroids) if spherical else centroids
+
+  chunk = _chunk_rows(num_train, k)
+  padded_x = _pad_rows(train_x, chunk)
+  x_chunks = padded_x.reshape(-1, chunk, x.shape[1])
+  valid = jnp.arange(padded_x.shape[0]) < num_train
+  if train_weights is None:
+    padded_weights = valid.astype(jnp.float32)
+  else:
+    padded_weights = _pad_rows(train_weights.astype(jnp.float32), chunk)
+
+  # With given initial centroids there is one run: faiss starts every redo after the first from
+  # the previous run's result, which is no restart at all.
+  num_runs = 1 if init_centroids is not None else nredo
+  best_centroids, best_objective = None, None
+  for redo in range(num_runs):
+    init_key, split_key = jax.random.split(jax.random.fold_in(base_key, redo + 1))
+    if init_centroids is None:
+      start = train_x[jax.random.permutation(init_key, num_train)[:k]]
+    else:
+      start = jnp.asarray(init_centroids, jnp.float32)
+    if spherical:
+      start = _l2_normalize(start)
+    centroids, objective, _ = _lloyd(x_chunks, padded_weights, valid, start, niter, split_key,
+                                     spherical=spherical)
+    if best_centroids is None:
+      best_centroids, best_objective = centroids, objective
+    else:
+      # Strictly better only, as faiss: on a tie the earlier run stays. Stays on device.
+      improved = objective < best_objective
+      best_centroids = jnp.where(improved, centroids, best_centroids)
+      best_objective = jnp.where(improved, objective, best_objective)
+  return best_centroids
+
+
+# ----------------------------------------------------------------------------------------------
+# faiss k-means.
+
+
+def _to_host(x):
+  """float32 numpy view of x: zero-copy (DLPack) for a CPU JAX array, a copy from a device."""
+  if isinstance(x, jax.Array):
+    if all(device.platform == 'cpu' for device in x.devices()):
+      return np.from_dlpack(x)
+    return np.asarray(jax.device_get(x))
+  return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _faiss_index(faiss, dim, on_gpu, use_float16, device_id):
+  if not on_gpu:
+    return faiss.IndexFlatL2(dim)
+  resources = faiss.StandardGpuResources()
+  config = faiss.GpuIndexFlatConfig()
+  config.useFloat16 = use_float16
+  config.device = device_id
+  index = faiss.GpuIndexFlatL2(resources, dim, config)
+  index.resources_keepalive = resources  # The index must not outlive its resources.
+  return index
+
+
+def _faiss_nearest(index, x, x_host, on_gpu):
+  """Nearest centroid in `index` for each sample; on GPU the device features go over DLPack."""
+  if on_gpu and isinstance(x, jax.Array):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      import faiss.contrib.torch_utils  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass
+    else:
+      # Without a host copy: faiss's torch bridge searches the GPU tensor in place.
+      _, labels = index.search(torch.from_dlpack(x), 1)
+      return jnp.asarray(jax.dlpack.from_dlpack(labels[:, 0].contiguous()), jnp.int32)
+  _, labels = index.search(x_host, 1)
+  return jnp.asarray(labels[:, 0], jnp.int32)
+
+
+def _kmeans_faiss(x, k, *, on_gpu, niter, nredo, seed, spherical, max_points, min_points,
+                  use_float16, weights, init_centroids):
+  """faiss.Clustering k-means; returns (centroids [k, D], im2cluster [N])."""
+  faiss = _import_faiss()
+  x_host = _to_host(x)
+  num_points, dim = x_host.shape
+  clus = faiss.Clustering(dim, k)
+  clus.verbose = False
+  clus.niter = niter
+  clus.nredo = nredo
+  clus.seed = int(seed) % (2**31)  # A C int.
+  clus.spherical = spherical
+  clus.max_points_per_centroid = max_points
+  clus.min_points_per_centroid = min_points
+  if init_centroids is not None:
+    # faiss takes initial centroids from clus.centroids; later redos would restart from the
+    # previous result, so one run.
+    init = np.ascontiguousarray(init_centroids, dtype=np.float32).reshape(-1)
+    faiss.copy_array_to_vector(init, clus.centroids)
+    clus.nredo = 1
+  device_id = 0
+  if on_gpu and isinstance(x, jax.Array):
+    device_id = next(iter(x.devices())).id
+  index = _faiss_index(faiss, dim, on_gpu, use_float16, device_id)
+  host_weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+  clus.train(x_host, index, weights=host_weights)
+
+  centroids = faiss.vector_to_array(clus.centroids).reshape(k, dim)
+  if spherical:
+    # Already unit norm, except in faiss's N == k corner case, which copies the points raw.
+    centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-30)
+  # Search the returned centroids (not whatever the index last held), so im2cluster is their
+  # argmin by construction.
+  index.reset()
+  index.add(np.ascontiguousarray(centroids))
+  im2cluster = _faiss_nearest(index, x, x_host, on_gpu)
+  return jnp.asarray(centroids), im2cluster
+
+
+# ----------------------------------------------------------------------------------------------
+# Public k-means.
+
+
+def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
+           max_points_per_centroid=None, min_points_per_centroid=None, use_float16=True,
+           weights=None, init_centroids=None):
+  """k-means of the rows of x; host-side driver (the jax backend's inner loop is jitted).
+
+  Args:
+    x: [N, D] features (JAX or numpy array; cast to float32).
+    k: number of clusters, 1 <= k <= N.
+    backend: 'auto', 'faiss' or 'jax' (see `resolve_backend`).
+    niter: Lloyd iterations per run.
+    nredo: runs from different random initialisations; the lowest objective wins.
+    seed: random seed (subsampling, initialisation, empty-cluster splits).
+    spherical: renormalise centroids to unit L2 norm after every update.
+    max_points_per_centroid: train on a random subset of k * this points when N is larger;
+      default int(N * 5 / 3 / k) (the notes' rule), applied identically by both backends.
+    min_points_per_centroid: only warns when N < k * this; default int(N / 3 / k).
+    use_float16: float16 storage in faiss's GPU index (faiss-gpu only).
+    weights: optional [N] non-negative point weights for the centroid means (the hierarchical
+      mode weights centroids by their member counts).
+    init_centroids: optional [k, D] starting centroids; then a single run (nredo is ignored).
+  Returns:
+    (centroids [k, D] float32, unit norm when spherical; im2cluster [N] int32, each sample's
+    nearest returned centroid; sq_dist [N] float32, squared L2 distance to that centroid),
+    all JAX arrays.
+  Raises:
+    ValueError: k out of range, unknown backend, NaN/inf in x, or malformed weights/init.
+  """
+  resolved = resolve_backend(backend)
+  x = jnp.asarray(x, jnp.float32)
+  if x.ndim != 2:
+    raise ValueError(f'k-means features must be [N, D], got shape {x.shape}')
+  num_points, dim = x.shape
+  _check_k(k, num_points)
+  _check_finite(x)
+  if weights is not None:
+    weights = jnp.asarray(weights, jnp.float32)
+    if weights.shape != (num_points,) or not bool(jnp.all(jnp.isfinite(weights) & (weights >= 0))):
+      raise ValueError(f'k-means weights must be [N]={num_points} finite non-negative values')
+  if init_centroids is not None and np.shape(init_centroids) != (k, dim):
+    raise ValueError(f'init_centroids must have shape {(k, dim)}, got {np.shape(init_centroids)}')
+  if max_points_per_centroid is None:
+    max_points_per_centroid = _points_per_centroid(num_points, k, fractions.Fraction(5, 3))
+  if min_points_per_centroid is None:
+    min_points_per_centroid = _points_per_centroid(num_points, k, fractions.Fraction(1, 3))
+  # A zero cap would subsample to nothing; faiss would then fail with an opaque message.
+  max_points_per_centroid = max(int(max_points_per_centroid), 1)
+  options = dict(niter=niter, nredo=nredo, seed=seed, spherical=spherical,
+                 max_points=max_points_per_centroid, min_points=int(min_points_per_centroid),
+                 weights=weights, init_centroids=init_centroids)
+
+  if resolved == 'jax':
+    centroids = _kmeans_jax(x, k, **options)
+    im2cluster = _assign_all(x, centroids)
+  else:
+    centroids, im2cluster = _kmeans_faiss(x, k, on_gpu=resolved == 'faiss-gpu',
+                                          use_float16=use_float16, **options)
+  return centroids, im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
+
+
+# ----------------------------------------------------------------------------------------------
+# Concentration.
+
+
+@jax.jit(static_argnums=(2,))
+def concentration(sq_dist, im2cluster, k, temperature):
+  """Per-cluster concentration phi of PCL (the reference's and the notes' formula, exactly).
+
+  phi_c = mean(sqrt(d_i)) / log(n_c + 10) over the n_c members of c when n_c > 1; clusters with
+  n_c <= 1 get the largest phi (or 0 when none has two members, as the reference); clip to the
+  10th..90th percentile of the k values (numpy's linear interpolation); then
+  phi = temperature * phi / mean(phi). One deviation: where the reference divides 0 by 0 (every
+  cluster has <= 1 member) every phi is `temperature` instead of NaN. Jitted, k static.
+
+  Args:
+    sq_dist: [N] squared distance of each sample to its cluster's centroid.
+    im2cluster: [N] int cluster of each sample.
+    k: number of clusters (static).
+    temperature: the ProtoNCE temperature.
+  Returns:
+    [k] float32 concentrations.
+  """
+  sq_dist = jnp.asarray(sq_dist, jnp.float32)
+  size = jax.ops.segment_sum(jnp.ones_like(sq_dist), im2cluster, num_segments=k)
+  dist_sum = jax.ops.segment_sum(jnp.sqrt(sq_dist), im2cluster, num_segments=k)
+  populated = size > 1
+  phi = jnp.where(populated, dist_sum / jnp.maximum(size, 1.0) / jnp.log(size + 10.0), 0.0)
+  phi = jnp.where(populated, phi, jnp.max(phi))
+  phi = jnp.clip(phi, jnp.percentile(phi, 10.0), jnp.percentile(phi, 90.0))
+  mean = jnp.mean(phi)
+  return jnp.where(mean > 0, temperature * phi / jnp.where(mean > 0, mean, 1.0),
+                   jnp.full_like(phi, temperature))
+
+
+# ----------------------------------------------------------------------------------------------
+# Levels (flat or hierarchical).
+
+
+def _check_hierarchy(num_clusters):
+  for fine, coarse in zip(num_clusters, num_clusters[1:]):
+    if coarse >= fine:
+      raise ValueError(f'clustering.hierarchical=True needs strictly decreasing cluster counts, '
+                       f'got {list(num_clusters)}; order schedule.all_clusters fine to coarse or '
+                       'set clustering.hierarchical=False')
+    if fine / coarse < _MIN_HIERARCHY_RATIO:
+      message = (f'hierarchical levels k={fine} -> k={coarse} differ by a ratio of '
+                 f'{fine / coarse:.2f} < {_MIN_HIERARCHY_RATIO}; the notes found that ratio '
+                 'harmful (coarse levels clustered from too few centroids)')
+      warnings.warn(message, stacklevel=3)
+
+
+def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
+                   hierarchical, temperature, use_float16, max_points_factor=5 / 3,
+                   min_points_factor=1 / 3):
+  """Runs the E-step clustering for every active level; host-side driver.
+
+  Flat mode: each level clusters the samples independently, with seed `seed + level`.
+  Hierarchical mode (strictly decreasing k): level 0 clusters the samples; level l+1 clusters
+  level l's non-empty centroids weighted by their member counts, and every level-l centroid
+  (empty ones included) gets its nearest level-(l+1) centroid as parent; then
+  im2cluster_{l+1} = parent[im2cluster_l], so a sample's coarse cluster is always the parent
+  of its fine one, and its distance (for the concentration) is to that coarse centroid.
+  Concentrations come from the sample distances to the un-normalised centroids (as the
+  reference); the returned centroids are then L2-normalised, as the reference normalises its
+  prototypes (a no-op up to rounding when spherical).
+
+  Args:
+    features: [N, D] L2-normalised sample features.
+    num_clusters: the active levels' cluster counts, in order.
+    backend: 'auto', 'faiss' or 'jax'.
+    niter: k-means iterations.
+    nredo: k-means restarts.
+    seed: base seed; level l uses seed + l.
+    spherical: spherical k-means.
+    hierarchical: cluster each level's centroids instead of the samples.
+    temperature: ProtoNCE temperature (scales the concentrations).
+    use_float16: faiss-gpu index storage.
+    max_points_factor: max_points_per_centroid = int(n * factor / k), n = points clustered.
+    min_points_factor: min_points_per_centroid = int(n * factor / k).
+  Returns:
+    One dict per level, in order: {'k', 'centroids' [k, D], 'im2cluster' [N] int32,
+    'concentration' [k], 'timing_s'}.
+  Raises:
+    ValueError: bad cluster counts (see `kmeans`), non-decreasing counts in hierarchical mode,
+      or a level with more clusters than its parent level has non-empty centroids.
+  """
+  features = jnp.asarray(features, jnp.float32)
+  num_clusters = [int(k) for k in num_clusters]
+  num_samples = features.shape[0]
+  for k in num_clusters:
+    _check_k(k, num_samples)
+  if hierarchical:
+    _check_hierarchy(num_clusters)
+
+  def run_kmeans(points, k, level, weights=None):
+    return kmeans(points, k, backend=backend, niter=niter, nredo=nredo, seed=seed + level,
+                  spherical=spherical, use_float16=use_float16, weights=weights,
+                  max_points_per_centroid=_points_per_centroid(points.shape[0], k,
+                                                               max_points_factor),
+                  min_points_per_centroid=_points_per_centroid(points.shape[0], k,
+                                                               min_points_factor))
+
+  levels = []
+  finer = None  # (centroids, im2cluster) of the previous level in hierarchical mode.
+  for level, k in enumerate(num_clusters):
+    start = time.perf_counter()
+    if finer is None:
+      centroids, im2cluster, sq_dist = run_kmeans(features, k, level)
+    else:
+      fine_centroids, fine_im2cluster = finer
+      member_count = jnp.bincount(fine_im2cluster, length=fine_centroids.shape[0])
+      populated = np.flatnonzero(np.asarray(member_count) > 0)
+      if k > populated.size:
+        raise ValueError(
+            f'hierarchical level k={k} exceeds the {populated.size} non-empty centroids of the '
+            f'level above (k={fine_centroids.shape[0]}); use fewer clusters at this level or set '
+            'clustering.hierarchical=False')
+      centroids, _, _ = run_kmeans(fine_centroids[populated], k, level,
+                                   weights=member_count[populated])
+      parent = _assign_all(fine_centroids, centroids)
+      im2cluster = parent[fine_im2cluster]
+      sq_dist = sq_dist_to_assigned(features, centroids, im2cluster)
+    phi = concentration(sq_dist, im2cluster, k, temperature)
+    if hierarchical:
+      finer = (centroids, im2cluster)
+    normalized = _l2_normalize(centroids)
+    jax.block_until_ready((normalized, phi))
+    levels.append({'k': k, 'centroids': normalized, 'im2cluster': im2cluster.astype(jnp.int32),
+                   'concentration': phi, 'timing_s': time.perf_counter() - start})
+  return levels
+
+
+def _assign_all(x, centroids):
+  """Nearest centroid of every row of x (chunked, jitted search)."""
+  chunk = _chunk_rows(x.shape[0], centroids.shape[0])
+  x_chunks = _pad_rows(x, chunk).reshape(-1, chunk, x.shape[1])
+  im2cluster, _ = _nearest_centroid(x_chunks, centroids)
+  return im2cluster[:x.shape[0]]

@@ -1,0 +1,217 @@
+"""Flax encoders: Conv4, ResNet-18/34/50, the projection head, and grouped (shuffle-)BatchNorm.
+
+This module owns network architecture only: no losses, no optimizer, no data. Every encoder maps
+NHWC images to L2-normalised float32 embeddings `[B, dim]`; with `return_backbone=True` it also
+returns the pooled backbone features (what `eval.feature_layer=backbone` evaluates). Parameters
+are always float32; `dtype` sets the compute dtype (bfloat16 for mixed precision).
+
+BatchNorm computes its training statistics per group of `bn_groups` consecutive samples, as if
+each group sat on its own device: that is how a single device emulates MoCo's shuffle-BN
+(the key batch is permuted before it enters the key encoder, see `train.py`).
+"""
+
+import functools
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
+
+# torchvision's initialisers, so parameter statistics match the PyTorch reference.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm with batch statistics per group of consecutive samples.
+
+  Running statistics follow PyTorch (momentum 0.1 on the new value, unbiased variance) so a
+  converted reference checkpoint behaves the same. With `num_groups=1` this is plain BatchNorm.
+  """
+  use_running_average: bool
+  num_groups: int = 1
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  zero_scale: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+    scale = self.param('scale', scale_init, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+      inv = jax.lax.rsqrt(var + self.epsilon) * scale
+      return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype)).astype(self.dtype)
+
+    batch = x.shape[0]
+    if batch % self.num_groups:
+      raise ValueError(f'batch {batch} is not divisible by {self.num_groups} BN groups')
+    grouped = x.astype(jnp.float32).reshape((self.num_groups, batch // self.num_groups)
+                                            + x.shape[1:])
+    reduce_axes = tuple(range(1, grouped.ndim - 1))
+    mean = grouped.mean(reduce_axes, keepdims=True)
+    # E[x^2] - E[x]^2 in float32: one pass over the activations, as flax.linen.BatchNorm does.
+    var = jnp.maximum((grouped * grouped).mean(reduce_axes, keepdims=True) - mean * mean, 0.0)
+    if not self.is_initializing():
+      count = grouped.size // (self.num_groups * features)
+      unbiased = var.reshape(self.num_groups, features).mean(0) * count / max(count - 1, 1)
+      running_mean.value = (self.momentum * running_mean.value
+                            + (1 - self.momentum) * mean.reshape(self.num_groups, features).mean(0))
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    out = grouped * inv + (bias - mean * inv)
+    return out.reshape(x.shape).astype(self.dtype)
+
+
+def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+  """PyTorch-style symmetric padding for a square kernel."""
+  return ((size // 2, size // 2), (size // 2, size // 2))
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block (ResNet-18/34)."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
+    y = self.norm()(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), padding='VALID',
+                           name='downsample_conv')(residual)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class Bottleneck(nn.Module):
+  """ResNet bottleneck block (ResNet-50), stride on the 3x3 conv as torchvision v1.5."""
+  filters: int
+  strides: int
+  conv: Any
+  norm: Any
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1), padding='VALID')(x)))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.norm()(self.conv(self.filters * 4, (1, 1), padding='VALID')(y))
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
+                           padding='VALID', name='downsample_conv')(residual)
+      residual = self.norm(name='downsample_bn')(residual)
+    return nn.relu(y + residual)
+
+
+class ResNetBackbone(nn.Module):
+  """ResNet trunk up to global average pooling."""
+  stage_sizes: Sequence[int]
+  block: Any
+  width: int = 64
+  small_stem: bool = False
+  bn_groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
+                             num_groups=self.bn_groups, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.small_stem:
+      x = conv(self.width, (3, 3), padding=_pad(3), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    else:
+      x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = self.block(self.width * 2**stage, strides, conv, norm)(x)
+    return x.mean(axis=(1, 2))
+
+
+class Conv4Backbone(nn.Module):
+  """The few-shot standard Conv4: 4 x (conv3x3, BN, ReLU, max-pool 2), flattened."""
+  width: int = 64
+  bn_groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = x.astype(self.dtype)
+    for _ in range(4):
+      x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=True, dtype=self.dtype,
+                  kernel_init=conv_init)(x)
+      x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
+                           dtype=self.dtype)(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    return x.reshape((x.shape[0], -1))
+
+
+class Encoder(nn.Module):
+  """Backbone + linear or 2-layer MLP head; returns L2-normalised float32 embeddings."""
+  backbone: nn.Module
+  dim: int = 128
+  mlp: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True, return_backbone: bool = False):
+    features = self.backbone(x, train=train)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_init)
+    y = features
+    if self.mlp:
+      y = nn.relu(dense(features.shape[-1], name='head_hidden')(y))
+    y = dense(self.dim, name='head_out')(y).astype(jnp.float32)
+    embedding = l2_normalize(y)
+    if return_backbone:
+      return embedding, features.astype(jnp.float32)
+    return embedding
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / max(||x||, eps), as torch.nn.functional.normalize."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def create_encoder(arch: str, *, dim: int = 128, mlp: bool = False, small_stem: bool = False,
+                   width: int = 64, bn_groups: int = 1, dtype: Any = jnp.float32) -> Encoder:
+  """Builds the encoder named by `model.arch`."""
+  if arch == 'conv4':
+    backbone = Conv4Backbone(width=width, bn_groups=bn_groups, dtype=dtype)
+  elif arch in ('resnet18', 'resnet34', 'resnet50'):
+    stages = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3), 'resnet50': (3, 4, 6, 3)}[arch]
+    block = Bottleneck if arch == 'resnet50' else BasicBlock
+    backbone = ResNetBackbone(stages, block, width=width, small_stem=small_stem,
+                              bn_groups=bn_groups, dtype=dtype)
+  else:
+    raise ValueError(f'model.arch={arch!r} is unknown; use one of {", ".join(ARCHS)}')
+  return Encoder(backbone=backbone, dim=dim, mlp=mlp, dtype=dtype)
+
+
+def encoder_from_config(config, bn_groups: int = 1) -> Encoder:
+  """Builds the encoder of a full config (`model` and `train.dtype` sections)."""
+  dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.train.dtype]
+  return create_encoder(config.model.arch, dim=config.model.dim, mlp=config.model.mlp,
+                        small_stem=config.model.small_stem, width=config.model.width,
+                        bn_groups=bn_groups, dtype=dtype)

@@ -1,0 +1,101 @@
+"""The files of one run directory other than checkpoints: metrics.jsonl, config.json, TensorBoard.
+
+This module owns their formats and makes every write safe to interrupt: JSON files are written
+to a temporary file and renamed, and each metrics line is appended with one `write` + `fsync`, so
+a killed run leaves whole lines only. Only process 0 of a multi-host run should call it.
+"""
+
+import json
+import math
+import os
+import tempfile
+from typing import Iterable, List, Optional
+
+
+def write_json_atomic(path: str, payload) -> None:
+  """Writes `payload` as JSON to `path` via temp file + rename (never a half-written file)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.json')
+  try:
+    with os.fdopen(handle, 'w') as tmp:
+      json.dump(payload, tmp, indent=2, sort_keys=True, default=_json_default)
+      tmp.flush()
+      os.fsync(tmp.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+
+
+def _json_default(value):
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  raise TypeError(f'{type(value).__name__} is not JSON serialisable')
+
+
+def _finite_or_none(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class MetricsLog:
+  """Append-only `metrics.jsonl` (one object per epoch) mirrored to TensorBoard scalars."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._writer = None
+    if tensorboard:
+      from torch.utils import tensorboard as torch_tb  # pylint: disable=g-import-not-at-top
+      self._writer = torch_tb.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def records(self) -> List[dict]:
+    return read_metrics(self.path)
+
+  def truncate_from(self, epoch: int) -> None:
+    """Drops records of epochs >= `epoch` (written after the checkpoint we resume from)."""
+    kept = [r for r in self.records() if r.get('epoch', -1) < epoch]
+    lines = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept)
+    directory = os.path.dirname(os.path.abspath(self.path))
+    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_metrics_')
+    with os.fdopen(handle, 'w') as tmp:
+      tmp.write(lines)
+      tmp.flush()
+      os.fsync(tmp.fileno())
+    os.replace(tmp_path, self.path)
+
+  def append(self, record: dict) -> None:
+    record = {key: _finite_or_none(value) for key, value in record.items()}
+    line = json.dumps(record, sort_keys=True, default=_json_default) + '\n'
+    # One os.write of the whole line: a kill leaves the line whole or absent.
+    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      os.write(fd, line.encode())
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    if self._writer is not None:
+      for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'epoch':
+          self._writer.add_scalar(key, value, record['epoch'])
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read_metrics(path: str) -> List[dict]:
+  """Reads metrics.jsonl, ignoring a torn last line (a run killed mid-write)."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as handle:
+    for line in handle:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

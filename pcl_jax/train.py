@@ -1,0 +1,402 @@
+"""The PCL training loop: the jitted M-step, the E-step driver, logging and checkpoint cadence.
+
+This module owns `train_step` (pure, jitted once: lr, smoothing and the cluster count enter as
+arrays, never as Python constants), the feature pass, the prototype bank that carries clustering
+results into the step with static shapes, and `train_and_evaluate`, which strings epochs
+together. Loss formulas live in losses.py, clustering in clustering.py, the cluster-count
+controller in cluster_schedule.py, file formats in run_files.py and checkpoint.py.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import configuration
+from pcl_jax import input_pipeline
+from pcl_jax import losses
+from pcl_jax import models
+from pcl_jax import run_files
+from pcl_jax import state as state_lib
+
+# Metrics averaged over an epoch's steps; proto ones are null before the first E-step.
+STEP_METRICS = ('loss', 'loss_inst', 'acc_inst', 'loss_proto', 'acc_proto', 'lr')
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and learning rate.
+
+
+def lr_at_epoch(optim_config, epochs: int, epoch):
+  """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
+  lr = optim_config.lr
+  if optim_config.cos:
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
+  milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
+                           or [10**9], jnp.float32)
+  return lr * 0.1 ** jnp.sum(epoch >= milestones)
+
+
+def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
+  per_epoch = optim_config.schedule_per == 'epoch'
+
+  def schedule(step):
+    epoch = step // steps_per_epoch if per_epoch else step / steps_per_epoch
+    return lr_at_epoch(optim_config, epochs, jnp.asarray(epoch, jnp.float32))
+
+  return schedule
+
+
+def make_optimizer(optim_config, lr_schedule) -> optax.GradientTransformation:
+  """PyTorch SGD semantics: g + wd * p, then heavy-ball momentum, then -lr."""
+  return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
+                     optax.sgd(lr_schedule, momentum=optim_config.momentum))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prototype bank: clustering results with static shapes.
+
+
+def empty_prototype_bank(num_levels: int, max_k: int, dim: int, num_samples: int) -> dict:
+  """A bank with no active level (warm-up epochs): ProtoNCE contributes nothing."""
+  return {
+      'prototypes': jnp.zeros((num_levels, max_k, dim), jnp.float32),
+      'concentration': jnp.ones((num_levels, max_k), jnp.float32),
+      'valid': jnp.zeros((num_levels, max_k), bool),
+      'im2cluster': jnp.zeros((num_levels, num_samples), jnp.int32),
+      'active': jnp.zeros((num_levels,), bool),
+  }
+
+
+def prototype_bank(levels: Sequence[dict], num_levels: int, max_k: int) -> dict:
+  """Pads per-level clustering results to `[num_levels, max_k, ...]` with validity masks.
+
+  Args:
+    levels: dicts with 'centroids' [k, D], 'im2cluster' [N], 'concentration' [k].
+    num_levels: static number of level slots (schedule.num_levels).
+    max_k: static prototype slots per level (the largest k the run can use).
+  """
+  dim = levels[0]['centroids'].shape[1]
+  num_samples = levels[0]['im2cluster'].shape[0]
+  bank = empty_prototype_bank(num_levels, max_k, dim, num_samples)
+  for slot, level in enumerate(levels):
+    k = level['centroids'].shape[0]
+    if k > max_k:
+      raise ValueError(f'level with k={k} exceeds the {max_k} prototype slots')
+    bank['prototypes'] = bank['prototypes'].at[slot, :k].set(level['centroids'])
+    bank['concentration'] = bank['concentration'].at[slot, :k].set(level['concentration'])
+    bank['valid'] = bank['valid'].at[slot, :k].set(True)
+    bank['im2cluster'] = bank['im2cluster'].at[slot].set(level['im2cluster'].astype(jnp.int32))
+    bank['active'] = bank['active'].at[slot].set(True)
+  return bank
+
+
+# ----------------------------------------------------------------------------------------------
+# The M-step.
+
+
+def _shuffled_keys(key_model, key_variables, im_k, rng):
+  """Key embeddings under emulated shuffle-BN: permute, embed (grouped BN), un-permute.
+
+  The permutation puts each key into a BN group different from its query's, so BN statistics
+  cannot leak which key is the positive (MoCo's reason for shuffling across GPUs).
+  """
+  permutation = jax.random.permutation(rng, im_k.shape[0])
+  shuffled, new_vars = key_model.apply(key_variables, im_k[permutation], train=True,
+                                       mutable=['batch_stats'])
+  keys = jnp.zeros_like(shuffled).at[permutation].set(shuffled)
+  return keys, new_vars['batch_stats']
+
+
+def _level_losses(q, index, bank, rng, num_negatives, smoothing):
+  """ProtoNCE of every level slot, averaged over the active ones."""
+  num_levels = bank['active'].shape[0]
+  per_level = jax.vmap(losses.proto_nce, in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
+  level_loss, level_acc = per_level(q, index, bank['im2cluster'], bank['prototypes'],
+                                    bank['concentration'], bank['valid'],
+                                    jax.random.split(rng, num_levels), num_negatives, smoothing)
+  active = bank['active']
+  count = jnp.maximum(active.sum(), 1)
+  loss = jnp.sum(jnp.where(active, level_loss, 0.0)) / count
+  acc = jnp.sum(jnp.where(active, level_acc, 0.0)) / count
+  return loss, acc
+
+
+def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
+               hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
+               moco_m: float, num_negatives: int):
+  """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
+
+  Args:
+    state: the training state.
+    batch: 'im_q', 'im_k' [B, H, W, 3] and 'index' [B].
+    bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
+    hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
+    model: the encoder (with grouped BN); used for both query and key networks.
+    tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
+    temperature, moco_m, num_negatives: PCL constants.
+  Returns:
+    (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  shuffle_rng, proto_rng = jax.random.split(rng)
+
+  # Step 1: momentum update of the key encoder from the pre-step query encoder (reference order),
+  # then the keys. They are targets: no gradient flows into the key encoder.
+  key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
+  keys, key_batch_stats = _shuffled_keys(
+      model, {'params': key_params, 'batch_stats': state.key_batch_stats}, batch['im_k'],
+      shuffle_rng)
+  keys = jax.lax.stop_gradient(keys)
+
+  # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
+  def loss_fn(params):
+    queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    batch['im_q'], train=True, mutable=['batch_stats'])
+    loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
+    loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
+                                          num_negatives, hparams['smoothing'])
+    aux = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,
+               acc_proto=acc_proto, batch_stats=new_vars['batch_stats'])
+    return loss_inst + loss_proto, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  # Step 3: SGD on the query encoder; enqueue this batch's keys.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  queue, queue_ptr = state_lib.enqueue(state.queue, state.queue_ptr, keys)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
+                            key_params=key_params, key_batch_stats=key_batch_stats,
+                            opt_state=opt_state, queue=queue, queue_ptr=queue_ptr)
+  metrics = dict(loss=loss, loss_inst=aux['loss_inst'], acc_inst=aux['acc_inst'],
+                 loss_proto=aux['loss_proto'], acc_proto=aux['acc_proto'],
+                 lr=lr_schedule(state.step))
+  return new_state, metrics
+
+
+def make_train_step(config, model, tx, lr_schedule):
+  """`train_step` with the run's constants bound, jitted once with the state donated."""
+  step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                           temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
+                           num_negatives=config.pcl.num_negatives)
+  return jax.jit(step, donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature pass (E-step input, evaluation input).
+
+
+def make_embed_fn(model, feature_layer: str = 'head'):
+  """Jitted eval-mode embedding of a batch: L2-normalised head output, or backbone features."""
+
+  @jax.jit
+  def embed(variables, images):
+    embedding, backbone = model.apply(variables, images, train=False, return_backbone=True)
+    if feature_layer == 'backbone':
+      return models.l2_normalize(backbone)
+    return embedding
+
+  return embed
+
+
+def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
+                     progress: bool = False):
+  """Embeds a whole EvalDataset in index order; the last batch is padded (no recompile).
+
+  Returns:
+    (features [N, D] jax array on device, labels [N] numpy int64).
+  """
+  loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers)
+  chunks, labels = [], []
+  for batch in tqdm.tqdm(input_pipeline.numpy_batches(loader), total=len(loader),
+                         disable=not progress, desc='features', leave=False):
+    images = batch['image']
+    real = images.shape[0]
+    if real < batch_size:
+      images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:],
+                                                images.dtype)])
+    chunks.append(embed_fn(variables, images)[:real])
+    labels.append(batch['label'])
+  return jnp.concatenate(chunks), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _epoch_summary(epoch, record) -> str:
+  proto = ''
+  if record.get('loss_proto') is not None:
+    proto = (f" loss_proto {record['loss_proto']:.3f} acc_proto {record['acc_proto']:.2f}"
+             f" k={record['num_clusters']} eps={record['smoothing']:.3f}")
+  return (f"epoch {epoch}: loss_inst {record['loss_inst']:.3f} acc_inst {record['acc_inst']:.2f}"
+          f"{proto} lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
+          f"{record['epoch_time_s']:.1f}s")
+
+
+class Trainer:
+  """Holds what a run builds once (data, model, jitted functions) and runs its epochs."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    configuration.validate(config)
+    self.config, self.workdir = config, workdir
+    self.datasets = input_pipeline.build_train_datasets(config)
+    configuration.validate_against_data(config, self.datasets.num_train)
+    from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+    self.schedule = cluster_schedule.ClusterSchedule.from_config(
+        config.schedule, hierarchical=config.clustering.hierarchical)
+    self.schedule.validate(self.datasets.num_train)
+    self.max_clusters = config.pcl.max_clusters or max(self.schedule.all_clusters)
+    self.max_k = min(max(self.schedule.all_clusters), self.datasets.num_train)
+
+    batch = config.train.batch_size
+    full_steps = self.datasets.num_train // batch
+    self.steps_per_epoch = min(full_steps, config.train.steps_per_epoch or full_steps)
+    self.lr_schedule = make_lr_schedule(config.optim, config.train.epochs, self.steps_per_epoch)
+    self.tx = make_optimizer(config.optim, self.lr_schedule)
+    self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
+    self.train_step = make_train_step(config, self.model, self.tx, self.lr_schedule)
+    self.embed = make_embed_fn(self.model)
+
+  def initial_state(self) -> state_lib.PCLState:
+    return state_lib.create_state(jax.random.PRNGKey(self.config.seed), self.model, self.tx,
+                                  self.config.data.image_size, self.config.pcl.num_negatives)
+
+  def e_step(self, state, epoch: int):
+    """Features of the key encoder, clustering of every active level, the prototype bank."""
+    from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
+    config = self.config
+    start = time.perf_counter()
+    variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+    features, _ = extract_features(self.embed, variables, self.datasets.train_eval,
+                                   config.train.batch_size, config.data.num_workers)
+    features.block_until_ready()
+    feature_s = time.perf_counter() - start
+    order = self.schedule.clustering_order()
+    levels = clustering.cluster_levels(
+        features, order, backend=config.clustering.backend, niter=config.clustering.niter,
+        nredo=config.clustering.nredo, seed=config.seed * 1000 + epoch,
+        spherical=config.clustering.spherical, hierarchical=config.clustering.hierarchical,
+        temperature=config.pcl.temperature, use_float16=config.clustering.use_float16,
+        max_points_factor=config.clustering.max_points_factor,
+        min_points_factor=config.clustering.min_points_factor)
+    by_k = {level['k']: level for level in levels}
+    bank = prototype_bank([by_k[k] for k in self.schedule.active], self.config.schedule.num_levels,
+                          self.max_k)
+    timing = {'estep_features_s': feature_s,
+              'estep_clustering_s': sum(level['timing_s'] for level in levels),
+              'estep_s': time.perf_counter() - start}
+    logging.info('E-step epoch %d: features %.2fs, clustering %s, total %.2fs', epoch, feature_s,
+                 ', '.join(f"k={l['k']} {l['timing_s']:.2f}s" for l in levels), timing['estep_s'])
+    return bank, timing
+
+  def run_epoch(self, state, epoch: int):
+    """E-step (after warm-up) then one pass of M-steps. Returns (state, record)."""
+    config = self.config
+    start = time.perf_counter()
+    proto_active = epoch >= config.pcl.warmup_epochs
+    timing = {}
+    if proto_active:
+      bank, timing = self.e_step(state, epoch)
+      smoothing = losses.smoothing_factor(self.schedule.newest_k, self.max_clusters,
+                                          config.pcl.smoothing_cap)
+    else:
+      bank = empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
+                                  self.datasets.num_train)
+      smoothing = 0.0
+    hparams = {'smoothing': jnp.asarray(smoothing, jnp.float32)}
+    loader = input_pipeline.train_loader(self.datasets.train, config.train.batch_size,
+                                         seed=config.seed, epoch=epoch,
+                                         num_workers=config.data.num_workers)
+    sums = None
+    step_start = time.perf_counter()
+    progress = tqdm.tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch}', leave=False,
+                         dynamic_ncols=True)
+    for step_in_epoch, batch in enumerate(input_pipeline.numpy_batches(loader)):
+      if step_in_epoch >= self.steps_per_epoch:
+        break
+      state, metrics = self.train_step(state, batch, bank, hparams)
+      sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+      progress.update(1)
+      if (step_in_epoch + 1) % config.train.log_every_steps == 0:
+        shown = jax.device_get(metrics)
+        progress.set_postfix(loss=f"{shown['loss']:.3f}", acc_inst=f"{shown['acc_inst']:.1f}")
+    progress.close()
+    means = {name: float(value) / self.steps_per_epoch
+             for name, value in jax.device_get(sums).items()}
+    step_time = time.perf_counter() - step_start
+    epoch_time = time.perf_counter() - start
+    record = {
+        'epoch': epoch,
+        'loss': means['loss'], 'loss_inst': means['loss_inst'], 'acc_inst': means['acc_inst'],
+        'loss_proto': means['loss_proto'] if proto_active else None,
+        'acc_proto': means['acc_proto'] if proto_active else None,
+        'lr': means['lr'],
+        'smoothing': smoothing if proto_active else None,
+        'num_clusters': list(self.schedule.active) if proto_active else None,
+        'epoch_time_s': epoch_time,
+        'images_per_s': self.steps_per_epoch * config.train.batch_size / step_time,
+        **timing,
+    }
+    return state, record
+
+
+def _check_finite(record: dict) -> None:
+  for name in ('loss', 'loss_inst', 'loss_proto'):
+    value = record.get(name)
+    if value is not None and not math.isfinite(value):
+      raise FloatingPointError(
+          f'non-finite {name}={value} in epoch {record["epoch"]}; training stopped, the last '
+          'checkpoint is kept. Lower optim.lr or check the data.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.PCLState:
+  """Trains (resuming from WORKDIR/checkpoints when present) and writes the run's files."""
+  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir)
+  run_files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
+  metrics_log = run_files.MetricsLog(workdir)
+  state = trainer.initial_state()
+  first_epoch = 0
+  if checkpointer.latest_epoch() is not None:
+    state, meta = checkpointer.restore(state)
+    first_epoch = int(meta['epochs_done'])
+    trainer.schedule.load_state_dict(meta['schedule'])
+    metrics_log.truncate_from(first_epoch)
+    logging.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
+                 first_epoch)
+  else:
+    metrics_log.truncate_from(0)
+  try:
+    for epoch in range(first_epoch, config.train.epochs):
+      state, record = trainer.run_epoch(state, epoch)
+      _check_finite(record)
+      if record['loss_proto'] is not None:
+        decision = trainer.schedule.update(epoch, record)
+        if decision.message:
+          logging.info('%s', decision.message)
+      metrics_log.append(record)
+      print(_epoch_summary(epoch, record), flush=True)
+      epochs_done = epoch + 1
+      if epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == config.train.epochs:
+        checkpointer.save(epochs_done, state, {
+            'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
+            'model': config.model.to_dict(), 'image_size': config.data.image_size})
+  finally:
+    checkpointer.close()
+    metrics_log.close()
+  return state

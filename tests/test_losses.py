@@ -1,0 +1,136 @@
+"""InfoNCE and ProtoNCE against independent numpy / torch references; smoothing_factor."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from pcl_jax import losses
+
+
+def _unit(rng, shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_log_softmax(logits):
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def test_info_nce_matches_numpy():
+  rng = np.random.default_rng(0)
+  q, k, queue = _unit(rng, (8, 16)), _unit(rng, (8, 16)), _unit(rng, (32, 16))
+  loss, acc = losses.info_nce(q, k, queue, 0.2)
+  logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ queue.T], axis=1) / 0.2
+  expected = -_np_log_softmax(logits.astype(np.float64))[:, 0].mean()
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(acc, 100.0 * np.mean(logits.argmax(1) == 0))
+
+
+def test_info_nce_perfect_keys_give_full_accuracy():
+  rng = np.random.default_rng(1)
+  q = _unit(rng, (4, 8))
+  queue = -np.repeat(q[:1], 16, axis=0)
+  _, acc = losses.info_nce(q, q, queue, 0.07)
+  assert float(acc) == 100.0
+
+
+def _torch_reference(q, index, im2cluster, prototypes, concentration, column_set, smoothing):
+  """ProtoNCE via torch's own label-smoothed cross-entropy over the chosen prototype columns."""
+  columns = sorted(column_set)
+  positives = im2cluster[index]
+  logits = (q.astype(np.float64) @ prototypes[columns].T.astype(np.float64)
+            / concentration[columns][None, :])
+  target = np.array([columns.index(p) for p in positives])
+  loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target),
+                                           label_smoothing=smoothing).item()
+  return loss, 100.0 * np.mean(logits.argmax(1) == target)
+
+
+def _level(rng, num_samples, k, max_k, dim):
+  prototypes = np.zeros((max_k, dim), np.float32)
+  prototypes[:k] = _unit(rng, (k, dim))
+  concentration = np.ones(max_k, np.float32)
+  concentration[:k] = rng.uniform(0.05, 0.5, size=k)
+  valid = np.arange(max_k) < k
+  im2cluster = rng.integers(0, k, size=num_samples).astype(np.int32)
+  return prototypes, concentration, valid, im2cluster
+
+
+@pytest.mark.parametrize('k,smoothing', [(2, 0.0), (2, 0.2), (10, 0.0), (10, 0.2), (40, 0.1)])
+def test_proto_nce_all_prototypes_when_k_small(k, smoothing):
+  rng = np.random.default_rng(k)
+  batch, num_negatives, max_k = 8, 32, 64
+  prototypes, concentration, valid, im2cluster = _level(rng, 100, k, max_k, 16)
+  q, index = _unit(rng, (batch, 16)), rng.choice(100, batch, replace=False)
+  loss, acc = losses.proto_nce(q, index, im2cluster, prototypes, concentration, valid,
+                               jax.random.PRNGKey(0), num_negatives, smoothing)
+  expected_loss, expected_acc = _torch_reference(q, index, im2cluster, prototypes, concentration,
+                                                 set(range(k)), smoothing)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-4)
+  np.testing.assert_allclose(acc, expected_acc)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.2])
+def test_proto_nce_samples_negatives_when_k_exceeds_batch_plus_r(smoothing):
+  rng = np.random.default_rng(7)
+  batch, num_negatives, k, max_k = 8, 16, 100, 128
+  prototypes, concentration, valid, im2cluster = _level(rng, 300, k, max_k, 16)
+  im2cluster[:4] = 3  # two samples share prototype 3: it must appear once, not as a negative
+  q, index = _unit(rng, (batch, 16)), np.array([0, 1, 2, 3, 10, 20, 30, 40])
+  key = jax.random.PRNGKey(3)
+  columns, column_valid = losses.select_prototype_columns(
+      jnp.asarray(im2cluster[index]), jnp.asarray(valid), key, num_negatives)
+  chosen = set(np.asarray(columns)[np.asarray(column_valid)].tolist())
+  positives = set(im2cluster[index].tolist())
+  assert positives <= chosen
+  assert len(chosen) == len(positives) + num_negatives
+  assert all(c < k for c in chosen)
+  assert len(set(np.asarray(columns).tolist())) == len(columns)  # no duplicate columns
+  loss, acc = losses.proto_nce(q, index, im2cluster, prototypes, concentration, valid, key,
+                               num_negatives, smoothing)
+  expected_loss, expected_acc = _torch_reference(q, index, im2cluster, prototypes, concentration,
+                                                 chosen, smoothing)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-4)
+  np.testing.assert_allclose(acc, expected_acc)
+
+
+def test_negative_sample_is_uniform_without_replacement():
+  valid = jnp.arange(40) < 30
+  positives = jnp.array([0, 0, 1, 2], jnp.int32)
+  counts = np.zeros(40)
+  select = jax.jit(lambda key: losses.select_prototype_columns(positives, valid, key, 6))
+  for seed in range(400):
+    columns, column_valid = select(jax.random.PRNGKey(seed))
+    chosen = np.asarray(columns)[np.asarray(column_valid)]
+    assert len(set(chosen.tolist())) == len(chosen) == 3 + 6
+    counts[chosen] += 1
+  assert counts[:3].min() == 400 and counts[30:].max() == 0
+  # Each of the 27 negatives is drawn with probability 6/27: 400 * 6/27 = 88.9 on average.
+  assert abs(counts[3:30].mean() - 400 * 6 / 27) < 1e-6
+  assert counts[3:30].min() > 50 and counts[3:30].max() < 130
+
+
+def test_proto_nce_gradient_is_finite_with_padding():
+  rng = np.random.default_rng(3)
+  prototypes, concentration, valid, im2cluster = _level(rng, 50, 5, 64, 8)
+  q, index = _unit(rng, (4, 8)), np.arange(4)
+  grad = jax.grad(lambda q: losses.proto_nce(q, index, im2cluster, prototypes, concentration,
+                                             valid, jax.random.PRNGKey(0), 8, 0.2)[0])(q)
+  assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize('k,expected', [(3200, 0.0), (0, 0.2), (800, math.sqrt(0.75) * 0.2),
+                                        (2, math.sqrt(3198 / 3200) * 0.2)])
+def test_smoothing_factor_is_the_notes_formula(k, expected):
+  assert losses.smoothing_factor(k, 3200) == pytest.approx(expected)
+
+
+def test_smoothing_factor_caps_and_rejects_bad_max():
+  assert losses.smoothing_factor(1, 10, cap=0.1) <= 0.1
+  with pytest.raises(ValueError, match='max_clusters'):
+    losses.smoothing_factor(5, 0)

@@ -1,0 +1,98 @@
+"""Encoder shapes, parameter counts against torchvision, grouped BN against numpy, bf16 compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torchvision
+
+from pcl_jax import models
+
+
+def _param_count(tree):
+  return sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+def test_resnet_parameter_count_matches_torchvision(arch):
+  model = models.create_encoder(arch, dim=128)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)))
+  torch_model = getattr(torchvision.models, arch)(num_classes=128)
+  assert _param_count(shapes['params']) == sum(p.numel() for p in torch_model.parameters())
+
+
+def test_resnet34_parameter_count_matches_torchvision():
+  model = models.create_encoder('resnet34', dim=128, mlp=True)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)))
+  torch_model = torchvision.models.resnet34(num_classes=128)
+  # MLP head: an extra 512x512 hidden layer (MoCo v2), as the reference inserts before fc.
+  expected = sum(p.numel() for p in torch_model.parameters()) + 512 * 512 + 512
+  assert _param_count(shapes['params']) == expected
+
+
+def test_conv4_parameter_count():
+  model = models.create_encoder('conv4', dim=16, width=64)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3)))
+  # 4 conv layers (3x3, bias) + BN scale/bias, then a linear head from 64*5*5 features.
+  convs = (3 * 9 * 64 + 64) + 3 * (64 * 9 * 64 + 64) + 4 * 2 * 64
+  assert _param_count(variables['params']) == convs + 64 * 5 * 5 * 16 + 16
+
+
+@pytest.mark.parametrize('arch,size,small_stem', [('conv4', 84, False), ('resnet18', 32, True),
+                                                  ('resnet18', 64, False)])
+def test_output_is_unit_norm_with_backbone_features(arch, size, small_stem):
+  model = models.create_encoder(arch, dim=8, width=8, small_stem=small_stem)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, size, size, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  embedding, backbone = model.apply(variables, x, train=False, return_backbone=True)
+  assert embedding.shape == (4, 8) and embedding.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
+  assert backbone.shape[0] == 4
+
+
+def test_grouped_batchnorm_matches_numpy_per_group():
+  x = np.random.default_rng(0).normal(size=(8, 3, 3, 5)).astype(np.float32) * 3 + 1
+  bn = models.GroupedBatchNorm(use_running_average=False, num_groups=2)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  out, updated = bn.apply(variables, x, mutable=['batch_stats'])
+  for group in range(2):
+    part = x[4 * group:4 * (group + 1)]
+    mean, var = part.mean((0, 1, 2)), part.var((0, 1, 2))
+    np.testing.assert_allclose(out[4 * group:4 * (group + 1)],
+                               (part - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+  # Running stats as PyTorch: 0.9 * old + 0.1 * (mean over groups; unbiased variance).
+  count = 4 * 3 * 3
+  group_means = np.stack([x[:4].mean((0, 1, 2)), x[4:].mean((0, 1, 2))])
+  group_vars = np.stack([x[:4].var((0, 1, 2)), x[4:].var((0, 1, 2))])
+  np.testing.assert_allclose(updated['batch_stats']['mean'], 0.1 * group_means.mean(0),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(updated['batch_stats']['var'],
+                             0.9 + 0.1 * group_vars.mean(0) * count / (count - 1), rtol=1e-4)
+
+
+def test_grouped_batchnorm_groups_are_independent():
+  x = np.random.default_rng(1).normal(size=(8, 2, 2, 3)).astype(np.float32)
+  bn = models.GroupedBatchNorm(use_running_average=False, num_groups=2)
+  variables = bn.init(jax.random.PRNGKey(0), x)
+  out_a, _ = bn.apply(variables, x, mutable=['batch_stats'])
+  changed = x.copy()
+  changed[4:] *= 10.0  # only the second group changes
+  out_b, _ = bn.apply(variables, changed, mutable=['batch_stats'])
+  np.testing.assert_allclose(out_a[:4], out_b[:4], atol=1e-6)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_params():
+  model = models.create_encoder('conv4', dim=8, width=8, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+  _, backbone = model.apply(variables, x, train=False, return_backbone=True)
+  hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+  assert 'bf16' in hlo
+  out = model.apply(variables, x, train=False)
+  assert out.dtype == jnp.float32
+
+
+def test_unknown_arch_is_a_clear_error():
+  with pytest.raises(ValueError, match='model.arch'):
+    models.create_encoder('vgg11')
