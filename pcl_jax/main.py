@@ -33,8 +33,15 @@ def _run(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
-  py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  # Orbax and XLA log every file operation at INFO through absl; keep absl at WARNING and give
+  # the project's own loggers (pcl_jax.*) INFO on stderr.
+  logging.set_verbosity(logging.WARNING)
+  handler = py_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(py_logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+  project_logger = py_logging.getLogger('pcl_jax')
+  project_logger.addHandler(handler)
+  project_logger.setLevel(py_logging.INFO)
+  project_logger.propagate = False
   from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
   try:
     _run(FLAGS.config, FLAGS.workdir)

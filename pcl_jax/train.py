@@ -31,6 +31,8 @@ from pcl_jax import run_files
 from pcl_jax import state as state_lib
 
 # Metrics averaged over an epoch's steps; proto ones are null before the first E-step.
+log = logging.getLogger(__name__)
+
 STEP_METRICS = ('loss', 'loss_inst', 'acc_inst', 'loss_proto', 'acc_proto', 'lr')
 
 
@@ -299,7 +301,7 @@ class Trainer:
     timing = {'estep_features_s': feature_s,
               'estep_clustering_s': sum(level['timing_s'] for level in levels),
               'estep_s': time.perf_counter() - start}
-    logging.info('E-step epoch %d: features %.2fs, clustering %s, total %.2fs', epoch, feature_s,
+    log.info('E-step epoch %d: features %.2fs, clustering %s, total %.2fs', epoch, feature_s,
                  ', '.join(f"k={l['k']} {l['timing_s']:.2f}s" for l in levels), timing['estep_s'])
     return bank, timing
 
@@ -363,8 +365,16 @@ def _check_finite(record: dict) -> None:
           'checkpoint is kept. Lower optim.lr or check the data.')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.PCLState:
-  """Trains (resuming from WORKDIR/checkpoints when present) and writes the run's files."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_epochs: Optional[int] = None) -> state_lib.PCLState:
+  """Trains (resuming from WORKDIR/checkpoints when present) and writes the run's files.
+
+  Args:
+    config: the run's configuration.
+    workdir: the run directory.
+    stop_after_epochs: stop early, with a checkpoint, once this many epochs are done (as a
+      pre-emption would); rerunning resumes. None: run to `train.epochs`.
+  """
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, workdir)
   run_files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -377,22 +387,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     first_epoch = int(meta['epochs_done'])
     trainer.schedule.load_state_dict(meta['schedule'])
     metrics_log.truncate_from(first_epoch)
-    logging.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
+    log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
                  first_epoch)
   else:
     metrics_log.truncate_from(0)
   try:
-    for epoch in range(first_epoch, config.train.epochs):
+    last_epoch = config.train.epochs
+    if stop_after_epochs is not None:
+      last_epoch = min(last_epoch, stop_after_epochs)
+    for epoch in range(first_epoch, last_epoch):
       state, record = trainer.run_epoch(state, epoch)
       _check_finite(record)
       if record['loss_proto'] is not None:
         decision = trainer.schedule.update(epoch, record)
         if decision.message:
-          logging.info('%s', decision.message)
+          log.info('%s', decision.message)
       metrics_log.append(record)
       print(_epoch_summary(epoch, record), flush=True)
       epochs_done = epoch + 1
-      if epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == config.train.epochs:
+      if epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == last_epoch:
         checkpointer.save(epochs_done, state, {
             'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
             'model': config.model.to_dict(), 'image_size': config.data.image_size})

@@ -1,0 +1,301 @@
+"""Tests of pcl_jax/evaluate.py: every metric against sklearn/scipy/numpy, and --mode=eval end to end."""
+
+import importlib.util
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from sklearn import linear_model
+from sklearn import metrics as sk_metrics
+
+from configs import test as test_config
+from pcl_jax import configuration
+from pcl_jax import evaluate
+
+
+def _clustered_features(num_classes, per_class, dim, noise, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(num_classes, dim))
+  labels = np.repeat(np.arange(num_classes), per_class)
+  features = centers[labels] + noise * rng.normal(size=(labels.size, dim))
+  return features.astype(np.float32), labels
+
+
+def _stand_in_kmeans(x, k, *, backend, niter, nredo, seed, spherical):
+  """sklearn k-means with the project's signature, for when pcl_jax/clustering.py is absent."""
+  del backend, spherical
+  from sklearn import cluster  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x)
+  fit = cluster.KMeans(k, n_init=nredo, max_iter=niter, random_state=seed).fit(x)
+  sq_dist = ((x - fit.cluster_centers_[fit.labels_]) ** 2).sum(-1)
+  return fit.cluster_centers_, fit.labels_.astype(np.int32), sq_dist
+
+
+# The project's k-means when it exists; until pcl_jax/clustering.py lands, a stand-in.
+PROJECT_KMEANS = importlib.util.find_spec('pcl_jax.clustering') is not None
+KMEANS_FN = None if PROJECT_KMEANS else _stand_in_kmeans
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustering quality.
+
+
+def _numpy_nmi(labels, assignments):
+  """NMI with arithmetic normalisation, from the contingency table (independent of sklearn)."""
+  _, a = np.unique(labels, return_inverse=True)
+  _, b = np.unique(assignments, return_inverse=True)
+  joint = np.zeros((a.max() + 1, b.max() + 1))
+  np.add.at(joint, (a, b), 1)
+  joint /= joint.sum()
+  pa, pb = joint.sum(1), joint.sum(0)
+  nz = joint > 0
+  mutual = np.sum(joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz]))
+  entropy = lambda p: -np.sum(p[p > 0] * np.log(p[p > 0]))
+  return mutual / (0.5 * (entropy(pa) + entropy(pb)))
+
+
+def _brute_force_matching_accuracy(labels, assignments):
+  classes, clusters = np.unique(labels), np.unique(assignments)
+  best = 0
+  for perm in itertools.permutations(classes, len(clusters)):
+    mapping = dict(zip(clusters, perm))
+    best = max(best, np.sum(np.array([mapping[c] for c in assignments]) == labels))
+  return 100.0 * best / labels.size
+
+
+def test_clustering_metrics_match_sklearn_and_numpy():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 5, size=300)
+  assignments = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 6, size=300))
+  result = evaluate.clustering_metrics(labels, assignments)
+  assert result['nmi'] == pytest.approx(sk_metrics.normalized_mutual_info_score(labels,
+                                                                                assignments))
+  assert result['nmi'] == pytest.approx(_numpy_nmi(labels, assignments), rel=1e-9)
+  assert result['ami'] == pytest.approx(sk_metrics.adjusted_mutual_info_score(labels,
+                                                                              assignments))
+  assert result['ari'] == pytest.approx(sk_metrics.adjusted_rand_score(labels, assignments))
+  small_labels, small_assignments = labels[:40] % 4, assignments[:40] % 4
+  assert evaluate.hungarian_accuracy(small_labels, small_assignments) == pytest.approx(
+      _brute_force_matching_accuracy(small_labels, small_assignments))
+
+
+def test_hungarian_accuracy_of_a_permuted_labelling_is_100():
+  labels = np.random.default_rng(2).integers(0, 7, size=200)
+  permutation = np.array([3, 6, 0, 1, 5, 2, 4]) + 10  # renamed as well as permuted
+  assert evaluate.hungarian_accuracy(labels, permutation[labels]) == 100.0
+  result = evaluate.clustering_metrics(labels, permutation[labels])
+  assert result['nmi'] == pytest.approx(1.0) and result['ari'] == pytest.approx(1.0)
+
+
+def test_clustering_quality_uses_k_equal_to_number_of_classes():
+  labels = np.repeat([4, 7, 9], 10)
+  calls = []
+
+  def fake_kmeans(x, k, **kwargs):
+    calls.append((k, kwargs))
+    return np.zeros((k, x.shape[1])), labels * 3 + 1, np.zeros(labels.size)
+
+  result = evaluate.clustering_quality(np.zeros((30, 4)), labels, backend='jax',
+                                       kmeans_fn=fake_kmeans)
+  assert calls[0][0] == 3 and calls[0][1]['backend'] == 'jax'
+  assert result['k'] == 3 and result['acc'] == 100.0 and result['nmi'] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot.
+
+
+def test_episodes_are_valid():
+  labels = np.repeat(np.arange(8), [30, 30, 30, 30, 30, 30, 10, 3])  # classes 6, 7 too small
+  table, counts = evaluate.class_table(labels)
+  support, query = evaluate.sample_episodes(jax.random.PRNGKey(0), table, counts, ways=5,
+                                            shots=5, queries=15, episodes=200)
+  support, query = np.asarray(support), np.asarray(query)
+  assert support.shape == (200, 5, 5) and query.shape == (200, 5, 15)
+  members = np.concatenate([support, query], axis=2)  # [E, ways, 20]
+  member_labels = labels[members]
+  assert (member_labels == member_labels[:, :, :1]).all()  # one class per row
+  assert all(len(set(row)) == 5 for row in member_labels[:, :, 0])  # distinct classes
+  assert all(len(set(m.ravel())) == 100 for m in members)  # distinct images
+  assert not np.isin(member_labels, [6, 7]).any()  # ineligible classes never drawn
+  assert len(set(map(tuple, member_labels[:, :, 0]))) > 50  # episodes differ
+
+
+def test_fewshot_separable_features_give_100():
+  features, labels = _clustered_features(10, 25, 32, noise=0.01)
+  for shots in (1, 5):
+    result = evaluate.fewshot_eval(features, labels, shots=shots, queries=15, episodes=100)
+    assert result['mean'] == 100.0 and result['ci95'] == 0.0
+    assert result['logreg']['mean'] == 100.0
+    assert result['episodes'] == 100 and result['shots'] == shots
+
+
+def test_fewshot_random_features_give_chance():
+  rng = np.random.default_rng(3)
+  features = rng.normal(size=(600, 32)).astype(np.float32)
+  labels = np.repeat(np.arange(12), 50)
+  result = evaluate.fewshot_eval(features, labels, ways=5, shots=5, queries=15, episodes=1000)
+  assert 16.0 < result['mean'] < 24.0
+  assert 16.0 < result['logreg']['mean'] < 24.0
+  assert 0.0 < result['ci95'] < 2.0
+
+
+def test_fewshot_logreg_matches_sklearn():
+  features, labels = _clustered_features(10, 40, 24, noise=2.5, seed=4)
+  features = np.asarray(evaluate._normalize(features))  # pylint: disable=protected-access
+  table, counts = evaluate.class_table(labels)
+  support, query = evaluate.sample_episodes(jax.random.PRNGKey(5), table, counts, ways=5,
+                                            shots=5, queries=15, episodes=8)
+  centroid_acc, logreg_acc = evaluate._episode_accuracies(  # pylint: disable=protected-access
+      features, support, query, 1.0 / evaluate.FEWSHOT_LOGREG_C,
+      logreg_steps=evaluate.FEWSHOT_LOGREG_STEPS, episode_batch=3)
+  sklearn_acc, numpy_centroid_acc = [], []
+  query_y = np.repeat(np.arange(5), 15)
+  for support_index, query_index in zip(np.asarray(support), np.asarray(query)):
+    support_x, query_x = features[support_index.ravel()], features[query_index.ravel()]
+    classifier = linear_model.LogisticRegression(C=evaluate.FEWSHOT_LOGREG_C, tol=1e-8,
+                                                 max_iter=1000)
+    classifier.fit(support_x, np.repeat(np.arange(5), 5))
+    sklearn_acc.append(np.mean(classifier.predict(query_x) == query_y))
+    centroids = support_x.reshape(5, 5, -1).mean(1)
+    distance = ((query_x[:, None] - centroids[None]) ** 2).sum(-1)
+    numpy_centroid_acc.append(np.mean(distance.argmin(1) == query_y))
+  assert 0.2 < np.mean(sklearn_acc) < 0.99  # a non-trivial problem
+  # At most one query of 75 may flip per episode (ties at float precision).
+  np.testing.assert_allclose(np.asarray(logreg_acc), sklearn_acc, atol=1.5 / 75)
+  np.testing.assert_allclose(np.asarray(centroid_acc), numpy_centroid_acc, atol=1e-6)
+
+
+def test_fewshot_too_few_classes_raises():
+  features, labels = _clustered_features(4, 30, 8, noise=0.1)
+  with pytest.raises(ValueError, match='needs 5 classes'):
+    evaluate.fewshot_eval(features, labels, ways=5, shots=1, episodes=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN and the linear probe.
+
+
+def _numpy_knn(train_x, train_y, query_x, k, temperature, num_classes):
+  train_x = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+  query_x = query_x / np.linalg.norm(query_x, axis=1, keepdims=True)
+  predictions = []
+  for row in query_x.astype(np.float64) @ train_x.T.astype(np.float64):
+    top = np.argsort(-row)[:k]
+    scores = np.zeros(num_classes)
+    np.add.at(scores, train_y[top], np.exp(row[top] / temperature))
+    predictions.append(scores.argmax())
+  return np.array(predictions)
+
+
+def test_knn_matches_numpy():
+  rng = np.random.default_rng(6)
+  train_x = rng.normal(size=(300, 16)).astype(np.float32)
+  train_y = rng.integers(0, 6, size=300)
+  query_x = rng.normal(size=(77, 16)).astype(np.float32)  # not a multiple of the chunk
+  query_y = rng.integers(0, 6, size=77)
+  expected = _numpy_knn(train_x, train_y, query_x, 20, 0.07, 6)
+  predictions = evaluate.knn_predict(train_x, train_y, query_x, k=20, temperature=0.07,
+                                     num_classes=6, chunk=32)
+  np.testing.assert_array_equal(predictions, expected)
+  top1 = evaluate.knn_top1(train_x, train_y, query_x, query_y, k=20, temperature=0.07,
+                           num_classes=6, chunk=32)
+  assert top1 == pytest.approx(100.0 * np.mean(expected == query_y))
+
+
+def test_validation_knn_detects_disjoint_classes():
+  features, labels = _clustered_features(6, 20, 16, noise=0.3)
+  train_mask = labels < 3
+  # Shared classes: train -> val.
+  shared = evaluate.validation_knn_top1(features[train_mask][::2], labels[train_mask][::2],
+                                        features[train_mask][1::2], labels[train_mask][1::2],
+                                        k=5, temperature=0.1)
+  assert shared == 100.0
+  # Disjoint classes (mini-ImageNet val/test): within-split halves, train features unused.
+  assert not evaluate.shares_classes(labels[train_mask], labels[~train_mask])
+  disjoint = evaluate.validation_knn_top1(None, None, features[~train_mask] * 1.0,
+                                          labels[~train_mask] + 100, k=5, temperature=0.1)
+  assert disjoint == 100.0
+  reference, query = evaluate.split_halves(labels)
+  assert np.intersect1d(reference, query).size == 0
+  assert reference.size + query.size == labels.size
+  assert (np.bincount(labels[reference]) == 10).all()
+
+
+def test_linear_probe_on_separable_features():
+  features, labels = _clustered_features(8, 60, 32, noise=0.8, seed=7)
+  order = np.random.default_rng(0).permutation(labels.size)
+  train, test = order[:320], order[320:]
+  result = evaluate.linear_probe(features[train], labels[train] + 5, features[test],
+                                 labels[test] + 5, steps=150)
+  assert result['top1'] > 95.0
+  assert result['lr'] in evaluate.PROBE_LEARNING_RATES
+  assert set(result['holdout_top1']) == {f'{lr:g}' for lr in evaluate.PROBE_LEARNING_RATES}
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode=eval from a checkpoint.
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  from pcl_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('eval_run'))
+  config = test_config.get_config()
+  config.train.epochs = 1  # one InfoNCE epoch is enough to have a checkpoint
+  config.train.steps_per_epoch = 2
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _eval_config():
+  config = test_config.get_config()
+  config.eval.fewshot_episodes = 40
+  config.eval.save_features = True
+  return config
+
+
+def test_evaluate_checkpoint_writes_complete_results(trained_workdir, capsys):
+  results = evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, kmeans_fn=KMEANS_FN)
+  with open(os.path.join(trained_workdir, 'eval', 'results.json')) as handle:
+    written = json.load(handle)
+  for key in ('knn_top1', 'linear_top1', 'fewshot', 'clustering', 'split', 'checkpoint_step'):
+    assert key in written
+  assert written['split'] == 'test' and written['checkpoint_step'] == 1
+  assert written['protocol'] == evaluate.PROTOCOL_TRAIN_TO_EVAL  # digits: shared classes
+  for name in ('5way1shot', '5way5shot'):
+    entry = written['fewshot'][name]
+    assert entry['episodes'] == 40
+    assert 0.0 <= entry['mean'] <= 100.0 and entry['ci95'] >= 0.0
+    assert 0.0 <= entry['logreg']['mean'] <= 100.0
+  assert set(written['clustering']) >= {'k', 'nmi', 'ami', 'ari', 'acc'}
+  assert written['clustering']['k'] == 10
+  assert 0.0 <= written['knn_top1'] <= 100.0 and 0.0 <= written['linear_top1'] <= 100.0
+  assert written['knn_top1'] == pytest.approx(results['knn_top1'])
+  saved = np.load(os.path.join(trained_workdir, 'eval', 'features_test.npz'))
+  assert saved['features'].shape == (written['num_images'], 16)
+  np.testing.assert_allclose(np.linalg.norm(saved['features'], axis=1), 1.0, atol=1e-4)
+  assert saved['labels'].shape == (written['num_images'],)
+  assert 'kNN top-1' in capsys.readouterr().out
+
+  # A rerun refuses to overwrite silently.
+  with pytest.raises(configuration.UserError, match='--overwrite'):
+    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, kmeans_fn=KMEANS_FN)
+
+
+def test_model_mismatch_is_a_user_error(trained_workdir):
+  config = _eval_config()
+  config.model.dim = 32
+  with pytest.raises(configuration.UserError, match=r'model\.dim=32.*model\.dim=16'):
+    evaluate.evaluate_checkpoint(config, trained_workdir, overwrite=True, kmeans_fn=KMEANS_FN)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, trained_workdir):
+  with pytest.raises(FileNotFoundError, match='train first'):
+    evaluate.evaluate_checkpoint(_eval_config(), str(tmp_path), kmeans_fn=KMEANS_FN)
+  with pytest.raises(FileNotFoundError, match='available: \\[1\\]'):
+    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True,
+                                 kmeans_fn=KMEANS_FN)

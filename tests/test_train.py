@@ -1,0 +1,142 @@
+"""The trainer: SGD semantics vs torch, no retracing, exact resume, and a CLI run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from configs import test as test_config
+from pcl_jax import run_files
+from pcl_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_optimizer_matches_torch_sgd_with_momentum_and_weight_decay():
+  config = test_config.get_config()
+  config.optim.lr, config.optim.weight_decay, config.optim.cos = 0.1, 0.01, False
+  schedule = train.make_lr_schedule(config.optim, 10, 5)
+  tx = train.make_optimizer(config.optim, schedule)
+  target = np.array([1.0, -2.0, 3.0], np.float32)
+  params = jnp.zeros(3)
+  opt_state = tx.init(params)
+  torch_params = torch.zeros(3, requires_grad=True)
+  torch_opt = torch.optim.SGD([torch_params], lr=0.1, momentum=0.9, weight_decay=0.01)
+  for _ in range(5):
+    grads = jax.grad(lambda p: jnp.sum((p - target) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    torch_opt.zero_grad()
+    torch.sum((torch_params - torch.from_numpy(target)) ** 2).backward()
+    torch_opt.step()
+  np.testing.assert_allclose(params, torch_params.detach().numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('cos,per,expected', [
+    (True, 'epoch', [0.1, 0.1, 0.1 * 0.5 * (1 + np.cos(np.pi / 4))]),
+    (False, 'epoch', [0.1, 0.1, 0.1]),
+])
+def test_lr_schedule_is_the_reference_adjust_learning_rate(cos, per, expected):
+  config = test_config.get_config()
+  config.optim.lr, config.optim.cos, config.optim.schedule_per = 0.1, cos, per
+  config.optim.schedule = '2,3'
+  schedule = train.make_lr_schedule(config.optim, 4, 10)
+  np.testing.assert_allclose([schedule(0), schedule(9), schedule(10)], expected, rtol=1e-6)
+  if not cos:  # step decay x0.1 at epochs 2 and 3
+    np.testing.assert_allclose([schedule(20), schedule(35)], [0.01, 0.001], rtol=1e-5)
+
+
+def test_cosine_per_step_decays_within_an_epoch():
+  config = test_config.get_config()
+  config.optim.lr, config.optim.schedule_per = 0.1, 'step'
+  schedule = train.make_lr_schedule(config.optim, 2, 10)
+  assert float(schedule(5)) < 0.1
+  np.testing.assert_allclose(schedule(10), 0.05, rtol=1e-6)
+
+
+def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path):
+  config = test_config.get_config()
+  config.train.epochs = 3
+  config.optim.schedule_per = 'step'  # lr changes every step
+  config.schedule.mode = 'fixed'
+  config.schedule.every = 1  # k changes every epoch after warm-up
+  trainer = train.Trainer(config, str(tmp_path))
+
+  def step(state, batch, bank, hparams):
+    return train.train_step(state, batch, bank, hparams, model=trainer.model, tx=trainer.tx,
+                            lr_schedule=trainer.lr_schedule, temperature=config.pcl.temperature,
+                            moco_m=config.pcl.moco_m, num_negatives=config.pcl.num_negatives)
+
+  trainer.train_step = jax.jit(chex.assert_max_traces(step, n=1))
+  state = trainer.initial_state()
+  records = []
+  for epoch in range(config.train.epochs):
+    state, record = trainer.run_epoch(state, epoch)
+    if record['loss_proto'] is not None:
+      trainer.schedule.update(epoch, record)
+    records.append(record)
+  assert records[0]['loss_proto'] is None and records[1]['loss_proto'] is not None
+  assert records[1]['num_clusters'] != records[2]['num_clusters']
+  assert len({r['lr'] for r in records}) == 3
+  assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  config = test_config.get_config()
+  config.train.epochs = 3
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  resumed_dir = str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, resumed_dir, stop_after_epochs=2)
+  resumed = train.train_and_evaluate(config, resumed_dir)
+  for a, b in zip(_leaves(straight), _leaves(resumed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  straight_records = run_files.read_metrics(str(tmp_path / 'straight' / 'metrics.jsonl'))
+  resumed_records = run_files.read_metrics(os.path.join(resumed_dir, 'metrics.jsonl'))
+  assert [r['epoch'] for r in resumed_records] == [0, 1, 2]
+  for a, b in zip(straight_records, resumed_records):
+    for key in ('loss_inst', 'acc_inst', 'loss_proto', 'acc_proto', 'lr', 'smoothing'):
+      if a[key] is None:
+        assert b[key] is None
+      else:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
+    assert a['num_clusters'] == b['num_clusters']
+
+
+def test_cli_one_epoch_writes_run_files(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
+       '--config.train.epochs=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'epoch 0: loss_inst' in result.stdout
+  records = run_files.read_metrics(str(workdir / 'metrics.jsonl'))
+  assert len(records) == 1
+  for key in ('epoch', 'loss_inst', 'loss_proto', 'acc_inst', 'acc_proto', 'lr', 'smoothing',
+              'num_clusters', 'epoch_time_s', 'images_per_s'):
+    assert key in records[0]
+  assert records[0]['loss_proto'] is None  # warm-up epoch: no prototypes yet
+  assert json.load(open(workdir / 'config.json'))['model']['arch'] == 'conv4'
+  assert os.listdir(workdir / 'checkpoints') == ['1']
+  assert os.listdir(workdir / 'tensorboard')
+
+
+def test_cli_invalid_config_is_one_line_exit_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py',
+       f'--workdir={tmp_path}', '--config.pcl.num_negatives=100'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert 'Traceback' not in result.stderr
+  assert 'pcl.num_negatives=100 must be a positive multiple of train.batch_size=32' in result.stderr
