@@ -10,9 +10,9 @@ Usage:
   python benchmarks/clustering.py --quick    # a tiny smoke version (seconds)
   python benchmarks/clustering.py --backends jax --sizes 60000 --ks 3200
 
-Times are wall-clock seconds of one call after a warm-up call at the same shapes (so JAX's
-compilation is excluded, as it is paid once per shape in training); on a shared machine they are
-noisy.
+Times are wall-clock seconds of one call after a one-iteration warm-up at the same shapes (so
+JAX's compilation, paid once per shape in training, is excluded); on a shared machine they are
+noisy, and faiss's OpenMP threads suffer most from other processes (see --single-thread).
 """
 
 import argparse
@@ -20,12 +20,12 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
+# jax, faiss and pcl_jax are imported in main(), after --single-thread has set the thread
+# environment they read at import time.
+jax = None
+clustering = None
 
 
 def synthetic_features(num_points, dim, num_modes, seed):
@@ -40,10 +40,10 @@ def synthetic_features(num_points, dim, num_modes, seed):
   return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
-def time_call(function, repeats):
-  """(best wall time of `repeats` calls after one warm-up call, the last call's output)."""
-  output = jax.block_until_ready(function())
-  best = float('inf')
+def time_call(function, warm_up, repeats):
+  """(best wall time of `repeats` calls after `warm_up()`, the last call's output)."""
+  jax.block_until_ready(warm_up())
+  best, output = float('inf'), None
   for _ in range(repeats):
     start = time.perf_counter()
     output = jax.block_until_ready(function())
@@ -51,17 +51,17 @@ def time_call(function, repeats):
   return best, output
 
 
-def kmeans_case(features, k, backend, args):
+def kmeans_case(features, k, backend, niter, nredo):
   def run():
-    return clustering.kmeans(features, k, backend=backend, niter=args.niter, nredo=args.nredo,
-                             seed=0, spherical=True)
+    return clustering.kmeans(features, k, backend=backend, niter=niter, nredo=nredo, seed=0,
+                             spherical=True)
   return run
 
 
-def window_case(features, ks, backend, args):
+def window_case(features, ks, backend, niter, nredo, args):
   def run():
-    levels = clustering.cluster_levels(features, ks, backend=backend, niter=args.niter,
-                                       nredo=args.nredo, seed=0, spherical=True,
+    levels = clustering.cluster_levels(features, ks, backend=backend, niter=niter,
+                                       nredo=nredo, seed=0, spherical=True,
                                        hierarchical=args.hierarchical, temperature=0.2,
                                        use_float16=True)
     return [level['concentration'] for level in levels]
@@ -81,6 +81,9 @@ def parse_args():
   parser.add_argument('--repeats', type=int, default=1, help='timed calls per case (best kept)')
   parser.add_argument('--backends', default='faiss-cpu,jax')
   parser.add_argument('--hierarchical', action='store_true', help='window in hierarchical mode')
+  parser.add_argument('--single-thread', action='store_true',
+                      help='one thread for both faiss (OpenMP) and XLA: steadier numbers on a '
+                      'shared machine, where OpenMP spin-waits suffer most')
   args = parser.parse_args()
   if args.quick:
     args.sizes, args.ks, args.window = '2000', '10,50', '50,30,20'
@@ -89,12 +92,21 @@ def parse_args():
 
 
 def main():
+  global jax, clustering
   args = parse_args()
+  if args.single_thread:
+    os.environ['OMP_NUM_THREADS'] = '1'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+  import jax  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,redefined-outer-name
   backends = args.backends.split(',')
   sizes = [int(n) for n in args.sizes.split(',')]
   ks = [int(k) for k in args.ks.split(',')]
   window = [int(k) for k in args.window.split(',')]
-  print(f'jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs; '
+  threads = '1 thread' if args.single_thread else f'{os.cpu_count()} CPUs'
+  print(f'jax {jax.__version__} on {jax.default_backend()}, {threads}; '
         f'D={args.dim}, niter={args.niter}, nredo={args.nredo}; seconds per call')
   header = f'{"N":>6} {"case":>16} ' + ' '.join(f'{b:>10}' for b in backends)
   if 'jax' in backends and len(backends) > 1:
@@ -106,11 +118,16 @@ def main():
     for name, case in cases:
       times, objectives = {}, {}
       for backend in backends:
+        # The warm-up (one iteration, one run) compiles everything the jax backend needs, since
+        # niter and nredo are traced; faiss has nothing to warm up.
         if isinstance(case, list):
-          times[backend], _ = time_call(window_case(features, case, backend, args), args.repeats)
+          timed = window_case(features, case, backend, args.niter, args.nredo, args)
+          warm_up = window_case(features, case, backend, 1, 1, args)
+          times[backend], _ = time_call(timed, warm_up, args.repeats)
         else:
-          times[backend], (_, _, sq_dist) = time_call(kmeans_case(features, case, backend, args),
-                                                      args.repeats)
+          timed = kmeans_case(features, case, backend, args.niter, args.nredo)
+          warm_up = kmeans_case(features, case, backend, 1, 1)
+          times[backend], (_, _, sq_dist) = time_call(timed, warm_up, args.repeats)
           # k-means objective: sum of squared distances to the returned centroids.
           objectives[backend] = float(np.asarray(sq_dist, np.float64).sum())
       row = f'{num_points:>6} {name:>16} ' + ' '.join(f'{times[b]:>10.2f}' for b in backends)

@@ -143,8 +143,12 @@ def main():
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--bn-groups', type=int, default=4, help='JAX shuffle-BN groups')
+  parser.add_argument('--jax-only', action='store_true', help='skip the PyTorch reference')
+  parser.add_argument('--case', choices=['resnet18', 'conv4'], help='run one case only')
   args = parser.parse_args()
   cases = [('resnet18', 32, 64, 64, True), ('conv4', 84, 64, 64, False)]
+  if args.case:
+    cases = [c for c in cases if c[0] == args.case]
   steps, warmup = args.steps, args.warmup
   if args.quick:
     cases = [('conv4', 32, 16, 16, False)]
@@ -156,11 +160,14 @@ def main():
     common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                   num_negatives=batch * 10, steps=steps, warmup=warmup)
     jax_ips = _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups, **common)
+    name = f'{arch} {size}px b{batch}'
+    if args.jax_only:
+      print(f'{name:<28}{jax_ips:>11.1f}', flush=True)
+      continue
     bf16 = args.dtype == 'bfloat16'
     torch_nchw = _torch_step_images_per_s(channels_last=False, bf16=bf16, **common)
     torch_cl = _torch_step_images_per_s(channels_last=True, bf16=bf16, **common)
     best = max(torch_nchw, torch_cl)
-    name = f'{arch} {size}px b{batch}'
     print(f'{name:<28}{jax_ips:>11.1f}{torch_nchw:>12.1f}{torch_cl:>10.1f}{jax_ips / best:>8.2f}',
           flush=True)
 

@@ -9,7 +9,7 @@ never touches model parameters, the optimizer, the data pipeline or the cluster-
 
 The `jax` backend follows faiss's `Clustering::train` step by step so the two agree: subsample
 the training set to `k * max_points_per_centroid` points when larger; for each of `nredo` runs,
-initialise with the first k points of a seeded random permutation, run `niter` Lloyd iterations
+initialise with k distinct random points (seeded by `seed` and the run), run `niter` iterations
 (assign with the squared L2 distance, weighted-mean update, split empty clusters, renormalise
 when spherical) and keep the run whose last-iteration objective (sum of squared L2 distances,
 also when spherical: faiss's assignment index is an L2 index) is lowest; finally assign every
@@ -118,8 +118,13 @@ def _check_k(k: int, num_points: int):
                      'use a k <= N')
 
 
+@jax.jit
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x))
+
+
 def _check_finite(x):
-  if not bool(jnp.all(jnp.isfinite(x))):
+  if not bool(_all_finite(x)):
     raise ValueError('features contain NaN/inf; k-means refuses them')
 
 
@@ -137,11 +142,10 @@ def _chunk_rows(num_points: int, k: int) -> int:
   return min(rows, -(-num_points // 8) * 8)
 
 
-def _pad_rows(x, multiple: int):
-  pad = (-x.shape[0]) % multiple
-  if pad == 0:
-    return x
-  return jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+def _pad_to_chunks(x, chunk: int):
+  """Zero-pads the rows of x to a multiple of `chunk` (rows stay rows; traced under jit)."""
+  pad = (-x.shape[0]) % chunk
+  return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,18 +172,13 @@ def _assign_block(x_block, centroids, centroid_sq_norm):
   return im2cluster, sq_dist
 
 
-def _assign_chunks(x_chunks, centroids):
-  """Assignment over [num_chunks, chunk, D] rows; memory stays chunk x k. Returns flat [N]."""
+def _assign_chunks(padded_x, centroids, chunk):
+  """Assignment of padded rows, `chunk` at a time so memory stays chunk x k. Returns flat [N]."""
   centroid_sq_norm = jnp.sum(centroids * centroids, axis=1)
+  x_chunks = padded_x.reshape(-1, chunk, padded_x.shape[1])
   im2cluster, sq_dist = jax.lax.map(
       lambda block: _assign_block(block, centroids, centroid_sq_norm), x_chunks)
   return im2cluster.reshape(-1), sq_dist.reshape(-1)
-
-
-@jax.jit
-def _nearest_centroid(x_chunks, centroids):
-  """Jitted nearest-centroid search (im2cluster, expanded sq_dist) over chunked rows."""
-  return _assign_chunks(x_chunks, centroids)
 
 
 @jax.jit
@@ -200,7 +199,29 @@ def sq_dist_to_assigned(x, centroids, im2cluster):
   return jnp.sum(diff * diff, axis=1)
 
 
-def _split_empty_clusters(centroids, cluster_weight, key):
+@jax.jit(static_argnames=('chunk',))
+def _assign(x, centroids, *, chunk):
+  """Nearest centroid (int32) and direct squared distance for every row of x. Jitted."""
+  im2cluster, _ = _assign_chunks(_pad_to_chunks(x, chunk), centroids, chunk)
+  im2cluster = im2cluster[:x.shape[0]]
+  return im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
+
+
+def assign_to_centroids(x, centroids):
+  """Each row's nearest centroid and squared L2 distance to it (chunked, jitted search).
+
+  Args:
+    x: [N, D] float32 samples.
+    centroids: [k, D] float32.
+  Returns:
+    (im2cluster [N] int32, sq_dist [N] float32).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  centroids = jnp.asarray(centroids, jnp.float32)
+  return _assign(x, centroids, chunk=_chunk_rows(x.shape[0], centroids.shape[0]))
+
+
+def _split_empty_clusters(centroids, cluster_weight, uniform):
   """faiss's split_clusters: every empty cluster takes over half of a non-empty one.
 
   Empty clusters are handled in index order. Each copies a donor centroid chosen with
@@ -212,7 +233,8 @@ def _split_empty_clusters(centroids, cluster_weight, key):
   Args:
     centroids: [k, D] updated centroids (empty clusters' rows are zero).
     cluster_weight: [k] summed member weights (0 = empty).
-    key: PRNG key.
+    uniform: [k] uniform [0, 1) draws, one per possible split (drawn outside the loop: a PRNG
+      inside the while_loop would double the compile time for nothing).
   Returns:
     (centroids, cluster_weight, number of splits).
   """
@@ -220,67 +242,117 @@ def _split_empty_clusters(centroids, cluster_weight, key):
   perturbation = _SPLIT_EPS * jnp.where(jnp.arange(dim) % 2 == 0, 1.0, -1.0)
 
   def has_work(state):
-    _, weight, _, _ = state
+    _, weight, _ = state
     # A donor needs size > 1; without one faiss would loop forever, we stop.
     return jnp.any(weight == 0) & jnp.any(weight > 1)
 
   def split_one(state):
-    centroids, weight, key, num_splits = state
-    key, donor_key = jax.random.split(key)
+    centroids, weight, num_splits = state
     empty = jnp.argmax(weight == 0)
-    donor = jax.random.categorical(donor_key, jnp.log(jnp.maximum(weight - 1.0, 0.0)))
+    # Inverse-CDF draw of the donor, proportional to size - 1.
+    cumulative = jnp.cumsum(jnp.maximum(weight - 1.0, 0.0))
+    target = uniform[num_splits] * cumulative[-1]
+    donor = jnp.minimum(jnp.searchsorted(cumulative, target, side='right'), weight.shape[0] - 1)
     donor_centroid = centroids[donor]
     centroids = centroids.at[empty].set(donor_centroid * (1.0 + perturbation))
     centroids = centroids.at[donor].set(donor_centroid * (1.0 - perturbation))
     half = weight[donor] / 2.0
     weight = weight.at[empty].set(half).at[donor].set(weight[donor] - half)
-    return centroids, weight, key, num_splits + 1
+    return centroids, weight, num_splits + 1
 
-  centroids, cluster_weight, _, num_splits = jax.lax.while_loop(
-      has_work, split_one, (centroids, cluster_weight, key, jnp.int32(0)))
+  centroids, cluster_weight, num_splits = jax.lax.while_loop(
+      has_work, split_one, (centroids, cluster_weight, jnp.int32(0)))
   return centroids, cluster_weight, num_splits
 
 
-@jax.jit(static_argnames=('spherical',))
-def _lloyd(x_chunks, weights, valid, centroids, niter, key, *, spherical):
-  """One k-means run: `niter` Lloyd iterations from `centroids`, faiss's iteration order.
-
-  Jitted once per (N, D, k) shape and `spherical`; `niter` and the key are traced, so the
-  nredo restarts reuse one compilation.
+def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, spherical):
+  """One k-means run: `niter` Lloyd iterations from `centroids`, in faiss's order.
 
   Args:
-    x_chunks: [num_chunks, chunk, D] training points (zero padding at the end).
-    weights: [num_chunks * chunk] point weights, 0 for padding.
-    valid: [num_chunks * chunk] bool, False for padding.
+    padded_x: [M, D] training points, zero-padded to a multiple of `chunk` rows.
+    padded_weights: [M] point weights, 0 for padding.
+    valid: [M] bool, False for padding.
     centroids: [k, D] initial centroids (already normalised when spherical).
-    niter: number of iterations.
+    niter: number of iterations (traced).
     key: PRNG key for the empty-cluster splits.
+    chunk: rows per assignment block.
     spherical: renormalise centroids after each update.
   Returns:
-    (centroids [k, D], objective of the last iteration, total number of splits).
+    (centroids [k, D], objective of the last iteration (0 without iterations, as faiss),
+    total number of splits).
   """
-  k, dim = centroids.shape
-  x_flat = x_chunks.reshape(-1, dim)
-  weighted_x = x_flat * weights[:, None]
+  k = centroids.shape[0]
+  weighted_x = padded_x * padded_weights[:, None]
 
   def iteration(i, carry):
     centroids, _, num_splits = carry
     # Step 1: assign; faiss's objective is the plain sum of the distances of this assignment.
-    im2cluster, sq_dist = _assign_chunks(x_chunks, centroids)
+    im2cluster, sq_dist = _assign_chunks(padded_x, centroids, chunk)
     objective = jnp.sum(jnp.where(valid, sq_dist, 0.0))
     # Step 2: weighted means (padding has weight 0, so it moves nothing).
-    cluster_weight = jax.ops.segment_sum(weights, im2cluster, num_segments=k)
+    cluster_weight = jax.ops.segment_sum(padded_weights, im2cluster, num_segments=k)
     cluster_sum = jax.ops.segment_sum(weighted_x, im2cluster, num_segments=k)
     safe_weight = jnp.where(cluster_weight > 0, cluster_weight, 1.0)
     updated = jnp.where(cluster_weight[:, None] > 0, cluster_sum / safe_weight[:, None], 0.0)
     # Step 3: empty clusters, then the spherical projection (faiss's post_process_centroids).
-    updated, _, splits = _split_empty_clusters(updated, cluster_weight, jax.random.fold_in(key, i))
+    uniform = jax.random.uniform(jax.random.fold_in(key, i), (k,))
+    updated, _, splits = _split_empty_clusters(updated, cluster_weight, uniform)
     if spherical:
       updated = _l2_normalize(updated)
     return updated, objective, num_splits + splits
 
-  init = (centroids, jnp.float32(jnp.inf), jnp.int32(0))
+  init = (centroids, jnp.float32(0.0), jnp.int32(0))
   return jax.lax.fori_loop(0, niter, iteration, init)
+
+
+@jax.jit(static_argnames=('k', 'chunk', 'spherical'))
+def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, *, k, chunk, spherical):
+  """`num_runs` k-means runs; keeps the one with the lowest last-iteration objective.
+
+  Run r initialises with k distinct random points drawn from fold_in(key, r + 1) (or with
+  `init_centroids`). Jitted once per (N, D, k) shape, `spherical` and whether
+  `init_centroids` is given; `niter`, `num_runs` and the key are traced, so no recompiles
+  across seeds or restarts, and the whole search stays on device.
+
+  Args:
+    x: [N, D] training points.
+    weights: [N] point weights.
+    init_centroids: [k, D] or None.
+    niter: Lloyd iterations per run.
+    num_runs: number of runs.
+    key: PRNG key.
+    k: number of clusters.
+    chunk: rows per assignment block.
+    spherical: spherical k-means.
+  Returns:
+    [k, D] centroids of the best run.
+  """
+  num_points, dim = x.shape
+  padded_x = _pad_to_chunks(x, chunk)
+  padded_weights = _pad_to_chunks(weights, chunk)
+  valid = jnp.arange(padded_x.shape[0]) < num_points
+
+  def one_run(redo, best):
+    best_centroids, best_objective = best
+    init_key, split_key = jax.random.split(jax.random.fold_in(key, redo + 1))
+    if init_centroids is None:
+      # k distinct points in random order: the first k of a random permutation (as faiss), drawn
+      # as the top k of N uniforms, which compiles and runs faster than a full shuffle.
+      _, first_k = jax.lax.top_k(jax.random.uniform(init_key, (num_points,)), k)
+      start = x[first_k]
+    else:
+      start = init_centroids
+    if spherical:
+      start = _l2_normalize(start)
+    centroids, objective, _ = _lloyd(padded_x, padded_weights, valid, start, niter, split_key,
+                                     chunk=chunk, spherical=spherical)
+    # Strictly better only, as faiss: on a tie the earlier run stays.
+    improved = objective < best_objective
+    return (jnp.where(improved, centroids, best_centroids),
+            jnp.where(improved, objective, best_objective))
+
+  best = (jnp.zeros((k, dim), jnp.float32), jnp.float32(jnp.inf))
+  return jax.lax.fori_loop(0, num_runs, one_run, best)[0]
 
 
 def _kmeans_jax(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weights,
@@ -288,53 +360,25 @@ def _kmeans_jax(x, k, *, niter, nredo, seed, spherical, max_points, min_points, 
   """Pure-JAX k-means (see the module docstring); returns centroids [k, D]."""
   num_points = x.shape[0]
   base_key = jax.random.PRNGKey(seed)
-  train_x, train_weights = x, weights
+  if weights is None:
+    weights = jnp.ones((num_points,), jnp.float32)
   # Same subsampling rule as faiss (a seeded random subset of k * max_points points).
   if num_points > k * max_points:
     subset = jax.random.permutation(jax.random.fold_in(base_key, 0), num_points)[:k * max_points]
-    train_x = x[subset]
-    train_weights = None if weights is None else weights[subset]
+    x, weights = x[subset], weights[subset]
   elif num_points < k * min_points:
     logging.warning('clustering %d points to %d centroids: please provide at least %d training '
                     'points', num_points, k, k * min_points)
-  num_train = train_x.shape[0]
-
-  if num_train == k and init_centroids is None:
+  if x.shape[0] == k and init_centroids is None:
     # faiss's corner case: every point is its own centroid, no iteration.
-    centroids = train_x
-    return _l2_normalize(centroids) if spherical else centroids
-
-  chunk = _chunk_rows(num_train, k)
-  padded_x = _pad_rows(train_x, chunk)
-  x_chunks = padded_x.reshape(-1, chunk, x.shape[1])
-  valid = jnp.arange(padded_x.shape[0]) < num_train
-  if train_weights is None:
-    padded_weights = valid.astype(jnp.float32)
-  else:
-    padded_weights = _pad_rows(train_weights.astype(jnp.float32), chunk)
-
+    return _l2_normalize(x) if spherical else x
+  if init_centroids is not None:
+    init_centroids = jnp.asarray(init_centroids, jnp.float32)
   # With given initial centroids there is one run: faiss starts every redo after the first from
   # the previous run's result, which is no restart at all.
   num_runs = 1 if init_centroids is not None else nredo
-  best_centroids, best_objective = None, None
-  for redo in range(num_runs):
-    init_key, split_key = jax.random.split(jax.random.fold_in(base_key, redo + 1))
-    if init_centroids is None:
-      start = train_x[jax.random.permutation(init_key, num_train)[:k]]
-    else:
-      start = jnp.asarray(init_centroids, jnp.float32)
-    if spherical:
-      start = _l2_normalize(start)
-    centroids, objective, _ = _lloyd(x_chunks, padded_weights, valid, start, niter, split_key,
-                                     spherical=spherical)
-    if best_centroids is None:
-      best_centroids, best_objective = centroids, objective
-    else:
-      # Strictly better only, as faiss: on a tie the earlier run stays. Stays on device.
-      improved = objective < best_objective
-      best_centroids = jnp.where(improved, centroids, best_centroids)
-      best_objective = jnp.where(improved, objective, best_objective)
-  return best_centroids
+  return _best_of_runs(x, weights, init_centroids, niter, num_runs, base_key, k=k,
+                       chunk=_chunk_rows(x.shape[0], k), spherical=spherical)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,15 +395,18 @@ def _to_host(x):
 
 
 def _faiss_index(faiss, dim, on_gpu, use_float16, device_id):
+  """(assignment index, GPU resources or None); the caller keeps both alive together.
+
+  faiss >= 1.15 refuses new attributes on its objects, so the resources cannot be hung on
+  the index: they are returned for the caller to hold while the index lives.
+  """
   if not on_gpu:
-    return faiss.IndexFlatL2(dim)
+    return faiss.IndexFlatL2(dim), None
   resources = faiss.StandardGpuResources()
   config = faiss.GpuIndexFlatConfig()
   config.useFloat16 = use_float16
   config.device = device_id
-  index = faiss.GpuIndexFlatL2(resources, dim, config)
-  index.resources_keepalive = resources  # The index must not outlive its resources.
-  return index
+  return faiss.GpuIndexFlatL2(resources, dim, config), resources
 
 
 def _faiss_nearest(index, x, x_host, on_gpu):
@@ -373,7 +420,7 @@ def _faiss_nearest(index, x, x_host, on_gpu):
     else:
       # Without a host copy: faiss's torch bridge searches the GPU tensor in place.
       _, labels = index.search(torch.from_dlpack(x), 1)
-      return jnp.asarray(jax.dlpack.from_dlpack(labels[:, 0].contiguous()), jnp.int32)
+      return jax.dlpack.from_dlpack(labels[:, 0].to(torch.int32).contiguous())
   _, labels = index.search(x_host, 1)
   return jnp.asarray(labels[:, 0], jnp.int32)
 
@@ -401,7 +448,7 @@ def _kmeans_faiss(x, k, *, on_gpu, niter, nredo, seed, spherical, max_points, mi
   device_id = 0
   if on_gpu and isinstance(x, jax.Array):
     device_id = next(iter(x.devices())).id
-  index = _faiss_index(faiss, dim, on_gpu, use_float16, device_id)
+  index, gpu_resources = _faiss_index(faiss, dim, on_gpu, use_float16, device_id)
   host_weights = None if weights is None else np.asarray(weights, dtype=np.float32)
   clus.train(x_host, index, weights=host_weights)
 
@@ -414,6 +461,7 @@ def _kmeans_faiss(x, k, *, on_gpu, niter, nredo, seed, spherical, max_points, mi
   index.reset()
   index.add(np.ascontiguousarray(centroids))
   im2cluster = _faiss_nearest(index, x, x_host, on_gpu)
+  del index, gpu_resources  # The index first: it uses the resources.
   return jnp.asarray(centroids), im2cluster
 
 
@@ -446,7 +494,8 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
     nearest returned centroid; sq_dist [N] float32, squared L2 distance to that centroid),
     all JAX arrays.
   Raises:
-    ValueError: k out of range, unknown backend, NaN/inf in x, or malformed weights/init.
+    ValueError: k out of range, unknown backend, NaN/inf in x, niter < 0 or nredo < 1, or
+      malformed weights/init.
   """
   resolved = resolve_backend(backend)
   x = jnp.asarray(x, jnp.float32)
@@ -454,6 +503,9 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
     raise ValueError(f'k-means features must be [N, D], got shape {x.shape}')
   num_points, dim = x.shape
   _check_k(k, num_points)
+  if niter < 0 or nredo < 1:
+    raise ValueError(f'clustering.niter={niter} / clustering.nredo={nredo}: need niter >= 0 and '
+                     'nredo >= 1')
   _check_finite(x)
   if weights is not None:
     weights = jnp.asarray(weights, jnp.float32)
@@ -473,10 +525,9 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
 
   if resolved == 'jax':
     centroids = _kmeans_jax(x, k, **options)
-    im2cluster = _assign_all(x, centroids)
-  else:
-    centroids, im2cluster = _kmeans_faiss(x, k, on_gpu=resolved == 'faiss-gpu',
-                                          use_float16=use_float16, **options)
+    return (centroids,) + assign_to_centroids(x, centroids)
+  centroids, im2cluster = _kmeans_faiss(x, k, on_gpu=resolved == 'faiss-gpu',
+                                        use_float16=use_float16, **options)
   return centroids, im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
 
 
@@ -599,7 +650,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
             'clustering.hierarchical=False')
       centroids, _, _ = run_kmeans(fine_centroids[populated], k, level,
                                    weights=member_count[populated])
-      parent = _assign_all(fine_centroids, centroids)
+      parent, _ = assign_to_centroids(fine_centroids, centroids)
       im2cluster = parent[fine_im2cluster]
       sq_dist = sq_dist_to_assigned(features, centroids, im2cluster)
     phi = concentration(sq_dist, im2cluster, k, temperature)
@@ -610,11 +661,3 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     levels.append({'k': k, 'centroids': normalized, 'im2cluster': im2cluster.astype(jnp.int32),
                    'concentration': phi, 'timing_s': time.perf_counter() - start})
   return levels
-
-
-def _assign_all(x, centroids):
-  """Nearest centroid of every row of x (chunked, jitted search)."""
-  chunk = _chunk_rows(x.shape[0], centroids.shape[0])
-  x_chunks = _pad_rows(x, chunk).reshape(-1, chunk, x.shape[1])
-  im2cluster, _ = _nearest_centroid(x_chunks, centroids)
-  return im2cluster[:x.shape[0]]

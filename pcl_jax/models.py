@@ -71,6 +71,18 @@ class GroupedBatchNorm(nn.Module):
     return out.reshape(x.shape).astype(self.dtype)
 
 
+def max_pool_2x2(x):
+  """2x2 stride-2 max-pool (floor mode, as PyTorch) as a reshape + max.
+
+  Same values as nn.max_pool(x, (2, 2), (2, 2)), but its gradient is an elementwise mask instead
+  of XLA's select-and-scatter, which is several times slower on CPU.
+  """
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2]
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return x.max(axis=(2, 4))
+
+
 def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
   """PyTorch-style symmetric padding for a square kernel."""
   return ((size // 2, size // 2), (size // 2, size // 2))
@@ -163,7 +175,7 @@ class Conv4Backbone(nn.Module):
                   kernel_init=conv_init)(x)
       x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
                            dtype=self.dtype)(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+      x = max_pool_2x2(nn.relu(x))
     return x.reshape((x.shape[0], -1))
 
 

@@ -91,9 +91,12 @@ def test_concentration_with_only_singletons_is_temperature_not_nan():
 
 
 def test_concentration_is_jittable_with_static_k():
+  rng = np.random.default_rng(1)
+  sq_dist, im2cluster = rng.uniform(size=30).astype(np.float32), np.arange(30) % 7
   fn = jax.jit(clustering.concentration, static_argnums=(2,))
-  out = fn(jnp.ones(10), jnp.arange(10) % 3, 3, 0.5)
-  np.testing.assert_allclose(np.asarray(out), np.full(3, 0.5), rtol=1e-6)
+  out = fn(jnp.asarray(sq_dist), jnp.asarray(im2cluster), 7, jnp.float32(0.5))
+  np.testing.assert_allclose(np.asarray(out), reference_density(im2cluster, 7, sq_dist, 0.5),
+                             rtol=2e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,10 +175,11 @@ def test_weights_match_repeated_points(backend):
 
 
 def test_weighted_backends_agree():
-  x = overlapping_points(400)
+  # Shapes shared with other tests (320 x 16, k=8) so the jax backend compiles nothing new.
+  x = overlapping_points(320)
   weights = np.random.default_rng(4).uniform(0.5, 3.0, size=x.shape[0])
-  init = x[:10]
-  outs = [clustering.kmeans(x, 10, backend=b, niter=5, weights=weights, init_centroids=init)
+  init = x[:8]
+  outs = [clustering.kmeans(x, 8, backend=b, niter=5, weights=weights, init_centroids=init)
           for b in BACKENDS]
   np.testing.assert_array_equal(np.asarray(outs[0][1]), np.asarray(outs[1][1]))
   np.testing.assert_allclose(np.asarray(outs[0][0]), np.asarray(outs[1][0]), atol=1e-5)
@@ -192,15 +196,15 @@ def test_points_per_centroid_rule_is_exact():
 
 
 def test_jax_subsamples_like_the_documented_rule():
-  # N=1200 > k * max_points = 10 * 50: one iteration from `init` gives the means of the subset.
+  # N=1200 > k * max_points = 8 * 40: one iteration from `init` gives the means of the subset.
   x = overlapping_points()
-  init = x[:10]
-  centroids, _, _ = clustering.kmeans(x, 10, backend='jax', niter=1, spherical=False, seed=7,
-                                      max_points_per_centroid=50, init_centroids=init)
+  init = x[:8]
+  centroids, _, _ = clustering.kmeans(x, 8, backend='jax', niter=1, spherical=False, seed=7,
+                                      max_points_per_centroid=40, init_centroids=init)
   subset = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(7), 0),
-                                             x.shape[0]))[:500]
+                                             x.shape[0]))[:320]
   labels, _ = numpy_assignment(x[subset], init)
-  want = np.stack([x[subset][labels == c].mean(0) for c in range(10)])
+  want = np.stack([x[subset][labels == c].mean(0) for c in range(8)])
   np.testing.assert_allclose(np.asarray(centroids), want, atol=1e-5)
 
 
@@ -278,8 +282,10 @@ def test_flat_levels_shapes_and_concentration():
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_hierarchical_coarse_label_is_parent_of_fine_label(backend):
   x = overlapping_points(600)
-  levels = clustering.cluster_levels(x, [40, 12, 4], **level_options(backend=backend,
-                                                                      hierarchical=True))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # A ratio of 3 does not warn.
+    levels = clustering.cluster_levels(x, [30, 10], **level_options(backend=backend,
+                                                                    hierarchical=True))
   for fine, coarse in zip(levels, levels[1:]):
     fine_labels, coarse_labels = np.asarray(fine['im2cluster']), np.asarray(coarse['im2cluster'])
     for cluster in np.unique(fine_labels):
@@ -293,9 +299,6 @@ def test_hierarchical_warns_on_small_ratio():
   x = overlapping_points(600)
   with pytest.warns(UserWarning, match='ratio'):
     clustering.cluster_levels(x, [30, 27], **level_options(hierarchical=True))
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    clustering.cluster_levels(x, [30, 10], **level_options(hierarchical=True))
 
 
 @pytest.mark.parametrize('ks', [[10, 10], [10, 20], [20, 10, 15]])
@@ -305,10 +308,10 @@ def test_hierarchical_rejects_non_decreasing_counts(ks):
 
 
 def test_hierarchical_rejects_level_larger_than_non_empty_parents():
-  # Five distinct points: at most five of the ten fine clusters can be non-empty.
-  x = np.repeat(overlapping_points(5, 8), 8, axis=0)
+  # Five distinct points: at most five of the 30 fine clusters can be non-empty.
+  x = np.repeat(overlapping_points(5), 120, axis=0)
   with pytest.raises(ValueError, match='non-empty centroids'):
-    clustering.cluster_levels(x, [10, 6], **level_options(hierarchical=True))
+    clustering.cluster_levels(x, [30, 10], **level_options(hierarchical=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,12 +344,30 @@ def test_non_finite_features(bad):
     clustering.kmeans(x, 2, backend='jax')
 
 
+def test_bad_iteration_counts():
+  with pytest.raises(ValueError, match='nredo >= 1'):
+    clustering.kmeans(overlapping_points(12, 4), 2, nredo=0)
+
+
 def test_bad_weights_and_init():
   x = overlapping_points(12, 4)
   with pytest.raises(ValueError, match='weights'):
     clustering.kmeans(x, 2, weights=-np.ones(12))
   with pytest.raises(ValueError, match='init_centroids'):
     clustering.kmeans(x, 2, init_centroids=x[:3])
+
+
+def test_faiss_torch_dlpack_bridge_on_cpu():
+  # The faiss-gpu final search hands device features to faiss through torch over DLPack; the
+  # same bridge works with CPU tensors and a CPU index, which is what this machine can check.
+  pytest.importorskip('torch')
+  faiss = pytest.importorskip('faiss')
+  x, init = separated_blobs()
+  index = faiss.IndexFlatL2(x.shape[1])
+  index.add(init)
+  labels = clustering._faiss_nearest(index, jnp.asarray(x), x, on_gpu=True)
+  assert labels.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(labels), numpy_assignment(x, init)[0])
 
 
 # ----------------------------------------------------------------------------------------------

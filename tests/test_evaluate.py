@@ -1,11 +1,9 @@
-"""Tests of pcl_jax/evaluate.py: every metric against sklearn/scipy/numpy, and --mode=eval end to end."""
+"""Tests of pcl_jax/evaluate.py: each metric against sklearn/scipy/numpy; --mode=eval end to end."""
 
-import importlib.util
 import itertools
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from sklearn import linear_model
@@ -22,21 +20,6 @@ def _clustered_features(num_classes, per_class, dim, noise, seed=0):
   labels = np.repeat(np.arange(num_classes), per_class)
   features = centers[labels] + noise * rng.normal(size=(labels.size, dim))
   return features.astype(np.float32), labels
-
-
-def _stand_in_kmeans(x, k, *, backend, niter, nredo, seed, spherical):
-  """sklearn k-means with the project's signature, for when pcl_jax/clustering.py is absent."""
-  del backend, spherical
-  from sklearn import cluster  # pylint: disable=g-import-not-at-top
-  x = np.asarray(x)
-  fit = cluster.KMeans(k, n_init=nredo, max_iter=niter, random_state=seed).fit(x)
-  sq_dist = ((x - fit.cluster_centers_[fit.labels_]) ** 2).sum(-1)
-  return fit.cluster_centers_, fit.labels_.astype(np.int32), sq_dist
-
-
-# The project's k-means when it exists; until pcl_jax/clustering.py lands, a stand-in.
-PROJECT_KMEANS = importlib.util.find_spec('pcl_jax.clustering') is not None
-KMEANS_FN = None if PROJECT_KMEANS else _stand_in_kmeans
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,8 +94,8 @@ def test_clustering_quality_uses_k_equal_to_number_of_classes():
 def test_episodes_are_valid():
   labels = np.repeat(np.arange(8), [30, 30, 30, 30, 30, 30, 10, 3])  # classes 6, 7 too small
   table, counts = evaluate.class_table(labels)
-  support, query = evaluate.sample_episodes(jax.random.PRNGKey(0), table, counts, ways=5,
-                                            shots=5, queries=15, episodes=200)
+  support, query = evaluate.sample_episodes(np.random.default_rng(0), table, counts, ways=5,
+                                            shots=5, queries=15, episodes=200, batch=64)
   support, query = np.asarray(support), np.asarray(query)
   assert support.shape == (200, 5, 5) and query.shape == (200, 5, 15)
   members = np.concatenate([support, query], axis=2)  # [E, ways, 20]
@@ -147,9 +130,10 @@ def test_fewshot_logreg_matches_sklearn():
   features, labels = _clustered_features(10, 40, 24, noise=2.5, seed=4)
   features = np.asarray(evaluate._normalize(features))  # pylint: disable=protected-access
   table, counts = evaluate.class_table(labels)
-  support, query = evaluate.sample_episodes(jax.random.PRNGKey(5), table, counts, ways=5,
+  support, query = evaluate.sample_episodes(np.random.default_rng(5), table, counts, ways=5,
                                             shots=5, queries=15, episodes=8)
-  centroid_acc, logreg_acc = evaluate._episode_accuracies(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  centroid_correct, logreg_correct = evaluate._episode_accuracies(
       features, support, query, 1.0 / evaluate.FEWSHOT_LOGREG_C,
       logreg_steps=evaluate.FEWSHOT_LOGREG_STEPS, episode_batch=3)
   sklearn_acc, numpy_centroid_acc = [], []
@@ -165,8 +149,8 @@ def test_fewshot_logreg_matches_sklearn():
     numpy_centroid_acc.append(np.mean(distance.argmin(1) == query_y))
   assert 0.2 < np.mean(sklearn_acc) < 0.99  # a non-trivial problem
   # At most one query of 75 may flip per episode (ties at float precision).
-  np.testing.assert_allclose(np.asarray(logreg_acc), sklearn_acc, atol=1.5 / 75)
-  np.testing.assert_allclose(np.asarray(centroid_acc), numpy_centroid_acc, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(logreg_correct) / 75, sklearn_acc, atol=1.5 / 75)
+  np.testing.assert_allclose(np.asarray(centroid_correct) / 75, numpy_centroid_acc, atol=1e-6)
 
 
 def test_fewshot_too_few_classes_raises():
@@ -259,7 +243,7 @@ def _eval_config():
 
 
 def test_evaluate_checkpoint_writes_complete_results(trained_workdir, capsys):
-  results = evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, kmeans_fn=KMEANS_FN)
+  results = evaluate.evaluate_checkpoint(_eval_config(), trained_workdir)
   with open(os.path.join(trained_workdir, 'eval', 'results.json')) as handle:
     written = json.load(handle)
   for key in ('knn_top1', 'linear_top1', 'fewshot', 'clustering', 'split', 'checkpoint_step'):
@@ -283,19 +267,18 @@ def test_evaluate_checkpoint_writes_complete_results(trained_workdir, capsys):
 
   # A rerun refuses to overwrite silently.
   with pytest.raises(configuration.UserError, match='--overwrite'):
-    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, kmeans_fn=KMEANS_FN)
+    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir)
 
 
 def test_model_mismatch_is_a_user_error(trained_workdir):
   config = _eval_config()
   config.model.dim = 32
   with pytest.raises(configuration.UserError, match=r'model\.dim=32.*model\.dim=16'):
-    evaluate.evaluate_checkpoint(config, trained_workdir, overwrite=True, kmeans_fn=KMEANS_FN)
+    evaluate.evaluate_checkpoint(config, trained_workdir, overwrite=True)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, trained_workdir):
   with pytest.raises(FileNotFoundError, match='train first'):
-    evaluate.evaluate_checkpoint(_eval_config(), str(tmp_path), kmeans_fn=KMEANS_FN)
+    evaluate.evaluate_checkpoint(_eval_config(), str(tmp_path))
   with pytest.raises(FileNotFoundError, match='available: \\[1\\]'):
-    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True,
-                                 kmeans_fn=KMEANS_FN)
+    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True)

@@ -1,0 +1,196 @@
+r"""Input-pipeline benchmark: is the training step ever waiting for data?
+
+Prints (1) images/s of the loader alone for each worker count, with images per CPU-second of
+loader work ("per core"); (2) images/s of the real jitted PCL training step fed from a resident
+synthetic batch; (3) the same step fed by the loader; and the ratio fed / synthetic (target
+>= 0.90). An "image" is one training sample, i.e. one (im_q, im_k) pair of augmented views.
+
+  python benchmarks/input_pipeline.py                    # Conv4, 84 px, batch 64, JPEG folder
+  python benchmarks/input_pipeline.py --data=fake --workers=0,1,2,4 --fed_workers=2
+
+--data=jpeg writes --num_images 84x84 JPEGs (mini-ImageNet's size; 10 classes) into a temp dir and
+reads them as data.name=mini_imagenet (folder layout), so the one-time decode into the memory-mapped
+cache runs too (its time is printed); --data=fake uses torchvision FakeData. The step is built with
+the trainer's own functions (models, train, state), warm-up epochs (no prototypes), as in the
+trainer. Timings on shared machines are noisy: measurements alternate and the median is reported.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import jax.numpy as jnp
+from PIL import Image
+
+from configs import default
+from pcl_jax import input_pipeline
+from pcl_jax import models
+from pcl_jax import state as state_lib
+from pcl_jax import train
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+
+def _parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data', choices=('jpeg', 'fake'), default='jpeg')
+  parser.add_argument('--num_images', type=int, default=640)
+  parser.add_argument('--image_size', type=int, default=84)
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--arch', default='conv4')
+  parser.add_argument('--aug_plus', type=int, default=1, help='1: MoCo v2 recipe, 0: MoCo v1')
+  parser.add_argument('--workers', default='0,1,2', help='worker counts of the loader-alone test')
+  parser.add_argument('--fed_workers', default='2', help='worker counts feeding the step')
+  parser.add_argument('--repeats', type=int, default=2, help='alternating repeats of each test')
+  parser.add_argument('--loader_only', action='store_true', help='skip the training-step tests')
+  return parser.parse_args()
+
+
+def _make_jpeg_folder(root: str, num_images: int, size: int) -> None:
+  """mini-ImageNet-like folder layout of smooth random JPEGs (realistic file sizes)."""
+  rng = np.random.default_rng(0)
+  for index in range(num_images):
+    class_dir = os.path.join(root, 'train', f'n{index % 10:08d}')
+    os.makedirs(class_dir, exist_ok=True)
+    coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(
+        os.path.join(class_dir, f'{index:06d}.jpg'), quality=90)
+
+
+def _config(args, root):
+  config = default.get_config()
+  config.data.image_size = args.image_size
+  config.data.aug_plus = bool(args.aug_plus)
+  if args.data == 'jpeg':
+    config.data.name, config.data.root = 'mini_imagenet', root
+  else:
+    config.data.name, config.data.fake_size = 'fake', args.num_images
+  config.model.arch = args.arch
+  config.train.batch_size = args.batch_size
+  config.pcl.num_negatives = 10 * args.batch_size
+  return config
+
+
+def _children_cpu_s() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def loader_alone(dataset, batch_size: int, num_workers: int, epoch: int):
+  """One full epoch of the loader: (images/s, images per CPU-second of loader work)."""
+  wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu_s()
+  images = 0
+  loader = input_pipeline.train_loader(dataset, batch_size, seed=0, epoch=epoch,
+                                       num_workers=num_workers)
+  for batch in input_pipeline.numpy_batches(loader):
+    images += batch['index'].shape[0]
+  del loader  # workers are joined at the end of the epoch; their CPU time is now counted
+  wall = time.perf_counter() - wall
+  cpu = time.process_time() - cpu + _children_cpu_s() - children
+  return images / wall, images / cpu
+
+
+def main():
+  args = _parse_args()
+  print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), '
+        f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start '
+        '(shared machine: numbers are noisy)')
+  root = tempfile.mkdtemp(prefix='pcl_bench_')
+  try:
+    if args.data == 'jpeg':
+      _make_jpeg_folder(root, args.num_images, args.image_size)
+    config = _config(args, root)
+    start = time.perf_counter()
+    datasets = input_pipeline.build_train_datasets(config)
+    print(f'data: {args.data}, {datasets.num_train} images at {args.image_size} px, '
+          f'aug_plus={bool(args.aug_plus)}; source ready in {time.perf_counter() - start:.1f}s '
+          f'(jpeg: includes the one-time decode into the cache)')
+    batch_size = args.batch_size
+    steps = datasets.num_train // batch_size - 1  # the first batch of an epoch warms up
+
+    # Step 1: the loader alone.
+    print('\nloader alone (one epoch each; image = one im_q/im_k pair):')
+    for workers in [int(w) for w in args.workers.split(',')]:
+      runs = [loader_alone(datasets.train, batch_size, workers, epoch)
+              for epoch in range(args.repeats)]
+      rate = statistics.median(r[0] for r in runs)
+      per_core = statistics.median(r[1] for r in runs)
+      print(f'  num_workers={workers}: {rate:7.0f} images/s  ({per_core:.0f} images per '
+            f'CPU-second of loader work = per core; {2 * per_core:.0f} augmented views)')
+
+    if args.loader_only:
+      return
+
+    # Step 2: the training step, as the trainer builds it.
+    model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
+    lr_schedule = train.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
+    tx = train.make_optimizer(config.optim, lr_schedule)
+    step_fn = train.make_train_step(config, model, tx, lr_schedule)
+    bank = train.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
+                                      datasets.num_train)
+    hparams = {'smoothing': jnp.float32(0.0)}
+    state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, args.image_size,
+                                   config.pcl.num_negatives)
+    first = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
+        datasets.train, batch_size, seed=0, epoch=0, num_workers=0)))
+    resident = jax.device_put(first)
+    state, metrics = step_fn(state, resident, bank, hparams)  # compile
+    jax.block_until_ready(metrics)
+
+    def synthetic():
+      nonlocal state
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = step_fn(state, resident, bank, hparams)
+      jax.block_until_ready(metrics)
+      return steps * batch_size / (time.perf_counter() - start)
+
+    def fed(workers, epoch):
+      nonlocal state
+      loader = input_pipeline.train_loader(datasets.train, batch_size, seed=0, epoch=epoch,
+                                           num_workers=workers)
+      batches = input_pipeline.numpy_batches(loader)
+      state, metrics = step_fn(state, next(batches), bank, hparams)
+      jax.block_until_ready(metrics)  # workers are up and their queues full: steady state
+      start = time.perf_counter()
+      count = 0
+      for batch in batches:
+        state, metrics = step_fn(state, batch, bank, hparams)
+        count += 1
+      jax.block_until_ready(metrics)
+      return count * batch_size / (time.perf_counter() - start)
+
+    fed_workers = [int(w) for w in args.fed_workers.split(',')]
+    results = {'synthetic': []}
+    results.update({workers: [] for workers in fed_workers})
+    for repeat in range(args.repeats):  # alternate, so load changes hit both alike
+      results['synthetic'].append(synthetic())
+      for workers in fed_workers:
+        results[workers].append(fed(workers, epoch=100 + repeat))
+    base = statistics.median(results['synthetic'])
+    print(f'\ntraining step ({args.arch}, {args.image_size} px, batch {batch_size}, {steps} steps '
+          f'a run, {args.repeats} runs, median):')
+    print(f'  resident synthetic batch: {base:7.1f} images/s  '
+          f'(runs: {", ".join(f"{r:.1f}" for r in results["synthetic"])})')
+    for workers in fed_workers:
+      rate = statistics.median(results[workers])
+      print(f'  fed by the loader, num_workers={workers}: {rate:7.1f} images/s  ratio '
+            f'{rate / base:.3f} (target >= 0.90; runs: '
+            f'{", ".join(f"{r:.1f}" for r in results[workers])})')
+    print(f'load average {os.getloadavg()[0]:.1f} at end')
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
