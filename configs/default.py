@@ -21,9 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32  # crop size fed to the network
   config.data.train_split = 'train'  # e.g. 'train', 'train+val+test'
   config.data.eval_split = 'test'  # split used by --mode=eval
+  config.data.val_split = 'val'  # split of the over-fitting monitor (eval.val_every)
   config.data.aug_plus = True  # MoCo v2 augmentation (False: MoCo v1)
   config.data.num_workers = 2  # torch DataLoader worker processes
   config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)
+  config.data.cache_size = 0  # side of the decoded-image cache (0: 84 for mini_imagenet, else 8/7 crop)
   config.data.fake_size = 512  # number of images of data.name=fake
   config.data.fake_classes = 10  # number of classes of data.name=fake
 

@@ -22,6 +22,7 @@ def get_config():
   config.train.log_every_steps = 10
   config.optim.lr = 0.08
   config.pcl.num_negatives = 256
+  config.pcl.moco_m = 0.99  # 320 steps in all: 0.999 would leave the key encoder near its init
   config.pcl.warmup_epochs = 3
   config.schedule.all_clusters = '120,80,50,30,20,10,5'
   config.schedule.num_levels = 3

@@ -12,8 +12,13 @@ from typing import Any, Optional, Tuple
 import orbax.checkpoint as ocp
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+def checkpoint_dir(workdir: str, best: bool = False) -> str:
+  """WORKDIR/checkpoints, or WORKDIR/checkpoints_best (the best-by-validation one)."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints_best' if best else 'checkpoints')
+
+
+def _composite_save(state, meta):
+  return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
 class Checkpointer:
@@ -24,13 +29,24 @@ class Checkpointer:
         checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'meta'))
+    # The over-fitting monitor's pick: one checkpoint, the best validation kNN top-1 so far.
+    self.best_manager = ocp.CheckpointManager(
+        checkpoint_dir(workdir, best=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: metrics['val_knn_top1'], best_mode='max',
+            create=True),
+        item_names=('state', 'meta'))
 
   def latest_epoch(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, epochs_done: int, state, meta: dict) -> None:
-    self.manager.save(epochs_done, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self.manager.save(epochs_done, args=_composite_save(state, meta))
+
+  def save_if_best(self, epochs_done: int, state, meta: dict, val_knn_top1: float) -> None:
+    """Offers the state to the best-by-validation manager (it keeps the single best)."""
+    self.best_manager.save(epochs_done, args=_composite_save(state, meta),
+                           metrics={'val_knn_top1': float(val_knn_top1)})
 
   def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
@@ -41,14 +57,22 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self.best_manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    for manager in (self.manager, self.best_manager):
+      manager.wait_until_finished()
+      manager.close()
 
 
-def restore_for_eval(workdir: str, epochs_done: Optional[int] = None) -> Tuple[dict, dict, int]:
+def restore_for_eval(workdir: str, epochs_done: Optional[int] = None,
+                     best: bool = False) -> Tuple[dict, dict, int]:
   """Restores the raw saved tree (no optimizer, no template) for evaluation.
+
+  Args:
+    workdir: the run directory.
+    epochs_done: which checkpoint; default the latest.
+    best: read the best-by-validation checkpoint (WORKDIR/checkpoints_best) instead.
 
   Returns:
     (state_tree, meta, epochs_done): `state_tree` is a nested dict with the PCLState field names
@@ -56,7 +80,7 @@ def restore_for_eval(workdir: str, epochs_done: Optional[int] = None) -> Tuple[d
   Raises:
     FileNotFoundError: no checkpoint under WORKDIR/checkpoints (or not the requested one).
   """
-  directory = checkpoint_dir(workdir)
+  directory = checkpoint_dir(workdir, best)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint in {directory}; train first with the same --workdir')
   manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))

@@ -78,6 +78,11 @@ def validate(config) -> None:
   _require(config.data.image_size >= 8, f'data.image_size={config.data.image_size} must be >= 8')
   _require(config.data.num_workers >= 0,
            f'data.num_workers={config.data.num_workers} must be >= 0')
+  _require(config.data.cache_size >= 0,
+           f'data.cache_size={config.data.cache_size} must be >= 0 (0: automatic)')
+  _require(config.eval.val_every >= 0,
+           f'eval.val_every={config.eval.val_every} must be >= 0 (0: no validation kNN)')
+  _require(config.eval.knn_k >= 1, f'eval.knn_k={config.eval.knn_k} must be >= 1')
   _require(config.model.dim >= 1, f'model.dim={config.model.dim} must be >= 1')
   _require(config.checkpoint.every_epochs >= 1,
            f'checkpoint.every_epochs={config.checkpoint.every_epochs} must be >= 1')

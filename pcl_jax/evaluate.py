@@ -694,7 +694,7 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
 
 
 def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None, *,
-                        overwrite: bool = False,
+                        overwrite: bool = False, best: bool = False,
                         kmeans_fn: Optional[Callable] = None) -> dict:
   """`--mode=eval`: restores a checkpoint's key encoder, scores it, writes WORKDIR/eval/.
 
@@ -706,6 +706,7 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     workdir: the run directory (WORKDIR/checkpoints is read).
     epochs_done: the checkpoint (epochs done) to evaluate; default the latest.
     overwrite: replace an existing WORKDIR/eval/results.json (otherwise UserError).
+    best: evaluate the best-by-validation checkpoint (WORKDIR/checkpoints_best).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
   Returns:
     The results dict written to results.json (also printed as a table).
@@ -720,8 +721,8 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
   output = results_path(workdir)
   if os.path.exists(output) and not overwrite:
     raise configuration.UserError(f'{output} exists; pass --overwrite to replace it')
-  tree, meta, step = checkpoint_lib.restore_for_eval(workdir, epochs_done)
-  checkpoint_path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+  tree, meta, step = checkpoint_lib.restore_for_eval(workdir, epochs_done, best=best)
+  checkpoint_path = os.path.join(checkpoint_lib.checkpoint_dir(workdir, best), str(step))
   check_model_matches(config, meta, checkpoint_path)
   if meta.get('image_size') not in (None, config.data.image_size):
     logging.warning('evaluating at data.image_size=%s but the checkpoint was trained at %s',

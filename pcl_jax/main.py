@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.', 
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, results).')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (resuming) or evaluate.')
 flags.DEFINE_integer('step', None, 'Eval: the checkpoint (epochs done) to evaluate; default latest.')
+flags.DEFINE_bool('overwrite', False, 'Eval: replace an existing WORKDIR/eval/results.json.')
+flags.DEFINE_bool('best', False, 'Eval: the best-by-validation checkpoint (checkpoints_best/).')
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -27,7 +29,8 @@ def _run(config, workdir):
     train.train_and_evaluate(config, workdir)
   else:
     from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate_checkpoint(config, workdir, epochs_done=FLAGS.step)
+    evaluate.evaluate_checkpoint(config, workdir, epochs_done=FLAGS.step,
+                                 overwrite=FLAGS.overwrite, best=FLAGS.best)
 
 
 def main(argv):

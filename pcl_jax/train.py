@@ -240,12 +240,13 @@ def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers:
 
 
 def _epoch_summary(epoch, record) -> str:
+  val = f" val_knn {record['val_knn_top1']:.2f}" if 'val_knn_top1' in record else ''
   proto = ''
   if record.get('loss_proto') is not None:
     proto = (f" loss_proto {record['loss_proto']:.3f} acc_proto {record['acc_proto']:.2f}"
              f" k={record['num_clusters']} eps={record['smoothing']:.3f}")
   return (f"epoch {epoch}: loss_inst {record['loss_inst']:.3f} acc_inst {record['acc_inst']:.2f}"
-          f"{proto} lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
+          f"{proto}{val} lr {record['lr']:.4g} {record['images_per_s']:.0f} img/s "
           f"{record['epoch_time_s']:.1f}s")
 
 
@@ -272,6 +273,9 @@ class Trainer:
     self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
     self.train_step = make_train_step(config, self.model, self.tx, self.lr_schedule)
     self.embed = make_embed_fn(self.model)
+    self.val_dataset = None
+    if config.eval.val_every:
+      self.val_dataset = input_pipeline.build_eval_dataset(config, config.data.val_split)
 
   def initial_state(self) -> state_lib.PCLState:
     return state_lib.create_state(jax.random.PRNGKey(self.config.seed), self.model, self.tx,
@@ -304,6 +308,21 @@ class Trainer:
     log.info('E-step epoch %d: features %.2fs, clustering %s, total %.2fs', epoch, feature_s,
                  ', '.join(f"k={l['k']} {l['timing_s']:.2f}s" for l in levels), timing['estep_s'])
     return bank, timing
+
+  def validation_knn(self, state) -> float:
+    """The over-fitting monitor: kNN top-1 (%) of the key encoder on `data.val_split`."""
+    from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top
+    config = self.config
+    variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+    embed = functools.partial(extract_features, self.embed, variables,
+                              batch_size=config.train.batch_size,
+                              num_workers=config.data.num_workers)
+    val_features, val_labels = embed(self.val_dataset)
+    train_features = train_labels = None
+    if evaluate.shares_classes(self.datasets.train_eval.source.labels, val_labels):
+      train_features, train_labels = embed(self.datasets.train_eval)
+    return evaluate.validation_knn_top1(train_features, train_labels, val_features, val_labels,
+                                        k=config.eval.knn_k, temperature=config.eval.knn_t)
 
   def run_epoch(self, state, epoch: int):
     """E-step (after warm-up) then one pass of M-steps. Returns (state, record)."""
@@ -353,6 +372,8 @@ class Trainer:
         'images_per_s': self.steps_per_epoch * config.train.batch_size / step_time,
         **timing,
     }
+    if self.val_dataset is not None and (epoch + 1) % config.eval.val_every == 0:
+      record['val_knn_top1'] = self.validation_knn(state)
     return state, record
 
 
@@ -405,10 +426,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       metrics_log.append(record)
       print(_epoch_summary(epoch, record), flush=True)
       epochs_done = epoch + 1
+      meta = {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
+              'model': config.model.to_dict(), 'image_size': config.data.image_size}
       if epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == last_epoch:
-        checkpointer.save(epochs_done, state, {
-            'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
-            'model': config.model.to_dict(), 'image_size': config.data.image_size})
+        checkpointer.save(epochs_done, state, meta)
+      if 'val_knn_top1' in record:
+        checkpointer.save_if_best(epochs_done, state, meta, record['val_knn_top1'])
   finally:
     checkpointer.close()
     metrics_log.close()

@@ -96,3 +96,14 @@ def test_bfloat16_computes_in_bf16_with_float32_params():
 def test_unknown_arch_is_a_clear_error():
   with pytest.raises(ValueError, match='model.arch'):
     models.create_encoder('vgg11')
+
+
+@pytest.mark.parametrize('size', [8, 21])
+def test_max_pool_2x2_matches_flax_max_pool_and_torch_floor_mode(size):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  pooled = models.max_pool_2x2(x)
+  np.testing.assert_array_equal(pooled, nn.max_pool(x, (2, 2), (2, 2)))
+  reference = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
+  np.testing.assert_array_equal(pooled, reference.permute(0, 2, 3, 1).numpy())

@@ -140,3 +140,15 @@ def test_cli_invalid_config_is_one_line_exit_2(tmp_path):
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr
   assert 'pcl.num_negatives=100 must be a positive multiple of train.batch_size=32' in result.stderr
+
+
+def test_validation_knn_is_logged_and_best_checkpoint_kept(tmp_path):
+  config = test_config.get_config()
+  config.train.epochs = 2
+  config.eval.val_every = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  records = run_files.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert all(0.0 <= r['val_knn_top1'] <= 100.0 for r in records)
+  kept = os.listdir(tmp_path / 'checkpoints_best')
+  assert len(kept) == 1
+  assert records[int(kept[0]) - 1]['val_knn_top1'] == max(r['val_knn_top1'] for r in records)
