@@ -1,16 +1,24 @@
 """Start-up checks of a config: every user mistake becomes one clear `UserError` before training.
 
-This module owns validation only (no defaults: those live in configs/default.py). Each message
-names the setting and the fix, so `main.py` can print it as one line and exit with status 2.
+This module owns validation only (no defaults: those live in configs/default.py, which is also
+the reference for which fields exist and their types). Each message names the setting and the
+fix, so `main.py` can print it as one line and exit with status 2.
 """
+
+import difflib
+
+import ml_collections
 
 from pcl_jax import models
 
 DTYPES = ('float32', 'bfloat16')
-BACKENDS = ('auto', 'faiss', 'jax')
+# 'faiss-cpu' / 'faiss-gpu' force a faiss build (clustering.resolve_backend); checked at start-up.
+BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')
 DATASETS = ('digits', 'fake', 'image_folder', 'mini_imagenet')
 SCHEDULE_MODES = ('plateau', 'fixed')
 FEATURE_LAYERS = ('head', 'backbone')
+# Per-epoch metrics the plateau detector can monitor (schedule.metric).
+SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
 
 
 class UserError(ValueError):
@@ -34,8 +42,96 @@ def parse_int_list(text: str, setting: str) -> list:
     raise UserError(f'{setting}={text!r} is not a comma-separated list of integers') from error
 
 
+def _reference_config():
+  """configs/default.py's config (every field, with its type), or None if not importable."""
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pcl_jax used outside the repository: skip the field check
+    return None
+  return default.get_config()
+
+
+def _is_section(value) -> bool:
+  return isinstance(value, ml_collections.ConfigDict)
+
+
+def _compatible(value, expected) -> bool:
+  """Whether `value` may stand where configs/default.py has `expected` (ints pass as floats)."""
+  if isinstance(expected, bool):
+    return isinstance(value, bool)
+  if isinstance(expected, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(expected, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(expected, str):
+    return isinstance(value, str)
+  return True
+
+
+def _check_section(section, reference, prefix: str) -> None:
+  for name in reference.keys():
+    setting = prefix + name
+    if name not in section:
+      raise UserError(f'the config has no field {setting}; build configs on configs/default.py '
+                      '(import it and override fields) so that every field exists')
+    expected, value = reference[name], section[name]
+    if _is_section(expected):
+      _require(_is_section(value), f'{setting} must be a config section (ConfigDict), got '
+               f'{value!r}; see configs/default.py')
+      _check_section(value, expected, setting + '.')
+    elif not _compatible(value, expected):
+      raise UserError(f'{setting}={value!r} is a {type(value).__name__}, expected a '
+                      f'{type(expected).__name__} such as {expected!r}')
+  for name in section.keys():
+    if name not in reference:
+      close = difflib.get_close_matches(name, list(reference.keys()), n=1)
+      hint = f'; did you mean {prefix}{close[0]}?' if close else ''
+      raise UserError(f'the config has an unknown field {prefix}{name}{hint} (configs/default.py '
+                      'lists every field)')
+
+
+def check_fields(config, reference=None) -> None:
+  """Raises UserError unless `config` has exactly configs/default.py's fields, with their types.
+
+  Command-line overrides are type-checked by ml_collections already; this catches config
+  *files* with a typo'd, missing or wrongly typed field, which would otherwise be ignored or
+  fail deep inside training.
+  """
+  reference = _reference_config() if reference is None else reference
+  if reference is not None:
+    _require(_is_section(config), f'the config must be a ConfigDict, got {type(config).__name__}; '
+             'get_config() must return one (see configs/digits.py)')
+    _check_section(config, reference, '')
+
+
+def _check_schedule(config) -> None:
+  """The cluster-count schedule settings (list order, duplicates, levels, mode, metric)."""
+  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+  try:
+    cluster_schedule.ClusterSchedule.from_config(config.schedule,
+                                                 hierarchical=config.clustering.hierarchical)
+  except ValueError as error:  # its messages name the setting and the fix
+    raise UserError(str(error)) from error
+  if config.schedule.mode == 'plateau':
+    _one_of(config.schedule.metric, SCHEDULE_METRICS, 'schedule.metric')
+    if config.schedule.metric == 'val_knn_top1':
+      _require(config.eval.val_every == 1,
+               f'schedule.metric=val_knn_top1 is read every epoch but eval.val_every='
+               f'{config.eval.val_every}; set --config.eval.val_every=1 or monitor acc_inst')
+
+
+def _check_backend(config) -> None:
+  """The clustering backend can run here (faiss installed; faiss-gpu only with a GPU)."""
+  from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
+  try:
+    clustering.resolve_backend(config.clustering.backend)
+  except ValueError as error:
+    raise UserError(str(error)) from error
+
+
 def validate(config) -> None:
   """Checks every field that can be checked without loading data. Raises UserError."""
+  check_fields(config)
   _one_of(config.data.name, DATASETS, 'data.name')
   _one_of(config.model.arch, models.ARCHS, 'model.arch')
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
@@ -88,9 +184,25 @@ def validate(config) -> None:
            f'checkpoint.every_epochs={config.checkpoint.every_epochs} must be >= 1')
   _require(config.checkpoint.max_to_keep >= 1,
            f'checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1')
+  _require(config.clustering.max_points_factor > 0,
+           f'clustering.max_points_factor={config.clustering.max_points_factor} must be > 0')
+  _require(0 <= config.clustering.min_points_factor <= config.clustering.max_points_factor,
+           f'clustering.min_points_factor={config.clustering.min_points_factor} must be in '
+           f'[0, clustering.max_points_factor={config.clustering.max_points_factor}]')
+  _require(config.eval.knn_t > 0, f'eval.knn_t={config.eval.knn_t} must be > 0')
+  _require(config.eval.fewshot_episodes >= 1,
+           f'eval.fewshot_episodes={config.eval.fewshot_episodes} must be >= 1')
+  _require(config.eval.fewshot_queries >= 1,
+           f'eval.fewshot_queries={config.eval.fewshot_queries} must be >= 1')
+  if config.data.name == 'fake':
+    _require(config.data.fake_size >= 1 and config.data.fake_classes >= 1,
+             f'data.fake_size={config.data.fake_size} and data.fake_classes='
+             f'{config.data.fake_classes} must be >= 1')
   if config.data.name in ('image_folder', 'mini_imagenet'):
     _require(bool(config.data.root), f'data.name={config.data.name} needs data.root=DIR '
              '(see README "Data layout")')
+  _check_schedule(config)
+  _check_backend(config)
 
 
 def validate_against_data(config, num_train: int) -> None:
@@ -99,3 +211,9 @@ def validate_against_data(config, num_train: int) -> None:
   _require(num_train >= batch,
            f'train.batch_size={batch} is larger than the {num_train} training images of '
            f'data.train_split={config.data.train_split!r}; use a smaller batch')
+  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+  try:
+    schedule = cluster_schedule.ClusterSchedule.from_config(config.schedule)
+    schedule.validate(num_train)  # k <= N for every listed k
+  except ValueError as error:
+    raise UserError(f'{error} (data.train_split={config.data.train_split!r})') from error

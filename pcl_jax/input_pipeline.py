@@ -249,8 +249,43 @@ def _prefetch_factor(num_workers: int) -> Optional[int]:
   return max(2, -(-_BATCHES_IN_FLIGHT // num_workers))
 
 
-def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers: int):
+class _ProcessSliceBatches(torch_data.Sampler):
+  """Groups an index order into global batches and yields this process's slice of each.
+
+  With P processes each loads `batch_size / P` images per step: disjoint shards whose union, in
+  process order, is exactly the single-process batch. `pad_to_full=True` (evaluation) repeats
+  the last index so the final global batch is full too; callers drop rows past N.
+  """
+
+  def __init__(self, order, batch_size, process_index, process_count, pad_to_full):
+    self.order, self.batch_size = order, batch_size
+    self.process_index, self.process_count = process_index, process_count
+    self.pad_to_full = pad_to_full
+    self.local = batch_size // process_count
+
+  def _global_batches(self):
+    indices = list(self.order)
+    if self.pad_to_full and indices and len(indices) % self.batch_size:
+      indices += [indices[-1]] * (self.batch_size - len(indices) % self.batch_size)
+    for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+      yield indices[start:start + self.batch_size]
+
+  def __iter__(self):
+    first = self.process_index * self.local
+    for batch in self._global_batches():
+      yield batch[first:first + self.local]
+
+  def __len__(self):
+    count = len(self.order)
+    return -(-count // self.batch_size) if self.pad_to_full else count // self.batch_size
+
+
+def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers: int,
+                 process_index: int = 0, process_count: int = 1):
   """Shuffled loader of one epoch; same (seed, epoch) -> same batches, for any num_workers.
+
+  `batch_size` is the global batch; with several processes (multi-host) each yields its own
+  disjoint `batch_size / process_count` slice of every global batch.
 
   Pinned memory is not used: JAX copies host numpy arrays itself (jax.device_put), so torch's
   page-locked buffers would only add a copy. Workers fork from the trainer and read the
@@ -260,17 +295,26 @@ def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers
   # `random` RNG states are then set by the last sample drawn.
   base_seed = epoch_seed(seed, epoch)
   generator = torch.Generator().manual_seed(base_seed)
+  order = torch.randperm(len(dataset), generator=generator).tolist()
+  batches = _ProcessSliceBatches(order, batch_size, process_index, process_count,
+                                 pad_to_full=False)
   return torch_data.DataLoader(
-      _SeededSamples(dataset, base_seed), batch_size=batch_size,
-      sampler=torch_data.RandomSampler(dataset, generator=generator), drop_last=True,
+      _SeededSamples(dataset, base_seed), batch_sampler=batches,
       num_workers=num_workers, collate_fn=_collate_train, persistent_workers=False,
       prefetch_factor=_prefetch_factor(num_workers))
 
 
-def eval_loader(dataset, batch_size: int, *, num_workers: int):
-  """Sequential loader in dataset-index order, keeping the last partial batch."""
-  return torch_data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                               num_workers=num_workers, collate_fn=_collate_eval,
+def eval_loader(dataset, batch_size: int, *, num_workers: int, process_index: int = 0,
+                process_count: int = 1):
+  """Loader in dataset-index order; the last global batch is padded by repeating the last image.
+
+  Every batch has `batch_size / process_count` rows (static shapes: no recompilation); rows past
+  len(dataset) are padding that callers drop.
+  """
+  batches = _ProcessSliceBatches(range(len(dataset)), batch_size, process_index, process_count,
+                                 pad_to_full=True)
+  return torch_data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                               collate_fn=_collate_eval,
                                prefetch_factor=_prefetch_factor(num_workers))
 
 

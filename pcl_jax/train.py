@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from pcl_jax import configuration
 from pcl_jax import input_pipeline
 from pcl_jax import losses
 from pcl_jax import models
+from pcl_jax import parallel
 from pcl_jax import run_files
 from pcl_jax import state as state_lib
 
@@ -189,22 +192,37 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   return new_state, metrics
 
 
-def make_train_step(config, model, tx, lr_schedule):
-  """`train_step` with the run's constants bound, jitted once with the state donated."""
+def make_train_step(config, model, tx, lr_schedule, mesh=None):
+  """`train_step` with the run's constants bound, jitted once with the state donated.
+
+  Data-parallel over `mesh` (default: every device of every process): the batch is split over
+  the `data` axis, the state, prototypes and metrics are replicated. Losses are means over the
+  global batch and BN groups are fixed by config, so N devices compute what 1 device does.
+  """
+  mesh = mesh or parallel.data_mesh()
+  replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
                            temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
                            num_negatives=config.pcl.num_negatives)
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(replicated, split, replicated, replicated),
+                 out_shardings=(replicated, replicated))
 
 
 # ----------------------------------------------------------------------------------------------
 # Feature pass (E-step input, evaluation input).
 
 
-def make_embed_fn(model, feature_layer: str = 'head'):
-  """Jitted eval-mode embedding of a batch: L2-normalised head output, or backbone features."""
+def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
+  """Jitted eval-mode embedding of a batch: L2-normalised head output, or backbone features.
 
-  @jax.jit
+  Variables replicated, images and embeddings split over the mesh's `data` axis.
+  """
+  mesh = mesh or parallel.data_mesh()
+
+  @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh),
+                                            parallel.batch_sharding(mesh)),
+                     out_shardings=parallel.batch_sharding(mesh))
   def embed(variables, images):
     embedding, backbone = model.apply(variables, images, train=False, return_backbone=True)
     if feature_layer == 'backbone':
@@ -215,24 +233,28 @@ def make_embed_fn(model, feature_layer: str = 'head'):
 
 
 def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
-                     progress: bool = False):
-  """Embeds a whole EvalDataset in index order; the last batch is padded (no recompile).
+                     progress: bool = False, mesh=None):
+  """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
+
+  Every batch is full (the loader pads the last one), so `embed_fn` compiles once; each process
+  loads its own slice of every batch. Padding rows are dropped at the end.
 
   Returns:
-    (features [N, D] jax array on device, labels [N] numpy int64).
+    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
   """
-  loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers)
-  chunks, labels = [], []
+  mesh = mesh or parallel.data_mesh()
+  loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+  sharding = parallel.batch_sharding(mesh)
+  chunks = []
   for batch in tqdm.tqdm(input_pipeline.numpy_batches(loader), total=len(loader),
                          disable=not progress, desc='features', leave=False):
-    images = batch['image']
-    real = images.shape[0]
-    if real < batch_size:
-      images = np.concatenate([images, np.zeros((batch_size - real,) + images.shape[1:],
-                                                images.dtype)])
-    chunks.append(embed_fn(variables, images)[:real])
-    labels.append(batch['label'])
-  return jnp.concatenate(chunks), np.concatenate(labels)
+    images = parallel.global_batch({'image': batch['image']}, sharding)['image']
+    chunks.append(embed_fn(variables, images))
+  num_images = len(dataset)
+  features = jnp.concatenate(chunks)[:num_images]
+  return features, np.asarray(dataset.source.labels[:num_images])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,39 +288,71 @@ class Trainer:
     self.max_k = min(max(self.schedule.all_clusters), self.datasets.num_train)
 
     batch = config.train.batch_size
+    parallel.check_batch_divides(batch)
+    self.mesh = parallel.data_mesh()
     full_steps = self.datasets.num_train // batch
     self.steps_per_epoch = min(full_steps, config.train.steps_per_epoch or full_steps)
     self.lr_schedule = make_lr_schedule(config.optim, config.train.epochs, self.steps_per_epoch)
     self.tx = make_optimizer(config.optim, self.lr_schedule)
     self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
-    self.train_step = make_train_step(config, self.model, self.tx, self.lr_schedule)
-    self.embed = make_embed_fn(self.model)
+    self.train_step = make_train_step(config, self.model, self.tx, self.lr_schedule, self.mesh)
+    self.embed = make_embed_fn(self.model, mesh=self.mesh)
     self.val_dataset = None
     if config.eval.val_every:
       self.val_dataset = input_pipeline.build_eval_dataset(config, config.data.val_split)
 
   def initial_state(self) -> state_lib.PCLState:
-    return state_lib.create_state(jax.random.PRNGKey(self.config.seed), self.model, self.tx,
-                                  self.config.data.image_size, self.config.pcl.num_negatives)
+    """The initial state, replicated over the mesh (same seed -> same state on every process)."""
+    create = functools.partial(state_lib.create_state, model=self.model, tx=self.tx,
+                               image_size=self.config.data.image_size,
+                               num_negatives=self.config.pcl.num_negatives)
+    return jax.jit(create, out_shardings=parallel.replicated(self.mesh))(
+        jax.random.PRNGKey(self.config.seed))
 
-  def e_step(self, state, epoch: int):
-    """Features of the key encoder, clustering of every active level, the prototype bank."""
+  def _embed_dataset(self, variables, dataset):
+    return extract_features(self.embed, variables, dataset, self.config.train.batch_size,
+                            self.config.data.num_workers, mesh=self.mesh)
+
+  def _cluster(self, features, epoch: int):
+    """Clusters every active level. faiss runs on host memory: in a multi-host run process 0
+    clusters and broadcasts; the jax backend takes the (sharded) device array as it is."""
     from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
     config = self.config
-    start = time.perf_counter()
-    variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
-    features, _ = extract_features(self.embed, variables, self.datasets.train_eval,
-                                   config.train.batch_size, config.data.num_workers)
-    features.block_until_ready()
-    feature_s = time.perf_counter() - start
-    order = self.schedule.clustering_order()
-    levels = clustering.cluster_levels(
-        features, order, backend=config.clustering.backend, niter=config.clustering.niter,
+    backend = clustering.resolve_backend(config.clustering.backend)
+    run = functools.partial(
+        clustering.cluster_levels, num_clusters=self.schedule.clustering_order(),
+        backend=config.clustering.backend, niter=config.clustering.niter,
         nredo=config.clustering.nredo, seed=config.seed * 1000 + epoch,
         spherical=config.clustering.spherical, hierarchical=config.clustering.hierarchical,
         temperature=config.pcl.temperature, use_float16=config.clustering.use_float16,
         max_points_factor=config.clustering.max_points_factor,
         min_points_factor=config.clustering.min_points_factor)
+    if jax.process_count() == 1:
+      return run(features)
+    host_features = parallel.to_host(features)
+    if backend == 'jax':  # deterministic: every process computes the same result
+      return run(host_features)
+    levels = run(host_features) if parallel.is_main_process() else [
+        {'k': k, 'centroids': np.zeros((k, host_features.shape[1]), np.float32),
+         'im2cluster': np.zeros(host_features.shape[0], np.int32),
+         'concentration': np.zeros(k, np.float32), 'timing_s': 0.0}
+        for k in self.schedule.clustering_order()]
+    arrays = [{key: np.asarray(level[key]) for key in ('centroids', 'im2cluster',
+                                                       'concentration')} for level in levels]
+    arrays = parallel.broadcast_from_process0(arrays)
+    return [dict(level, **shared) for level, shared in zip(levels, arrays)]
+
+  def e_step(self, state, epoch: int):
+    """Features of the key encoder, clustering of every active level, the prototype bank."""
+    start = time.perf_counter()
+    variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+    features, _ = self._embed_dataset(variables, self.datasets.train_eval)
+    if not bool(jnp.isfinite(features).all()):
+      raise FloatingPointError(
+          f'non-finite features in the E-step of epoch {epoch}: the key encoder diverged; '
+          'training stopped and the last checkpoint is kept. Lower optim.lr.')
+    feature_s = time.perf_counter() - start
+    levels = self._cluster(features, epoch)
     by_k = {level['k']: level for level in levels}
     bank = prototype_bank([by_k[k] for k in self.schedule.active], self.config.schedule.num_levels,
                           self.max_k)
@@ -306,7 +360,7 @@ class Trainer:
               'estep_clustering_s': sum(level['timing_s'] for level in levels),
               'estep_s': time.perf_counter() - start}
     log.info('E-step epoch %d: features %.2fs, clustering %s, total %.2fs', epoch, feature_s,
-                 ', '.join(f"k={l['k']} {l['timing_s']:.2f}s" for l in levels), timing['estep_s'])
+             ', '.join(f"k={l['k']} {l['timing_s']:.2f}s" for l in levels), timing['estep_s'])
     return bank, timing
 
   def validation_knn(self, state) -> float:
@@ -314,9 +368,7 @@ class Trainer:
     from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top
     config = self.config
     variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
-    embed = functools.partial(extract_features, self.embed, variables,
-                              batch_size=config.train.batch_size,
-                              num_workers=config.data.num_workers)
+    embed = functools.partial(self._embed_dataset, variables)
     val_features, val_labels = embed(self.val_dataset)
     train_features = train_labels = None
     if evaluate.shares_classes(self.datasets.train_eval.source.labels, val_labels):
@@ -324,8 +376,19 @@ class Trainer:
     return evaluate.validation_knn_top1(train_features, train_labels, val_features, val_labels,
                                         k=config.eval.knn_k, temperature=config.eval.knn_t)
 
-  def run_epoch(self, state, epoch: int):
-    """E-step (after warm-up) then one pass of M-steps. Returns (state, record)."""
+  def run_epoch(self, state, epoch: int, should_stop: Optional[Callable[[], bool]] = None):
+    """E-step (after warm-up) then one pass of M-steps.
+
+    Args:
+      state: the state at the start of the epoch.
+      epoch: the epoch number.
+      should_stop: polled after every step (e.g. a SIGTERM flag); True ends the epoch early and
+        the record gets 'interrupted': True.
+    Returns:
+      (state, record).
+    Raises:
+      FloatingPointError: a non-finite loss at a logging step (names epoch, step, quantity).
+    """
     config = self.config
     start = time.perf_counter()
     proto_active = epoch >= config.pcl.warmup_epochs
@@ -338,25 +401,36 @@ class Trainer:
       bank = empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
                                   self.datasets.num_train)
       smoothing = 0.0
-    hparams = {'smoothing': jnp.asarray(smoothing, jnp.float32)}
+    # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
+    bank, hparams = jax.device_put((bank, {'smoothing': jnp.asarray(smoothing, jnp.float32)}),
+                                   parallel.replicated(self.mesh))
     loader = input_pipeline.train_loader(self.datasets.train, config.train.batch_size,
                                          seed=config.seed, epoch=epoch,
-                                         num_workers=config.data.num_workers)
-    sums = None
+                                         num_workers=config.data.num_workers,
+                                         process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+    batch_sharding = parallel.batch_sharding(self.mesh)
+    sums, steps_done, interrupted = None, 0, False
     step_start = time.perf_counter()
     progress = tqdm.tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch}', leave=False,
                          dynamic_ncols=True)
     for step_in_epoch, batch in enumerate(input_pipeline.numpy_batches(loader)):
       if step_in_epoch >= self.steps_per_epoch:
         break
-      state, metrics = self.train_step(state, batch, bank, hparams)
+      state, metrics = self.train_step(state, parallel.global_batch(batch, batch_sharding), bank,
+                                       hparams)
       sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+      steps_done += 1
       progress.update(1)
-      if (step_in_epoch + 1) % config.train.log_every_steps == 0:
+      if steps_done % config.train.log_every_steps == 0:
         shown = jax.device_get(metrics)
+        _check_finite_step(shown, epoch, step_in_epoch)
         progress.set_postfix(loss=f"{shown['loss']:.3f}", acc_inst=f"{shown['acc_inst']:.1f}")
+      if should_stop is not None and should_stop():
+        interrupted = True
+        break
     progress.close()
-    means = {name: float(value) / self.steps_per_epoch
+    means = {name: float(value) / max(steps_done, 1)
              for name, value in jax.device_get(sums).items()}
     step_time = time.perf_counter() - step_start
     epoch_time = time.perf_counter() - start
@@ -369,12 +443,22 @@ class Trainer:
         'smoothing': smoothing if proto_active else None,
         'num_clusters': list(self.schedule.active) if proto_active else None,
         'epoch_time_s': epoch_time,
-        'images_per_s': self.steps_per_epoch * config.train.batch_size / step_time,
+        'images_per_s': steps_done * config.train.batch_size / step_time,
         **timing,
     }
+    if interrupted:
+      record['interrupted'] = True
     if self.val_dataset is not None and (epoch + 1) % config.eval.val_every == 0:
       record['val_knn_top1'] = self.validation_knn(state)
     return state, record
+
+
+def _check_finite_step(metrics: dict, epoch: int, step_in_epoch: int) -> None:
+  for name in ('loss_inst', 'loss_proto'):
+    if not math.isfinite(float(metrics[name])):
+      raise FloatingPointError(
+          f'non-finite {name}={float(metrics[name])} at epoch {epoch}, step {step_in_epoch}; '
+          'training stopped and the last checkpoint is kept. Lower optim.lr or check the data.')
 
 
 def _check_finite(record: dict) -> None:

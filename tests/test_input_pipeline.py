@@ -255,8 +255,9 @@ def test_train_and_eval_views_are_index_aligned(csv_root):
   batches = list(input_pipeline.numpy_batches(
       input_pipeline.eval_loader(datasets.train_eval, 5, num_workers=0)))
   index = np.concatenate([b['index'] for b in batches])
-  np.testing.assert_array_equal(index, np.arange(12))  # dataset order, last batch kept
-  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]),
+  # Dataset order; the last batch is padded to full size by repeating the last image.
+  np.testing.assert_array_equal(index, list(range(12)) + [11, 11, 11])
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:12],
                                 datasets.train_eval.source.labels)
   image = batches[1]['image'][2]  # index 7
   expected = input_pipeline.eval_transform(16)(datasets.train.source.image(7)).numpy()
@@ -425,3 +426,21 @@ def test_unwritable_cache_dir(csv_root, tmp_path):
   config.data.cache_dir = str(blocker / 'cache')
   with pytest.raises(UserError, match='cannot write the decoded-image cache.*set data.cache_dir'):
     input_pipeline.build_train_datasets(config)
+
+
+def test_process_shards_are_disjoint_and_union_to_the_single_process_batches(tmp_path):
+  source = input_pipeline.ArraySource(np.zeros((40, 8, 8, 3), np.uint8), np.arange(40) % 4)
+  dataset = input_pipeline.TwoCropDataset(source, input_pipeline.train_transform(8, False))
+  whole = [b['index'] for b in input_pipeline.numpy_batches(
+      input_pipeline.train_loader(dataset, 8, seed=1, epoch=2, num_workers=0))]
+  shards = [[b['index'] for b in input_pipeline.numpy_batches(input_pipeline.train_loader(
+      dataset, 8, seed=1, epoch=2, num_workers=0, process_index=p, process_count=2))]
+            for p in range(2)]
+  assert len(whole) == 5 and all(len(s) == 5 for s in shards)
+  for step, batch in enumerate(whole):
+    np.testing.assert_array_equal(np.concatenate([shards[0][step], shards[1][step]]), batch)
+  evaluation = input_pipeline.EvalDataset(source, input_pipeline.eval_transform(8))
+  eval_shards = [np.concatenate([b['index'] for b in input_pipeline.numpy_batches(
+      input_pipeline.eval_loader(evaluation, 16, num_workers=0, process_index=p,
+                                 process_count=2))]) for p in range(2)]
+  assert len(eval_shards[0]) == len(eval_shards[1]) == 24  # 3 global batches of 16, halved

@@ -62,20 +62,15 @@ def test_cosine_per_step_decays_within_an_epoch():
   np.testing.assert_allclose(schedule(10), 0.05, rtol=1e-6)
 
 
-def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path):
+def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path, monkeypatch):
   config = test_config.get_config()
   config.train.epochs = 3
   config.optim.schedule_per = 'step'  # lr changes every step
   config.schedule.mode = 'fixed'
   config.schedule.every = 1  # k changes every epoch after warm-up
+  # The real jitted step (make_train_step), with a trace counter around the Python function.
+  monkeypatch.setattr(train, 'train_step', chex.assert_max_traces(train.train_step, n=1))
   trainer = train.Trainer(config, str(tmp_path))
-
-  def step(state, batch, bank, hparams):
-    return train.train_step(state, batch, bank, hparams, model=trainer.model, tx=trainer.tx,
-                            lr_schedule=trainer.lr_schedule, temperature=config.pcl.temperature,
-                            moco_m=config.pcl.moco_m, num_negatives=config.pcl.num_negatives)
-
-  trainer.train_step = jax.jit(chex.assert_max_traces(step, n=1))
   state = trainer.initial_state()
   records = []
   for epoch in range(config.train.epochs):
