@@ -29,9 +29,10 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     except (ValueError, RuntimeError):
       pass  # no cluster environment: a single-process run
     return
-  if jax.default_backend() == 'cpu' or jax.config.jax_platforms in ('cpu',):
-    # CPU processes exchange collectives over gloo.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # CPU devices of different processes exchange collectives over gloo (GPUs/TPUs use their own
+  # interconnect; the setting only concerns the CPU client). Must precede backend start-up, so
+  # no jax.default_backend() here.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
 

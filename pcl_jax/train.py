@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import Callable, Dict, Optional, Sequence
@@ -462,61 +464,368 @@ def _check_finite_step(metrics: dict, epoch: int, step_in_epoch: int) -> None:
 
 
 def _check_finite(record: dict) -> None:
-  for name in ('loss', 'loss_inst', 'loss_proto'):
+  """Raises FloatingPointError naming the epoch and quantity of a non-finite epoch mean."""
+  for name in ('loss', 'loss_inst', 'loss_proto', 'acc_inst', 'acc_proto'):
     value = record.get(name)
     if value is not None and not math.isfinite(value):
       raise FloatingPointError(
-          f'non-finite {name}={value} in epoch {record["epoch"]}; training stopped, the last '
-          'checkpoint is kept. Lower optim.lr or check the data.')
+          f'non-finite {name}={value} (mean over epoch {record["epoch"]}); training stopped and '
+          'the last good checkpoint stays the latest. Lower optim.lr or check the data.')
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-level reliability: workdir, resume, stop requests, finiteness of what is saved.
+
+
+class TrainingInterrupted(Exception):
+  """Training stopped on request (SIGTERM/SIGINT or `should_stop`); rerunning resumes exactly.
+
+  Attributes:
+    signum: the signal that asked to stop, or None (a `should_stop` callable).
+  """
+
+  def __init__(self, message: str, signum: Optional[int] = None):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag that the loop polls between steps; a second signal kills.
+
+  A callable: True once a stop was requested (by a signal or by the caller's `should_stop`).
+  Handlers are installed only in the main thread and never over a signal the process was told
+  to ignore (nohup); `with` restores the previous ones.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, should_stop: Optional[Callable[[], bool]] = None):
+    self.signum: Optional[int] = None
+    self._should_stop = should_stop
+    self._previous = {}
+
+  def __enter__(self) -> '_StopRequest':
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+          self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    if self.signum is not None:
+      # Asked twice: stop at once. Checkpoints on disk stay valid (Orbax commits by rename), so
+      # this loses only the work since the last one.
+      previous = self._previous.get(signum)
+      self.__exit__()
+      if callable(previous):
+        previous(signum, frame)  # SIGINT: Python's default handler raises KeyboardInterrupt
+      else:
+        os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    # os.write, not logging: a signal handler may run while the logging lock is held.
+    os.write(2, (f'\n{signal.Signals(signum).name} received: saving a checkpoint and stopping '
+                 'at the next step (send it again to stop at once)\n').encode())
+
+  @property
+  def reason(self) -> str:
+    return signal.Signals(self.signum).name if self.signum is not None else 'stop requested'
+
+  def __call__(self) -> bool:
+    return self.signum is not None or bool(self._should_stop and self._should_stop())
+
+
+@jax.jit
+def _leaves_finite(leaves):
+  return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
+
+
+def _check_state_finite(state, epoch: int) -> None:
+  """Raises FloatingPointError if a float array of `state` holds NaN/inf, so it is never saved.
+
+  One jitted reduction per array, fetched together: cheap next to an epoch. The loss can be
+  finite while the last update already put NaN into the parameters, hence this check.
+  """
+  flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+          if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  finite = jax.device_get(_leaves_finite([leaf for _, leaf in flat]))
+  bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
+  if bad:
+    raise FloatingPointError(
+        f'non-finite values in the training state after epoch {epoch} (state{bad[0]}'
+        f'{f" and {len(bad) - 1} more arrays" if len(bad) > 1 else ""}); not saved: training '
+        'stopped and the last good checkpoint stays the latest. Lower optim.lr.')
+
+
+class _WorkdirLock:
+  """An advisory lock on WORKDIR/.lock: two trainers writing one run directory corrupt it.
+
+  flock is released by the kernel when the process dies (even by SIGKILL), so a killed run never
+  leaves a stale lock. Only process 0 of a multi-host run locks (the others share its files).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, '.lock')
+    self._fd = None
+
+  def __enter__(self) -> '_WorkdirLock':
+    if jax.process_index() != 0:
+      return self
+    import fcntl  # pylint: disable=g-import-not-at-top
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+      os.close(fd)
+      raise configuration.UserError(
+          f'--workdir={os.path.dirname(self.path)} is in use by another training process '
+          f'(pid {holder}); wait for it to finish or pass another --workdir') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # releases the lock; the file stays (harmless, reused next time)
+      self._fd = None
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates WORKDIR if needed; raises UserError when it is a file or not writable."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise configuration.UserError(f'--workdir={workdir} is a file, not a directory; pass a '
+                                  'directory path (it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    handle, probe = tempfile.mkstemp(dir=workdir, prefix='.write_test_')
+    os.close(handle)
+    os.remove(probe)
+  except OSError as error:
+    raise configuration.UserError(
+        f'--workdir={workdir} is not writable ({error.strerror}); fix its permissions or pass '
+        'another --workdir') from error
+
+
+def _remove_partial_checkpoints(workdir: str) -> None:
+  """Deletes `*.orbax-checkpoint-tmp*` directories left by a save that was killed.
+
+  Orbax writes a checkpoint into such a directory and renames it when complete, so these are
+  never listed as checkpoints; removing them only reclaims their disk space. Safe because the
+  workdir lock guarantees that no other process is saving into this directory.
+  """
+  for best in (False, True):
+    directory = checkpoint_lib.checkpoint_dir(workdir, best)
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      if '.orbax-checkpoint-tmp' in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        log.info('removed %s, the remains of an interrupted checkpoint save', name)
+
+
+def _check_checkpoint_matches(config, meta: dict, path: str) -> None:
+  """UserError when the checkpoint was trained with other model settings or image size."""
+  for field, saved in sorted((meta.get('model') or {}).items()):
+    if field in config.model and config.model[field] != saved:
+      raise configuration.UserError(
+          f'checkpoint {path} was trained with model.{field}={saved!r} but the config has '
+          f'{config.model[field]!r}; resume with --config.model.{field}={saved} (the run\'s '
+          'config.json has every setting) or pass a new --workdir')
+  saved_size = meta.get('image_size')
+  if saved_size is not None and saved_size != config.data.image_size:
+    raise configuration.UserError(
+        f'checkpoint {path} was trained with data.image_size={saved_size} but the config has '
+        f'{config.data.image_size}; resume with --config.data.image_size={saved_size} or pass a '
+        'new --workdir')
+
+
+def _restore_error(config, workdir: str, step: int, error: Exception) -> configuration.UserError:
+  """The UserError for a checkpoint that does not restore into this config's state."""
+  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+  reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ""}'
+  try:
+    _, meta, _ = checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
+  except Exception:  # pylint: disable=broad-except
+    return configuration.UserError(
+        f'checkpoint {path} is damaged and cannot be restored ({reason}); delete that directory '
+        'to resume from the previous checkpoint, or pass a new --workdir')
+  try:
+    _check_checkpoint_matches(config, meta, path)
+  except configuration.UserError as mismatch:
+    return mismatch
+  return configuration.UserError(
+      f'checkpoint {path} does not fit this config\'s training state ({reason}); resume with the '
+      f'settings it was trained with ({os.path.join(workdir, "config.json")}) or pass a new '
+      '--workdir')
+
+
+def _restore(trainer: Trainer, checkpointer, workdir: str):
+  """(state, epochs_done): the latest checkpoint's, or the initial state and 0."""
+  config = trainer.config
+  state = trainer.initial_state()
+  step = checkpointer.latest_epoch()
+  if step is None:
+    return state, 0
+  try:
+    state, meta = checkpointer.restore(state)
+  except Exception as error:  # pylint: disable=broad-except
+    raise _restore_error(config, workdir, step, error) from error
+  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+  _check_checkpoint_matches(config, meta, path)
+  try:
+    trainer.schedule.load_state_dict(meta['schedule'])
+  except ValueError as error:
+    raise configuration.UserError(f'{error} ({path})') from error
+  return state, int(meta['epochs_done'])
+
+
+def _config_changes(old: dict, new: dict, prefix: str = '') -> list:
+  """'section.field: old -> new' for every leaf that differs between two config dicts."""
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changes += _config_changes(a, b, f'{prefix}{key}.')
+    elif a != b:
+      changes.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return changes
+
+
+def _write_config(workdir: str, config, resumed: bool) -> None:
+  """Writes config.json; on resume, first says which settings differ from the saved ones."""
+  path = os.path.join(workdir, 'config.json')
+  if resumed and os.path.exists(path):
+    try:
+      with open(path) as handle:
+        changes = _config_changes(json.load(handle), config.to_dict())
+    except (OSError, ValueError):
+      changes = []
+    if changes:
+      log.warning('resuming with changed settings (config.json is updated): %s',
+                  '; '.join(changes))
+  run_files.write_json_atomic(path, config.to_dict())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after_epochs: Optional[int] = None) -> state_lib.PCLState:
+                       stop_after_epochs: Optional[int] = None,
+                       should_stop: Optional[Callable[[], bool]] = None) -> state_lib.PCLState:
   """Trains (resuming from WORKDIR/checkpoints when present) and writes the run's files.
+
+  A run directory that already holds `train.epochs` epochs is reported as finished and left
+  untouched. SIGTERM and SIGINT stop training at the next step boundary after saving a
+  checkpoint; an epoch cut short is dropped (the checkpoint holds the state at its start), so
+  the resumed run gives the numbers of an uninterrupted one.
 
   Args:
     config: the run's configuration.
     workdir: the run directory.
     stop_after_epochs: stop early, with a checkpoint, once this many epochs are done (as a
       pre-emption would); rerunning resumes. None: run to `train.epochs`.
+    should_stop: polled between steps like the signal flag (tests; schedulers); True stops the
+      run as SIGTERM does.
+  Returns:
+    The final state.
+  Raises:
+    configuration.UserError: a bad config, workdir or checkpoint (one-line message).
+    FloatingPointError: a non-finite loss, feature or state; nothing non-finite is saved.
+    TrainingInterrupted: a stop was requested; a checkpoint was saved first when needed.
   """
-  os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, workdir)
-  run_files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
-  metrics_log = run_files.MetricsLog(workdir)
-  state = trainer.initial_state()
-  first_epoch = 0
-  if checkpointer.latest_epoch() is not None:
-    state, meta = checkpointer.restore(state)
-    first_epoch = int(meta['epochs_done'])
-    trainer.schedule.load_state_dict(meta['schedule'])
-    metrics_log.truncate_from(first_epoch)
-    log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
+  configuration.validate(config)
+  _prepare_workdir(workdir)
+  with _WorkdirLock(workdir):
+    _remove_partial_checkpoints(workdir)
+    trainer = Trainer(config, workdir)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
+    try:
+      state, first_epoch = _restore(trainer, checkpointer, workdir)
+      if first_epoch >= config.train.epochs:
+        print(f'{workdir} is finished: {first_epoch} epochs done (train.epochs='
+              f'{config.train.epochs}); nothing to train. Evaluate it with --mode=eval, or raise '
+              '--config.train.epochs to train further.', flush=True)
+        return state
+      if first_epoch:
+        log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
                  first_epoch)
-  else:
-    metrics_log.truncate_from(0)
-  try:
-    last_epoch = config.train.epochs
-    if stop_after_epochs is not None:
-      last_epoch = min(last_epoch, stop_after_epochs)
-    for epoch in range(first_epoch, last_epoch):
-      state, record = trainer.run_epoch(state, epoch)
-      _check_finite(record)
-      if record['loss_proto'] is not None:
-        decision = trainer.schedule.update(epoch, record)
-        if decision.message:
-          log.info('%s', decision.message)
-      metrics_log.append(record)
-      print(_epoch_summary(epoch, record), flush=True)
-      epochs_done = epoch + 1
-      meta = {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
-              'model': config.model.to_dict(), 'image_size': config.data.image_size}
-      if epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == last_epoch:
-        checkpointer.save(epochs_done, state, meta)
-      if 'val_knn_top1' in record:
-        checkpointer.save_if_best(epochs_done, state, meta, record['val_knn_top1'])
-  finally:
-    checkpointer.close()
-    metrics_log.close()
+      _write_config(workdir, config, resumed=first_epoch > 0)
+      last_epoch = config.train.epochs
+      if stop_after_epochs is not None:
+        last_epoch = min(last_epoch, stop_after_epochs)
+      metrics_log = run_files.MetricsLog(workdir)
+      try:
+        # Records past the checkpoint were written by a run killed before its next save.
+        metrics_log.truncate_from(first_epoch)
+        with _StopRequest(should_stop) as stop:
+          state = _run_epochs(trainer, checkpointer, metrics_log, state, first_epoch,
+                              last_epoch, stop)
+      finally:
+        metrics_log.close()
+    finally:
+      checkpointer.close()  # waits for the last (asynchronous) save to commit
+  return state
+
+
+def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch: int,
+                last_epoch: int, stop: _StopRequest):
+  """The epoch loop of `train_and_evaluate`: epochs, checks, metrics, checkpoints, stops."""
+  config = trainer.config
+  saved_epoch = first_epoch  # epochs done in the newest checkpoint (0: the seeded initial state)
+
+  def meta_for(epochs_done):
+    return {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
+            'model': config.model.to_dict(), 'image_size': config.data.image_size}
+
+  def interrupted(epochs_done, detail):
+    where = (f'checkpoint {epochs_done} ({epochs_done} epochs done) in '
+             f'{checkpoint_lib.checkpoint_dir(trainer.workdir)}' if epochs_done else
+             'no checkpoint yet (nothing to save before the first epoch ends)')
+    return TrainingInterrupted(f'{stop.reason}: {detail}; resume from {where} by rerunning the '
+                               'same command', stop.signum)
+
+  for epoch in range(first_epoch, last_epoch):
+    if stop():
+      if epoch != saved_epoch:
+        checkpointer.save(epoch, state, meta_for(epoch))
+      raise interrupted(epoch, f'stopped before epoch {epoch}')
+    # The state at the start of an epoch that no checkpoint holds: saved if a stop request cuts
+    # the epoch short (the train step donates the state, so keep a host copy).
+    snapshot = jax.device_get(state) if epoch != saved_epoch else None
+    try:
+      state, record = trainer.run_epoch(state, epoch, should_stop=stop)
+    except FloatingPointError:
+      raise
+    except Exception:  # e.g. the Ctrl-C also killed the DataLoader's worker processes
+      if not stop():
+        raise
+      record = {'interrupted': True}
+    if record.get('interrupted'):
+      if snapshot is not None:
+        checkpointer.save(epoch, snapshot, meta_for(epoch))
+      raise interrupted(epoch, f'stopped in epoch {epoch}, whose progress is dropped so that '
+                        'the resumed run is exact')
+    del snapshot
+    _check_finite(record)
+    _check_state_finite(state, epoch)
+    if record['loss_proto'] is not None:
+      decision = trainer.schedule.update(epoch, record)
+      if decision.message:
+        log.info('%s', decision.message)
+    metrics_log.append(record)
+    print(_epoch_summary(epoch, record), flush=True)
+    epochs_done = epoch + 1
+    meta = meta_for(epochs_done)
+    if (epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == last_epoch
+        or stop()):
+      checkpointer.save(epochs_done, state, meta)
+      saved_epoch = epochs_done
+    if 'val_knn_top1' in record:
+      checkpointer.save_if_best(epochs_done, state, meta, record['val_knn_top1'])
+    if stop() and epochs_done < last_epoch:
+      raise interrupted(epochs_done, f'stopped after epoch {epoch}')
   return state

@@ -1,0 +1,56 @@
+"""Subprocess body of test_parallel.py: runs with a given fake device count (set before JAX).
+
+  python tests/parallel_worker.py OUT.npz DEVICES [--process-id P --num-processes N --port X]
+"""
+
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument('out')
+parser.add_argument('devices', type=int)
+parser.add_argument('--process-id', type=int, default=0)
+parser.add_argument('--num-processes', type=int, default=1)
+parser.add_argument('--port', type=int, default=0)
+args = parser.parse_args()
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import test as test_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if args.num_processes > 1:
+  parallel.initialize_distributed(f'localhost:{args.port}', args.num_processes, args.process_id)
+
+config = test_config.get_config()
+config.train.shuffle_bn_groups = 4
+config.train.steps_per_epoch = 2
+config.clustering.backend = 'jax'
+config.schedule.all_clusters = '20,10'
+trainer = train.Trainer(config, '/tmp/unused')
+assert jax.device_count() == args.devices * args.num_processes, jax.devices()
+state = trainer.initial_state()
+# Epoch 0 is warm-up (InfoNCE); epoch 1 runs the E-step and ProtoNCE: 2 steps each.
+records = []
+for epoch in range(2):
+  state, record = trainer.run_epoch(state, epoch)
+  records.append(record)
+variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+features, _ = trainer._embed_dataset(variables, trainer.datasets.train_eval)  # pylint: disable=protected-access
+features = parallel.to_host(features)
+centroids, im2cluster, _ = clustering.kmeans(features, 10, backend='jax', niter=5, nredo=1,
+                                             seed=0)
+leaves = [parallel.to_host(x) for x in jax.tree_util.tree_leaves(
+    (state.params, state.batch_stats, state.key_params, state.queue))]
+if parallel.is_main_process():
+  np.savez(args.out, *leaves, features=features, im2cluster=np.asarray(im2cluster),
+           metrics=np.array([[r[k] for k in ('loss_inst', 'acc_inst')] for r in records]
+                            + [[records[1]['loss_proto'], records[1]['acc_proto']]]))
+print('ok', jax.device_count())
