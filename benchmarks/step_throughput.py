@@ -21,11 +21,12 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torch import nn
-import torchvision
 
-from configs import default
+from benchmarks import torch_reference
+
+from configs import default  # pylint: disable=g-import-not-at-top
 from pcl_jax import models
+from pcl_jax import parallel
 from pcl_jax import state as state_lib
 from pcl_jax import train
 
@@ -40,6 +41,7 @@ def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negat
   schedule = train.make_lr_schedule(config.optim, 10, 100)
   tx = train.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, image_size, num_negatives)
+  state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))  # as Trainer places it
   step = train.make_train_step(config, model, tx, schedule)
   bank = train.empty_prototype_bank(1, 8, config.model.dim, 1024)
   hparams = {'smoothing': jnp.float32(0.0)}
@@ -55,84 +57,6 @@ def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negat
   for _ in range(steps):
     state, metrics = step(state, batch_np, bank, hparams)
   jax.block_until_ready(metrics)
-  return batch * steps / (time.perf_counter() - start)
-
-
-class TorchConv4(nn.Module):
-  """Conv4 as pcl_jax.models.Conv4Backbone, with a linear head."""
-
-  def __init__(self, width, dim, image_size):
-    super().__init__()
-    layers, channels = [], 3
-    for _ in range(4):
-      layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                 nn.MaxPool2d(2)]
-      channels = width
-    self.features = nn.Sequential(*layers)
-    side = image_size
-    for _ in range(4):
-      side //= 2
-    self.fc = nn.Linear(width * side * side, dim)
-
-  def forward(self, x):
-    return self.fc(torch.flatten(self.features(x), 1))
-
-
-def _torch_encoder(arch, width, dim, image_size, small_stem):
-  if arch == 'conv4':
-    return TorchConv4(width, dim, image_size)
-  net = getattr(torchvision.models, arch)(num_classes=dim)
-  if small_stem:
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
-  return net
-
-
-def _torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
-                             warmup, channels_last, bf16):
-  torch.manual_seed(0)
-  dim = 128
-  encoder_q = _torch_encoder(arch, width, dim, image_size, small_stem)
-  encoder_k = _torch_encoder(arch, width, dim, image_size, small_stem)
-  encoder_k.load_state_dict(encoder_q.state_dict())
-  for p in encoder_k.parameters():
-    p.requires_grad = False
-  memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  encoder_q = encoder_q.to(memory_format=memory_format)
-  encoder_k = encoder_k.to(memory_format=memory_format)
-  queue = nn.functional.normalize(torch.randn(num_negatives, dim), dim=1)
-  optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-  im_q = torch.randn(batch, 3, image_size, image_size).to(memory_format=memory_format)
-  im_k = torch.randn(batch, 3, image_size, image_size).to(memory_format=memory_format)
-  ptr = 0
-
-  def one_step():
-    nonlocal queue, ptr
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-      with torch.no_grad():
-        for pk, pq in zip(encoder_k.parameters(), encoder_q.parameters()):
-          pk.mul_(0.999).add_(pq.detach(), alpha=0.001)
-        permutation = torch.randperm(batch)
-        k = nn.functional.normalize(encoder_k(im_k[permutation]).float(), dim=1)
-        k = k[torch.argsort(permutation)]
-      q = nn.functional.normalize(encoder_q(im_q).float(), dim=1)
-      l_pos = (q * k).sum(1, keepdim=True)
-      l_neg = q @ queue.t()
-      logits = torch.cat([l_pos, l_neg], 1) / 0.2
-      loss = nn.functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    queue[ptr:ptr + batch] = k
-    ptr = (ptr + batch) % num_negatives
-
-  encoder_q.train()
-  encoder_k.train()
-  for _ in range(warmup):
-    one_step()
-  start = time.perf_counter()
-  for _ in range(steps):
-    one_step()
   return batch * steps / (time.perf_counter() - start)
 
 
@@ -152,7 +76,7 @@ def main():
   steps, warmup = args.steps, args.warmup
   if args.quick:
     cases = [('conv4', 32, 16, 16, False)]
-    steps, warmup = 3, 1
+    steps, warmup = 3, 2
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}')
   print(f"{'case':<28}{'jax img/s':>11}{'torch NCHW':>12}{'torch CL':>10}{'ratio':>8}")
@@ -165,8 +89,8 @@ def main():
       print(f'{name:<28}{jax_ips:>11.1f}', flush=True)
       continue
     bf16 = args.dtype == 'bfloat16'
-    torch_nchw = _torch_step_images_per_s(channels_last=False, bf16=bf16, **common)
-    torch_cl = _torch_step_images_per_s(channels_last=True, bf16=bf16, **common)
+    torch_nchw = torch_reference.torch_step_images_per_s(channels_last=False, bf16=bf16, **common)
+    torch_cl = torch_reference.torch_step_images_per_s(channels_last=True, bf16=bf16, **common)
     best = max(torch_nchw, torch_cl)
     print(f'{name:<28}{jax_ips:>11.1f}{torch_nchw:>12.1f}{torch_cl:>10.1f}{jax_ips / best:>8.2f}',
           flush=True)

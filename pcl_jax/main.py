@@ -42,6 +42,12 @@ _USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 def _fail(message: str, status: int = USER_ERROR_STATUS, prefix: str = 'error') -> None:
   """Prints `prefix: message` as one line on stderr and exits with `status`."""
   one_line = ' '.join(str(message).split())
+  tqdm_module = sys.modules.get('tqdm')
+  try:  # a progress bar cut short by the error would otherwise prefix the message's line
+    for bar in list(getattr(tqdm_module.tqdm, '_instances', ())) if tqdm_module else ():
+      bar.close()
+  except Exception:  # pylint: disable=broad-except
+    pass
   print(f'{prefix}: {one_line}', file=sys.stderr, flush=True)
   sys.exit(status)
 
@@ -185,6 +191,13 @@ def main(argv):
   project_logger.setLevel(py_logging.INFO)
   project_logger.propagate = False
   from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
+  try:
+    # Before importing torch and the data pipeline: a bad value fails within a second or two.
+    configuration.validate(FLAGS.config)
+  except configuration.UserError as error:
+    if FLAGS.verbose:
+      raise
+    _fail(error)
   from pcl_jax import train  # pylint: disable=g-import-not-at-top
   try:
     _run(FLAGS.config, FLAGS.workdir)

@@ -1,0 +1,153 @@
+r"""One full PCL epoch of configs/mini_imagenet.py: step, input pipeline, E-step by part, epoch.
+
+  python benchmarks/epoch.py                                  # FakeData at 84 px (CPU: capped)
+  python benchmarks/epoch.py --num-images 38400 --torch-reference   # the whole mini-ImageNet size
+  python benchmarks/epoch.py --data-root /data/mini-imagenet        # the real data
+  python benchmarks/epoch.py --batch 256 --dtype bfloat16 --torch-reference   # the GPU table
+
+Reports images/s of the jitted step alone (resident batch), of the input pipeline alone, the
+E-step seconds by part (features, clustering) and the epoch seconds (E-step + M-steps fed by the
+loader), and with --torch-reference the equivalent eager PyTorch MoCo/PCL step (same arch,
+batch, precision; NCHW and channels-last, AMP/bf16 when --dtype=bfloat16) in the same process,
+with the JAX/PyTorch ratio.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _config(args):
+  config = mini_imagenet.get_config()
+  if args.data_root:
+    config.data.root = args.data_root
+  else:
+    config.data.name = 'fake'
+    config.data.fake_size = args.num_images
+    config.data.fake_classes = 64
+  config.train.batch_size = args.batch
+  config.train.dtype = args.dtype
+  config.train.epochs = 1
+  config.pcl.warmup_epochs = 0  # the measured epoch runs the E-step
+  config.pcl.num_negatives = max(args.batch, config.pcl.num_negatives // args.batch * args.batch)
+  config.data.num_workers = args.workers
+  config.clustering.backend = args.backend
+  num_images = args.num_images
+  # Keep the listed window but never ask for more clusters than images.
+  config.schedule.all_clusters = ','.join(str(k) for k in (3200, 2400, 1600, 800, 400, 200, 100)
+                                          if k <= num_images)
+  return config
+
+
+def _loader_images_per_s(trainer, steps):
+  loader = input_pipeline.train_loader(trainer.datasets.train, trainer.config.train.batch_size,
+                                       seed=0, epoch=0,
+                                       num_workers=trainer.config.data.num_workers)
+  batches = input_pipeline.numpy_batches(loader)
+  next(batches)  # worker start-up
+  start = time.perf_counter()
+  count = 0
+  for count, _ in enumerate(batches, 1):
+    if count >= steps:
+      break
+  return count * trainer.config.train.batch_size / (time.perf_counter() - start)
+
+
+def _resident_step_images_per_s(trainer, state, steps):
+  batch = trainer.config.train.batch_size
+  size = trainer.config.data.image_size
+  rng = np.random.default_rng(0)
+  sharding = parallel.batch_sharding(trainer.mesh)
+  resident = parallel.global_batch({
+      'im_q': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      'im_k': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+      'index': np.arange(batch)}, sharding)
+  bank = train.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
+                                    trainer.config.model.dim, trainer.datasets.num_train)
+  bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
+                                 parallel.replicated(trainer.mesh))
+  for _ in range(2):
+    state, metrics = trainer.train_step(state, resident, bank, hparams)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = trainer.train_step(state, resident, bank, hparams)
+  jax.block_until_ready(metrics)
+  return batch * steps / (time.perf_counter() - start), state
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--num-images', type=int, default=3840,
+                      help='FakeData size (38400 = mini-ImageNet train)')
+  parser.add_argument('--data-root', default='', help='real mini-ImageNet root instead of fake')
+  parser.add_argument('--batch', type=int, default=96)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
+  parser.add_argument('--backend', default='auto', choices=['auto', 'faiss', 'jax'])
+  parser.add_argument('--steps', type=int, default=10, help='steps for the step/loader rates')
+  parser.add_argument('--epoch-steps', type=int, default=0,
+                      help='cap on M-steps in the timed epoch (0: the full epoch)')
+  parser.add_argument('--torch-reference', action='store_true')
+  args = parser.parse_args()
+
+  config = _config(args)
+  config.train.steps_per_epoch = args.epoch_steps
+  trainer = train.Trainer(config, '/tmp/pcl_epoch_benchmark')
+  state = trainer.initial_state()
+  print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
+        f'{config.model.arch} {config.data.image_size}px batch {config.train.batch_size} '
+        f'{config.train.dtype}; N={trainer.datasets.num_train} ({config.data.name}); '
+        f'levels {trainer.schedule.active}; workers {config.data.num_workers}', flush=True)
+  step_rate, state = _resident_step_images_per_s(trainer, state, args.steps)
+  loader_rate = _loader_images_per_s(trainer, args.steps)
+  # Compile the feature pass once before timing, as every epoch after the first finds it compiled.
+  size = config.data.image_size
+  warm_images = parallel.global_batch(
+      {'image': np.zeros((config.train.batch_size, size, size, 3), np.float32)},
+      parallel.batch_sharding(trainer.mesh))['image']
+  jax.block_until_ready(trainer.embed({'params': state.key_params,
+                                       'batch_stats': state.key_batch_stats}, warm_images))
+  state, record = trainer.run_epoch(state, 0)
+  rows = [('step (resident batch) img/s', step_rate),
+          ('input pipeline img/s', loader_rate),
+          ('epoch M-steps fed by loader img/s', record['images_per_s']),
+          ('E-step features s', record['estep_features_s']),
+          ('E-step clustering s', record['estep_clustering_s']),
+          ('E-step total s', record['estep_s']),
+          ('epoch s', record['epoch_time_s']),
+          ('E-step share of epoch %', 100 * record['estep_s'] / record['epoch_time_s'])]
+  if args.epoch_steps:
+    full_epoch_s = (record['estep_s'] + trainer.datasets.num_train
+                    / record['images_per_s'])
+    rows.append(('full epoch s (extrapolated)', full_epoch_s))
+    rows.append(('E-step share of full epoch %', 100 * record['estep_s'] / full_epoch_s))
+  if args.torch_reference:
+    device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+    common = dict(arch=config.model.arch, image_size=config.data.image_size,
+                  batch=config.train.batch_size, width=config.model.width,
+                  small_stem=config.model.small_stem,
+                  num_negatives=config.pcl.num_negatives, steps=args.steps, warmup=3,
+                  bf16=config.train.dtype == 'bfloat16', device=device)
+    nchw = torch_reference.torch_step_images_per_s(channels_last=False, **common)
+    channels_last = torch_reference.torch_step_images_per_s(channels_last=True, **common)
+    rows += [('torch step NCHW img/s', nchw), ('torch step channels-last img/s', channels_last),
+             ('JAX / best torch step', step_rate / max(nchw, channels_last))]
+  for name, value in rows:
+    print(f'{name:<38}{value:>12.2f}', flush=True)
+
+
+if __name__ == '__main__':
+  main()

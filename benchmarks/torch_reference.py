@@ -1,0 +1,99 @@
+"""An equivalent PyTorch MoCo/PCL step, the reference the JAX step is timed against.
+
+Same work per step as `pcl_jax.train.train_step` during warm-up: momentum update of the key
+encoder, shuffled key forward (train-mode BN), query forward + backward, InfoNCE against a queue,
+SGD (momentum, weight decay), enqueue. Eager PyTorch as its users run it: NCHW or channels-last,
+optional bf16 autocast (CPU) / AMP (GPU).
+"""
+
+import time
+
+import torch
+from torch import nn
+import torchvision
+
+
+class TorchConv4(nn.Module):
+  """Conv4 as pcl_jax.models.Conv4Backbone, with a linear head."""
+
+  def __init__(self, width, dim, image_size):
+    super().__init__()
+    layers, channels = [], 3
+    for _ in range(4):
+      layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                 nn.MaxPool2d(2)]
+      channels = width
+    self.features = nn.Sequential(*layers)
+    side = image_size
+    for _ in range(4):
+      side //= 2
+    self.fc = nn.Linear(width * side * side, dim)
+
+  def forward(self, x):
+    return self.fc(torch.flatten(self.features(x), 1))
+
+
+def torch_encoder(arch, width, dim, image_size, small_stem):
+  if arch == 'conv4':
+    return TorchConv4(width, dim, image_size)
+  net = getattr(torchvision.models, arch)(num_classes=dim)
+  if small_stem:
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+  return net
+
+
+def torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
+                            warmup, channels_last, bf16, device='cpu'):
+  """Images/s of the eager PyTorch MoCo step (`device` 'cpu' or 'cuda')."""
+  torch.manual_seed(0)
+  dim = 128
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  encoder_q = torch_encoder(arch, width, dim, image_size, small_stem).to(
+      device, memory_format=memory_format)
+  encoder_k = torch_encoder(arch, width, dim, image_size, small_stem).to(
+      device, memory_format=memory_format)
+  encoder_k.load_state_dict(encoder_q.state_dict())
+  for p in encoder_k.parameters():
+    p.requires_grad = False
+  queue = nn.functional.normalize(torch.randn(num_negatives, dim, device=device), dim=1)
+  optimizer = torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+  im_q = torch.randn(batch, 3, image_size, image_size).to(device, memory_format=memory_format)
+  im_k = torch.randn(batch, 3, image_size, image_size).to(device, memory_format=memory_format)
+  target = torch.zeros(batch, dtype=torch.long, device=device)
+  ptr = 0
+
+  def one_step():
+    nonlocal ptr
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      with torch.no_grad():
+        for pk, pq in zip(encoder_k.parameters(), encoder_q.parameters()):
+          pk.mul_(0.999).add_(pq.detach(), alpha=0.001)
+        permutation = torch.randperm(batch, device=device)
+        k = nn.functional.normalize(encoder_k(im_k[permutation]).float(), dim=1)
+        k = k[torch.argsort(permutation)]
+      q = nn.functional.normalize(encoder_q(im_q).float(), dim=1)
+      l_pos = (q * k).sum(1, keepdim=True)
+      l_neg = q @ queue.t()
+      logits = torch.cat([l_pos, l_neg], 1) / 0.2
+      loss = nn.functional.cross_entropy(logits, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    queue[ptr:ptr + batch] = k
+    ptr = (ptr + batch) % num_negatives
+
+  def synchronize():
+    if device == 'cuda':
+      torch.cuda.synchronize()
+
+  encoder_q.train()
+  encoder_k.train()
+  for _ in range(warmup):
+    one_step()
+  synchronize()
+  start = time.perf_counter()
+  for _ in range(steps):
+    one_step()
+  synchronize()
+  return batch * steps / (time.perf_counter() - start)
