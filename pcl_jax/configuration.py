@@ -148,9 +148,11 @@ def validate(config) -> None:
     _require(batch // groups >= 2, f'train.shuffle_bn_groups={groups} leaves fewer than 2 '
              f'samples per BN group at train.batch_size={batch}; use fewer groups')
   r = config.pcl.num_negatives
-  _require(r >= batch and r % batch == 0,
-           f'pcl.num_negatives={r} must be a positive multiple of train.batch_size={batch} '
-           f'(the queue is filled one batch at a time); e.g. {max(1, r // batch) * batch}')
+  # The queue wraps around (state.enqueue), so r need not be a multiple of the batch -- the
+  # researcher's best run uses r=640 at batch 96 -- but it must hold one whole batch of keys.
+  _require(r >= batch,
+           f'pcl.num_negatives={r} is smaller than train.batch_size={batch}: the queue must hold '
+           f'at least one batch of keys; use pcl.num_negatives >= {batch}')
   _require(config.train.epochs >= 0, f'train.epochs={config.train.epochs} must be >= 0')
   _require(config.train.steps_per_epoch >= 0,
            f'train.steps_per_epoch={config.train.steps_per_epoch} must be >= 0 (0: full epoch)')

@@ -16,6 +16,7 @@ import logging as py_logging
 import os
 import re
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -49,6 +50,10 @@ def _fail(message: str, status: int = USER_ERROR_STATUS, prefix: str = 'error') 
   except Exception:  # pylint: disable=broad-except
     pass
   print(f'{prefix}: {one_line}', file=sys.stderr, flush=True)
+  # Work abandoned by the error (e.g. Orbax's pending reads of a checkpoint that did not fit)
+  # would print 'Exception ignored' tracebacks at exit; the line above has said what matters.
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
   sys.exit(status)
 
 
@@ -191,10 +196,14 @@ def main(argv):
   project_logger.setLevel(py_logging.INFO)
   project_logger.propagate = False
   from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
+  from pcl_jax import run_files  # pylint: disable=g-import-not-at-top
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
-  except configuration.UserError as error:
+    if FLAGS.mode == 'train':
+      run_files.prepare_workdir(FLAGS.workdir)
+      run_files.WorkdirLock.check_free(FLAGS.workdir)
+  except (configuration.UserError, run_files.WorkdirError) as error:
     if FLAGS.verbose:
       raise
     _fail(error)

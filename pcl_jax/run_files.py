@@ -2,14 +2,90 @@
 
 This module owns their formats and makes every write safe to interrupt: JSON files are written
 to a temporary file and renamed, and each metrics line is appended with one `write` + `fsync`, so
-a killed run leaves whole lines only. Only process 0 of a multi-host run should call it.
+a killed run leaves whole lines only (and a torn last line, after a crash of the machine, is
+skipped on reading and dropped on resume). It also owns the run directory's own checks: that it
+is a writable directory, and a lock so that one trainer at a time writes it. Only process 0 of a
+multi-host run should write these files.
 """
 
+import fcntl
 import json
 import math
 import os
 import tempfile
 from typing import Iterable, List, Optional
+
+
+class WorkdirError(OSError):
+  """The run directory cannot be used (a file, not writable, or in use); one-line message."""
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates WORKDIR if needed and checks that files can be written into it.
+
+  Raises:
+    WorkdirError: WORKDIR is a file, cannot be created, or is not writable.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir} is a file, not a directory; pass a directory path '
+                       '(it is created if missing)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    handle, probe = tempfile.mkstemp(dir=workdir, prefix='.write_test_')
+    os.close(handle)
+    os.remove(probe)
+  except OSError as error:
+    raise WorkdirError(f'--workdir={workdir} is not writable ({error.strerror}); fix its '
+                       'permissions or pass another --workdir') from error
+
+
+class WorkdirLock:
+  """An advisory lock on WORKDIR/.lock: two trainers writing one run directory would corrupt it.
+
+  flock is released by the kernel when the holder dies, even by SIGKILL, so a killed run never
+  leaves a stale lock. In a multi-host run only process 0 should lock (`enabled`): the others
+  share its directory.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, '.lock')
+    self.enabled = enabled
+    self._fd = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+  def acquire(self) -> None:
+    """Takes the lock; raises WorkdirError if another process holds it."""
+    if not self.enabled or self._fd is not None:
+      return
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+      os.close(fd)
+      raise WorkdirError(
+          f'--workdir={os.path.dirname(self.path)} is in use by another training process '
+          f'(pid {holder}); wait for it to finish or pass another --workdir') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # releases the lock; the file stays and is reused
+      self._fd = None
+
+  @classmethod
+  def check_free(cls, workdir: str) -> None:
+    """Raises WorkdirError now if another process holds the lock (a fast start-up check)."""
+    with cls(workdir):
+      pass
 
 
 def write_json_atomic(path: str, payload) -> None:

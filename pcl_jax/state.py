@@ -68,10 +68,16 @@ def momentum_update(key_params, params, momentum):
 
 
 def enqueue(queue, queue_ptr, keys):
-  """Writes `keys` [B, D] into the FIFO `queue` [r, D] at `queue_ptr`; r must be a multiple of B.
+  """Writes `keys` [B, D] into the FIFO `queue` [r, D] at `queue_ptr`, wrapping around.
 
-  Returns (queue, new_ptr); the pointer wraps around to 0 after the last slot.
+  r >= B need not be a multiple of B (the reference asserts it is; the researcher's best run uses
+  r=640 at B=96): rows past the end continue at row 0, so the queue always holds the newest r
+  keys. Returns (queue, new_ptr).
   """
-  batch = keys.shape[0]
-  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (queue_ptr, 0))
-  return queue, (queue_ptr + batch) % queue.shape[0]
+  batch, size = keys.shape[0], queue.shape[0]
+  if size % batch == 0:  # the common case: one contiguous slice, no scatter
+    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (queue_ptr, 0))
+  else:
+    rows = (queue_ptr + jnp.arange(batch)) % size
+    queue = queue.at[rows].set(keys.astype(queue.dtype))
+  return queue, (queue_ptr + batch) % size

@@ -562,57 +562,6 @@ def _check_state_finite(state, epoch: int) -> None:
         'stopped and the last good checkpoint stays the latest. Lower optim.lr.')
 
 
-class _WorkdirLock:
-  """An advisory lock on WORKDIR/.lock: two trainers writing one run directory corrupt it.
-
-  flock is released by the kernel when the process dies (even by SIGKILL), so a killed run never
-  leaves a stale lock. Only process 0 of a multi-host run locks (the others share its files).
-  """
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, '.lock')
-    self._fd = None
-
-  def __enter__(self) -> '_WorkdirLock':
-    if jax.process_index() != 0:
-      return self
-    import fcntl  # pylint: disable=g-import-not-at-top
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
-      os.close(fd)
-      raise configuration.UserError(
-          f'--workdir={os.path.dirname(self.path)} is in use by another training process '
-          f'(pid {holder}); wait for it to finish or pass another --workdir') from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    self._fd = fd
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    if self._fd is not None:
-      os.close(self._fd)  # releases the lock; the file stays (harmless, reused next time)
-      self._fd = None
-
-
-def _prepare_workdir(workdir: str) -> None:
-  """Creates WORKDIR if needed; raises UserError when it is a file or not writable."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise configuration.UserError(f'--workdir={workdir} is a file, not a directory; pass a '
-                                  'directory path (it is created if missing)')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    handle, probe = tempfile.mkstemp(dir=workdir, prefix='.write_test_')
-    os.close(handle)
-    os.remove(probe)
-  except OSError as error:
-    raise configuration.UserError(
-        f'--workdir={workdir} is not writable ({error.strerror}); fix its permissions or pass '
-        'another --workdir') from error
-
-
 def _remove_partial_checkpoints(workdir: str) -> None:
   """Deletes `*.orbax-checkpoint-tmp*` directories left by a save that was killed.
 
@@ -630,20 +579,34 @@ def _remove_partial_checkpoints(workdir: str) -> None:
         log.info('removed %s, the remains of an interrupted checkpoint save', name)
 
 
+def _read_meta(workdir: str, step: int) -> dict:
+  """The JSON `meta` item of checkpoint `step`, read alone (cheap: no arrays, no model)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step), 'meta')
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
 def _check_checkpoint_matches(config, meta: dict, path: str) -> None:
-  """UserError when the checkpoint was trained with other model settings or image size."""
+  """UserError when the checkpoint was trained with settings that its state cannot take."""
   for field, saved in sorted((meta.get('model') or {}).items()):
     if field in config.model and config.model[field] != saved:
       raise configuration.UserError(
           f'checkpoint {path} was trained with model.{field}={saved!r} but the config has '
           f'{config.model[field]!r}; resume with --config.model.{field}={saved} (the run\'s '
           'config.json has every setting) or pass a new --workdir')
-  saved_size = meta.get('image_size')
-  if saved_size is not None and saved_size != config.data.image_size:
-    raise configuration.UserError(
-        f'checkpoint {path} was trained with data.image_size={saved_size} but the config has '
-        f'{config.data.image_size}; resume with --config.data.image_size={saved_size} or pass a '
-        'new --workdir')
+  for setting, key, current in (('data.image_size', 'image_size', config.data.image_size),
+                                ('pcl.num_negatives', 'num_negatives',
+                                 config.pcl.num_negatives)):
+    if meta.get(key) is not None and meta[key] != current:
+      raise configuration.UserError(
+          f'checkpoint {path} was trained with {setting}={meta[key]} but the config has '
+          f'{current}; resume with --config.{setting}={meta[key]} or pass a new --workdir')
+  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+  try:
+    cluster_schedule.ClusterSchedule.from_config(config.schedule).load_state_dict(
+        meta['schedule'])
+  except ValueError as error:
+    raise configuration.UserError(f'{error} ({path})') from error
 
 
 def _restore_error(config, workdir: str, step: int, error: Exception) -> configuration.UserError:
@@ -651,38 +614,27 @@ def _restore_error(config, workdir: str, step: int, error: Exception) -> configu
   path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
   reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ""}'
   try:
-    _, meta, _ = checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
+    checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
   except Exception:  # pylint: disable=broad-except
     return configuration.UserError(
         f'checkpoint {path} is damaged and cannot be restored ({reason}); delete that directory '
         'to resume from the previous checkpoint, or pass a new --workdir')
-  try:
-    _check_checkpoint_matches(config, meta, path)
-  except configuration.UserError as mismatch:
-    return mismatch
   return configuration.UserError(
       f'checkpoint {path} does not fit this config\'s training state ({reason}); resume with the '
       f'settings it was trained with ({os.path.join(workdir, "config.json")}) or pass a new '
       '--workdir')
 
 
-def _restore(trainer: Trainer, checkpointer, workdir: str):
-  """(state, epochs_done): the latest checkpoint's, or the initial state and 0."""
-  config = trainer.config
+def _restore(trainer: Trainer, checkpointer, workdir: str, step: Optional[int]):
+  """(state, epochs_done): checkpoint `step`'s (already checked to match), or the initial ones."""
   state = trainer.initial_state()
-  step = checkpointer.latest_epoch()
   if step is None:
     return state, 0
   try:
-    state, meta = checkpointer.restore(state)
+    state, meta = checkpointer.restore(state, step)
   except Exception as error:  # pylint: disable=broad-except
-    raise _restore_error(config, workdir, step, error) from error
-  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
-  _check_checkpoint_matches(config, meta, path)
-  try:
-    trainer.schedule.load_state_dict(meta['schedule'])
-  except ValueError as error:
-    raise configuration.UserError(f'{error} ({path})') from error
+    raise _restore_error(trainer.config, workdir, step, error) from error
+  trainer.schedule.load_state_dict(meta['schedule'])
   return state, int(meta['epochs_done'])
 
 
@@ -738,37 +690,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     TrainingInterrupted: a stop was requested; a checkpoint was saved first when needed.
   """
   configuration.validate(config)
-  _prepare_workdir(workdir)
-  with _WorkdirLock(workdir):
+  lock = run_files.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  try:
+    run_files.prepare_workdir(workdir)
+    lock.acquire()
+  except run_files.WorkdirError as error:
+    raise configuration.UserError(str(error)) from None
+  try:
     _remove_partial_checkpoints(workdir)
-    trainer = Trainer(config, workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
     try:
-      state, first_epoch = _restore(trainer, checkpointer, workdir)
-      if first_epoch >= config.train.epochs:
-        print(f'{workdir} is finished: {first_epoch} epochs done (train.epochs='
-              f'{config.train.epochs}); nothing to train. Evaluate it with --mode=eval, or raise '
-              '--config.train.epochs to train further.', flush=True)
-        return state
-      if first_epoch:
-        log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir),
-                 first_epoch)
-      _write_config(workdir, config, resumed=first_epoch > 0)
-      last_epoch = config.train.epochs
-      if stop_after_epochs is not None:
-        last_epoch = min(last_epoch, stop_after_epochs)
-      metrics_log = run_files.MetricsLog(workdir)
-      try:
-        # Records past the checkpoint were written by a run killed before its next save.
-        metrics_log.truncate_from(first_epoch)
-        with _StopRequest(should_stop) as stop:
-          state = _run_epochs(trainer, checkpointer, metrics_log, state, first_epoch,
-                              last_epoch, stop)
-      finally:
-        metrics_log.close()
+      return _train(config, workdir, checkpointer, stop_after_epochs, should_stop)
     finally:
       checkpointer.close()  # waits for the last (asynchronous) save to commit
-  return state
+  finally:
+    lock.release()
+
+
+def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
+  """`train_and_evaluate` once the workdir is locked and the checkpoint manager open."""
+  step = checkpointer.latest_epoch()
+  if step is not None:
+    # Settings that the checkpoint cannot take fail here, in seconds, before data and model.
+    path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+    try:
+      meta = _read_meta(workdir, step)
+    except Exception as error:  # pylint: disable=broad-except
+      raise configuration.UserError(
+          f'checkpoint {path} is damaged: its meta cannot be read ({type(error).__name__}); '
+          'delete that directory to resume from the previous checkpoint, or pass a new '
+          '--workdir') from error
+    _check_checkpoint_matches(config, meta, path)
+  trainer = Trainer(config, workdir)
+  state, first_epoch = _restore(trainer, checkpointer, workdir, step)
+  if first_epoch >= config.train.epochs:
+    print(f'{workdir} is finished: {first_epoch} epochs done (train.epochs='
+          f'{config.train.epochs}); nothing to train. Evaluate it with --mode=eval, or raise '
+          '--config.train.epochs to train further.', flush=True)
+    return state
+  if first_epoch:
+    log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir), first_epoch)
+  _write_config(workdir, config, resumed=first_epoch > 0)
+  last_epoch = config.train.epochs
+  if stop_after_epochs is not None:
+    last_epoch = min(last_epoch, stop_after_epochs)
+  metrics_log = run_files.MetricsLog(workdir)
+  try:
+    # Records past the checkpoint were written by a run killed before its next save (or a
+    # torn last line): rewrite the file with the checkpoint's epochs only.
+    metrics_log.truncate_from(first_epoch)
+    with _StopRequest(should_stop) as stop:
+      return _run_epochs(trainer, checkpointer, metrics_log, state, first_epoch, last_epoch,
+                         stop)
+  finally:
+    metrics_log.close()
 
 
 def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch: int,
@@ -779,7 +754,8 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
 
   def meta_for(epochs_done):
     return {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
-            'model': config.model.to_dict(), 'image_size': config.data.image_size}
+            'model': config.model.to_dict(), 'image_size': config.data.image_size,
+            'num_negatives': config.pcl.num_negatives}
 
   def interrupted(epochs_done, detail):
     where = (f'checkpoint {epochs_done} ({epochs_done} epochs done) in '

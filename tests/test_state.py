@@ -32,6 +32,14 @@ def test_enqueue_fills_in_order_and_wraps_around():
     assert int(ptr) == (2 * (step + 1)) % 6
 
 
+def test_enqueue_wraps_when_queue_is_not_a_multiple_of_the_batch():
+  queue, ptr = jnp.zeros((5, 1)), jnp.zeros((), jnp.int32)
+  for step in range(3):  # batches of 2 into 5 slots: the third batch is split over the end
+    queue, ptr = state_lib.enqueue(queue, ptr, jnp.full((2, 1), step + 1.0))
+  np.testing.assert_array_equal(queue[:, 0], [3.0, 1.0, 2.0, 2.0, 3.0])
+  assert int(ptr) == 1
+
+
 def test_create_state_copies_query_into_key_and_normalises_queue():
   config = test_config.get_config()
   model = models.encoder_from_config(config)

@@ -130,11 +130,11 @@ def test_cli_one_epoch_writes_run_files(tmp_path):
 def test_cli_invalid_config_is_one_line_exit_2(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py',
-       f'--workdir={tmp_path}', '--config.pcl.num_negatives=100'],
+       f'--workdir={tmp_path}', '--config.pcl.num_negatives=16'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr
-  assert 'pcl.num_negatives=100 must be a positive multiple of train.batch_size=32' in result.stderr
+  assert 'pcl.num_negatives=16 is smaller than train.batch_size=32' in result.stderr
 
 
 def test_validation_knn_is_logged_and_best_checkpoint_kept(tmp_path):

@@ -1,0 +1,13 @@
+r"""mini-ImageNet at lr 0.03 (the notes' earlier setting; compare mini_imagenet.py at 0.08).
+
+  python -m pcl_jax.main --config=configs/mini_imagenet_lr003.py --workdir=runs/mini_lr003 \
+      --config.data.root=/data/mini-imagenet
+"""
+
+from configs import mini_imagenet
+
+
+def get_config():
+  config = mini_imagenet.get_config()
+  config.optim.lr = 0.03
+  return config

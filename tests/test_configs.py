@@ -1,0 +1,43 @@
+"""Every config file loads, passes start-up validation, and has its launch command."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from pcl_jax import cluster_schedule
+from pcl_jax import configuration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+               if not p.endswith('__init__.py'))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_config_validates_and_documents_its_command(name):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config()
+  if config.data.name in ('mini_imagenet', 'image_folder'):
+    config.data.root = '/data/mini-imagenet'  # validate() checks fields, not the disk
+  configuration.validate(config)
+  assert f'--config=configs/{name}.py' in module.__doc__ or name == 'default'
+  assert 'python -m pcl_jax.main' in module.__doc__
+
+
+def test_mini_imagenet_is_the_researchers_best_run():
+  from configs import mini_imagenet  # pylint: disable=g-import-not-at-top
+  config = mini_imagenet.get_config()
+  assert (config.model.arch, config.data.image_size, config.train.batch_size) == ('resnet18', 84,
+                                                                                  96)
+  assert (config.optim.lr, config.optim.cos, config.pcl.num_negatives) == (0.08, True, 640)
+  assert (config.pcl.moco_m, config.pcl.temperature, config.data.aug_plus) == (0.999, 0.2, False)
+  assert config.schedule.all_clusters == '3200,2400,1600,800,400,200,100,50,25,20,10,5,2'
+
+
+@pytest.mark.parametrize('pair', [('digits', 'digits_ascending'),
+                                  ('mini_imagenet', 'mini_imagenet_ascending')])
+def test_schedule_pairs_run_in_opposite_directions(pair):
+  lists = [cluster_schedule.parse_cluster_list(importlib.import_module(f'configs.{n}')
+                                               .get_config().schedule.all_clusters) for n in pair]
+  assert lists[0] == sorted(lists[0], reverse=True) and lists[1] == sorted(lists[1])
