@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import signal
-import tempfile
+import sys
 import threading
 import time
 from typing import Callable, Dict, Optional, Sequence
@@ -612,7 +612,8 @@ def _check_checkpoint_matches(config, meta: dict, path: str) -> None:
 def _restore_error(config, workdir: str, step: int, error: Exception) -> configuration.UserError:
   """The UserError for a checkpoint that does not restore into this config's state."""
   path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
-  reason = f'{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ""}'
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  reason = f'{type(error).__name__}: {first_line[:160]}{"..." if len(first_line) > 160 else ""}'
   try:
     checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
   except Exception:  # pylint: disable=broad-except
@@ -625,11 +626,32 @@ def _restore_error(config, workdir: str, step: int, error: Exception) -> configu
       '--workdir')
 
 
+def _ignore_closed_loop_callbacks() -> None:
+  """Drops 'Event loop is closed' errors of I/O callbacks that outlive a failed Orbax restore.
+
+  When a restore fails, Orbax closes its event loop while TensorStore reads are still pending;
+  each read that completes later reports an unraisable RuntimeError with a traceback. They
+  would bury the one-line error that explains the failure. Other unraisable errors pass.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  hook.ignores_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _restore(trainer: Trainer, checkpointer, workdir: str, step: Optional[int]):
   """(state, epochs_done): checkpoint `step`'s (already checked to match), or the initial ones."""
   state = trainer.initial_state()
   if step is None:
     return state, 0
+  _ignore_closed_loop_callbacks()
   try:
     state, meta = checkpointer.restore(state, step)
   except Exception as error:  # pylint: disable=broad-except
