@@ -3,17 +3,18 @@ r"""Kill the trainer anywhere, resume, and check that nothing is lost or corrupt
   python benchmarks/kill_resume.py                   # 20 trials, configs/test.py, 6 epochs
   python benchmarks/kill_resume.py --trials 3 --epochs 3
 
-Runs `python -m pcl_jax.main` once uninterrupted (the reference), then again into a second
-workdir, killing it `--trials` times at chosen moments and rerunning the same command each time,
-and finally lets it finish. The moments rotate through:
+Runs `python -m pcl_jax.main` once uninterrupted (the reference), then again into another
+workdir, killing it at chosen moments and rerunning the same command each time until it
+finishes; when a run completes before its next kill, it is compared and a fresh one starts, until
+`--trials` kills are done. The moments rotate through:
   checkpoint  SIGKILL while Orbax writes a checkpoint (a `*.orbax-checkpoint-tmp*` dir exists);
   estep       SIGKILL in the E-step (after an epoch's summary, before the next E-step's log);
   step        SIGKILL between or inside M-steps (after a step of the current run);
   sigterm     SIGTERM at a step: the trainer must save, exit with 143 and say so;
   random      SIGKILL after a uniform random delay over the reference run's duration.
-After every kill each listed checkpoint is restored: one that fails counts as corrupted. At the
-end the final metrics.jsonl (timings excepted) and the final checkpoint's arrays are compared
-with the reference run. Prints trials, corrupted checkpoints (must be 0), and the maximum
+After every kill each listed checkpoint is restored: one that fails counts as corrupted. Each
+finished run's metrics.jsonl (timings excepted) and final checkpoint arrays are compared with
+the reference run's. Prints trials, corrupted checkpoints (must be 0), and the maximum
 parameter and metric differences (must be within --tolerance); exit status 0 when all hold.
 """
 
@@ -150,12 +151,13 @@ def _kill_moment(launch, phase, rng, args, reference_s):
       return False
     time.sleep(rng.uniform(0.0, 1.0))
   elif phase in ('step', 'sigterm'):
+    # Steps take milliseconds to a second: a short delay keeps most kills inside the M-steps.
     if not _wait_for(launch, lambda: bool(_STEP_PROGRESS.search(launch.stderr())), deadline,
                      poll_s=0.01):
       return False
-    time.sleep(rng.uniform(0.0, 1.5))
+    time.sleep(rng.uniform(0.0, 0.3))
   else:  # random
-    _wait_for(launch, lambda: False, time.monotonic() + rng.uniform(0.5, reference_s),
+    _wait_for(launch, lambda: False, time.monotonic() + rng.uniform(0.5, 0.8 * reference_s),
               poll_s=0.01)
   return launch.alive()
 
@@ -241,10 +243,11 @@ def run(args) -> dict:
   cache = '' if args.compile_cache == 'off' else (args.compile_cache or
                                                   os.path.join(base, 'jax_cache'))
   env = _child_env(cache)
-  reference_dir, killed_dir = os.path.join(base, 'reference'), os.path.join(base, 'killed')
+  reference_dir = os.path.join(base, 'reference')
   logs = os.path.join(base, 'logs')
-  for path in (reference_dir, killed_dir):
-    shutil.rmtree(path, ignore_errors=True)
+  shutil.rmtree(reference_dir, ignore_errors=True)
+  for old in glob.glob(os.path.join(base, 'killed*')):
+    shutil.rmtree(old, ignore_errors=True)
   os.makedirs(logs, exist_ok=True)
 
   print(f'kill_resume: {args.config} epochs={args.epochs} trials={args.trials} in {base}',
@@ -255,65 +258,91 @@ def run(args) -> dict:
     raise SystemExit(f'reference run failed:\n{reference.stderr()[-3000:]}')
   reference_s = time.monotonic() - start
   print(f'reference run: {reference_s:.1f}s', flush=True)
+  reference_arrays, _, reference_step = _final_arrays(reference_dir)
+  reference_metrics = _metrics(reference_dir)
 
-  trials, corrupted, partial_seen, problems = [], [], 0, []
-  for trial in range(args.trials):
-    phase = phases[trial % len(phases)]
-    launch = Launch(args, killed_dir, os.path.join(logs, f'trial{trial:02d}'), env)
-    alive = _kill_moment(launch, phase, rng, args, reference_s)
-    observed = _state(launch) if alive else 'finished'
-    if alive:
-      launch.process.send_signal(signal.SIGTERM if phase == 'sigterm' else signal.SIGKILL)
+  trials, corrupted, partial_seen, problems, rounds = [], [], 0, [], []
+  worst = {'param': (0.0, ''), 'metric': (0.0, '')}
+
+  def finish_round(killed_dir):
+    """Lets the round's run finish, then compares it with the reference."""
+    final = Launch(args, killed_dir, os.path.join(logs, f'{os.path.basename(killed_dir)}_final'),
+                   env)
+    status = final.wait(args.timeout)
+    if status != 0:
+      problems.append(f'{killed_dir}: final run failed (status {status}): '
+                      f'{final.stderr()[-1000:]}')
+      return
+    _, bad, _ = _restore_all(killed_dir)
+    corrupted.extend((os.path.basename(killed_dir), step, error) for step, error in bad)
+    arrays, _, step = _final_arrays(killed_dir)
+    if step != reference_step:
+      problems.append(f'{killed_dir}: final checkpoint {step}, reference {reference_step}')
+    diffs = {'param': _max_param_diff(reference_arrays, arrays),
+             'metric': _max_metric_diff(reference_metrics, _metrics(killed_dir))}
+    for key, (diff, where) in diffs.items():
+      if diff > worst[key][0]:
+        worst[key] = (diff, f'{os.path.basename(killed_dir)}: {where}')
+    rounds.append({'dir': killed_dir, 'param_diff': diffs['param'][0],
+                   'metric_diff': diffs['metric'][0]})
+    print(f'{os.path.basename(killed_dir)} finished: max |param diff| {diffs["param"][0]:.3g}, '
+          f'max |metric diff| {diffs["metric"][0]:.3g}', flush=True)
+
+  # A round is one run killed and resumed until it finishes. When a launch ends by itself (the
+  # run completed before its kill moment), the round is compared and a new one starts.
+  killed_dir = os.path.join(base, 'killed0')
+  launches = 0
+  while len(trials) < args.trials and launches < 4 * args.trials + 4:
+    launches += 1
+    phase = phases[len(trials) % len(phases)]
+    name = f'{os.path.basename(killed_dir)}_launch{launches:02d}'
+    launch = Launch(args, killed_dir, os.path.join(logs, name), env)
+    if not _kill_moment(launch, phase, rng, args, reference_s):
+      status = launch.wait(args.timeout)
+      if status != 0:
+        problems.append(f'{name}: run failed (status {status}): {launch.stderr()[-500:]}')
+      finish_round(killed_dir)
+      killed_dir = os.path.join(base, f'killed{len(rounds)}')
+      continue
+    observed = _state(launch)
+    launch.process.send_signal(signal.SIGTERM if phase == 'sigterm' else signal.SIGKILL)
     try:
       status = launch.wait(args.timeout)
     except subprocess.TimeoutExpired:
       launch.process.kill()
       status = launch.wait(60)
-      problems.append(f'trial {trial}: no exit within {args.timeout}s of SIGTERM')
-    if phase == 'sigterm' and alive:
+      problems.append(f'{name}: no exit within {args.timeout}s of SIGTERM')
+    if phase == 'sigterm':
       stderr = launch.stderr()
       if status != 128 + signal.SIGTERM or 'stopped: SIGTERM' not in stderr:
-        problems.append(f'trial {trial}: SIGTERM gave status {status}, stderr tail '
-                        f'{stderr[-300:]!r}')
-    elif not alive and status != 0:
-      problems.append(f'trial {trial}: run failed (status {status}): {launch.stderr()[-500:]}')
+        problems.append(f'{name}: SIGTERM gave status {status}, stderr tail {stderr[-300:]!r}')
     good, bad, partial = _restore_all(killed_dir)
-    corrupted += [(trial, step, error) for step, error in bad]
+    corrupted.extend((name, step, error) for step, error in bad)
     partial_seen += len(partial)
-    epochs_done = max(good) if good else 0
-    trials.append({'trial': trial, 'phase': phase, 'observed': observed, 'status': status,
-                   'epochs_done': epochs_done, 'partial_dirs': len(partial),
+    trials.append({'trial': len(trials), 'launch': name, 'phase': phase, 'observed': observed,
+                   'status': status, 'checkpoints': good, 'corrupted': len(bad),
+                   'partial_dirs': len(partial),
                    'seconds': round(time.monotonic() - launch.start, 1)})
-    print(f'trial {trial:2d}: {phase:10s} killed during {observed:10s} status {status:4d} '
-          f'checkpoints {good} corrupted {len(bad)} partial dirs {len(partial)}', flush=True)
+    print(f'trial {len(trials) - 1:2d}: {phase:10s} -> {signal.Signals(-status).name if status < 0 else status}'
+          f' during {observed:10s} checkpoints {good} corrupted {len(bad)} '
+          f'partial dirs {len(partial)}', flush=True)
+  finish_round(killed_dir)
 
-  final = Launch(args, killed_dir, os.path.join(logs, 'final'), env)
-  final_status = final.wait(args.timeout)
-  if final_status != 0:
-    problems.append(f'final run failed (status {final_status}): {final.stderr()[-1000:]}')
-  good, bad, partial = _restore_all(killed_dir)
-  corrupted += [('final', step, error) for step, error in bad]
-
-  reference_arrays, _, reference_step = _final_arrays(reference_dir)
-  killed_arrays, _, killed_step = _final_arrays(killed_dir)
-  if reference_step != killed_step:
-    problems.append(f'final checkpoints differ: {reference_step} vs {killed_step}')
-  param_diff, param_where = _max_param_diff(reference_arrays, killed_arrays)
-  metric_diff, metric_where = _max_metric_diff(_metrics(reference_dir), _metrics(killed_dir))
   observed = {}
   for record in trials:
     observed[record['observed']] = observed.get(record['observed'], 0) + 1
-  passed = (not corrupted and not problems and param_diff <= args.tolerance
-            and metric_diff <= args.tolerance)
+  (param_diff, param_where), (metric_diff, metric_where) = worst['param'], worst['metric']
+  passed = (len(trials) == args.trials and not corrupted and not problems
+            and param_diff <= args.tolerance and metric_diff <= args.tolerance)
   results = {
       'trials': len(trials), 'killed_during': observed, 'corrupted_checkpoints': len(corrupted),
       'corrupted': corrupted, 'partial_checkpoint_dirs_seen': partial_seen,
-      'max_param_diff': param_diff, 'max_param_diff_at': param_where,
+      'rounds': rounds, 'max_param_diff': param_diff, 'max_param_diff_at': param_where,
       'max_metric_diff': metric_diff, 'max_metric_diff_at': metric_where,
       'problems': problems, 'passed': passed, 'trial_log': trials,
       'seconds': round(time.monotonic() - start, 1), 'workdir': base,
   }
-  print(f'trials: {len(trials)} (killed during: '
+  print(f'trials: {len(trials)} in {len(rounds)} resumed run(s) (killed during: '
         f'{", ".join(f"{k} {v}" for k, v in sorted(observed.items()))})')
   print(f'corrupted checkpoints: {len(corrupted)}{" " + str(corrupted) if corrupted else ""}; '
         f'partial checkpoint dirs left by kills: {partial_seen} (ignored, removed on resume)')

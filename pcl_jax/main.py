@@ -201,8 +201,8 @@ def main(argv):
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
     if FLAGS.mode == 'train':
+      # Not the lock: in a multi-host run only process 0 takes it, once JAX knows which it is.
       run_files.prepare_workdir(FLAGS.workdir)
-      run_files.WorkdirLock.check_free(FLAGS.workdir)
   except (configuration.UserError, run_files.WorkdirError) as error:
     if FLAGS.verbose:
       raise

@@ -503,6 +503,7 @@ class _StopRequest:
     self.signum: Optional[int] = None
     self._should_stop = should_stop
     self._previous = {}
+    self._pid = os.getpid()
 
   def __enter__(self) -> '_StopRequest':
     if threading.current_thread() is threading.main_thread():
@@ -517,6 +518,10 @@ class _StopRequest:
     self._previous.clear()
 
   def _handle(self, signum, frame) -> None:
+    if os.getpid() != self._pid:
+      # A forked DataLoader worker inherited this handler; Ctrl-C reaches the whole process
+      # group. The main process stops the loader, which ends its workers.
+      return
     if self.signum is not None:
       # Asked twice: stop at once. Checkpoints on disk stay valid (Orbax commits by rename), so
       # this loses only the work since the last one.
@@ -719,7 +724,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except run_files.WorkdirError as error:
     raise configuration.UserError(str(error)) from None
   try:
-    _remove_partial_checkpoints(workdir)
+    if parallel.is_main_process():
+      _remove_partial_checkpoints(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
     try:
       return _train(config, workdir, checkpointer, stop_after_epochs, should_stop)
@@ -752,25 +758,32 @@ def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
     return state
   if first_epoch:
     log.info('resumed from %s at epoch %d', checkpoint_lib.checkpoint_dir(workdir), first_epoch)
-  _write_config(workdir, config, resumed=first_epoch > 0)
   last_epoch = config.train.epochs
   if stop_after_epochs is not None:
     last_epoch = min(last_epoch, stop_after_epochs)
-  metrics_log = run_files.MetricsLog(workdir)
+  metrics_log = None  # only process 0 writes the run's files (Orbax saves from all)
+  if parallel.is_main_process():
+    _write_config(workdir, config, resumed=first_epoch > 0)
+    metrics_log = run_files.MetricsLog(workdir)
   try:
-    # Records past the checkpoint were written by a run killed before its next save (or a
-    # torn last line): rewrite the file with the checkpoint's epochs only.
-    metrics_log.truncate_from(first_epoch)
+    if metrics_log is not None:
+      # Records past the checkpoint were written by a run killed before its next save (or a
+      # torn last line): rewrite the file with the checkpoint's epochs only.
+      metrics_log.truncate_from(first_epoch)
     with _StopRequest(should_stop) as stop:
       return _run_epochs(trainer, checkpointer, metrics_log, state, first_epoch, last_epoch,
                          stop)
   finally:
-    metrics_log.close()
+    if metrics_log is not None:
+      metrics_log.close()
 
 
 def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch: int,
                 last_epoch: int, stop: _StopRequest):
-  """The epoch loop of `train_and_evaluate`: epochs, checks, metrics, checkpoints, stops."""
+  """The epoch loop of `train_and_evaluate`: epochs, checks, metrics, checkpoints, stops.
+
+  `metrics_log` is None on processes other than 0 of a multi-host run.
+  """
   config = trainer.config
   saved_epoch = first_epoch  # epochs done in the newest checkpoint (0: the seeded initial state)
 
@@ -792,8 +805,10 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
         checkpointer.save(epoch, state, meta_for(epoch))
       raise interrupted(epoch, f'stopped before epoch {epoch}')
     # The state at the start of an epoch that no checkpoint holds: saved if a stop request cuts
-    # the epoch short (the train step donates the state, so keep a host copy).
-    snapshot = jax.device_get(state) if epoch != saved_epoch else None
+    # the epoch short (the train step donates the state, so keep a host copy; a collective in a
+    # multi-host run, where every process takes this branch at the same epochs).
+    snapshot = (jax.tree_util.tree_map(parallel.to_host, state) if epoch != saved_epoch
+                else None)
     try:
       state, record = trainer.run_epoch(state, epoch, should_stop=stop)
     except FloatingPointError:
@@ -814,8 +829,9 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
       decision = trainer.schedule.update(epoch, record)
       if decision.message:
         log.info('%s', decision.message)
-    metrics_log.append(record)
-    print(_epoch_summary(epoch, record), flush=True)
+    if metrics_log is not None:
+      metrics_log.append(record)
+      print(_epoch_summary(epoch, record), flush=True)
     epochs_done = epoch + 1
     meta = meta_for(epochs_done)
     if (epochs_done % config.checkpoint.every_epochs == 0 or epochs_done == last_epoch
