@@ -31,6 +31,10 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (resuming) or evalu
 flags.DEFINE_integer('step', None, 'Eval: the checkpoint (epochs done) to evaluate; default latest.')
 flags.DEFINE_bool('overwrite', False, 'Eval: replace an existing WORKDIR/eval/results.json.')
 flags.DEFINE_bool('best', False, 'Eval: the best-by-validation checkpoint (checkpoints_best/).')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-host: host:port of process 0 (omit to let JAX detect the cluster).')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process (0 .. num_processes-1).')
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -196,7 +200,12 @@ def main(argv):
   project_logger.setLevel(py_logging.INFO)
   project_logger.propagate = False
   from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
+  from pcl_jax import parallel  # pylint: disable=g-import-not-at-top
   from pcl_jax import run_files  # pylint: disable=g-import-not-at-top
+  # Before anything touches a JAX backend (validation asks which one runs): a multi-host run
+  # meets its peers here.
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)

@@ -303,6 +303,10 @@ class Trainer:
     if config.eval.val_every:
       self.val_dataset = input_pipeline.build_eval_dataset(config, config.data.val_split)
 
+  def step_compilations(self) -> int:
+    """How many programs the jitted train step has compiled (1 unless shapes changed)."""
+    return self.train_step._cache_size()  # pylint: disable=protected-access
+
   def initial_state(self) -> state_lib.PCLState:
     """The initial state, replicated over the mesh (same seed -> same state on every process)."""
     create = functools.partial(state_lib.create_state, model=self.model, tx=self.tx,
@@ -395,8 +399,13 @@ class Trainer:
     start = time.perf_counter()
     proto_active = epoch >= config.pcl.warmup_epochs
     timing = {}
-    if proto_active:
+    stop_requested = should_stop is not None and should_stop()
+    if proto_active and not stop_requested:
       bank, timing = self.e_step(state, epoch)
+      stop_requested = should_stop is not None and should_stop()
+    if stop_requested:  # before any step: the epoch's state is the input state
+      return state, {'epoch': epoch, 'interrupted': True}
+    if proto_active:
       smoothing = losses.smoothing_factor(self.schedule.newest_k, self.max_clusters,
                                           config.pcl.smoothing_cap)
     else:
@@ -413,25 +422,32 @@ class Trainer:
                                          process_count=jax.process_count())
     batch_sharding = parallel.batch_sharding(self.mesh)
     sums, steps_done, interrupted = None, 0, False
+    recent_losses = []  # device scalars since the last log: the first bad step without a sync
     step_start = time.perf_counter()
     progress = tqdm.tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch}', leave=False,
                          dynamic_ncols=True)
-    for step_in_epoch, batch in enumerate(input_pipeline.numpy_batches(loader)):
-      if step_in_epoch >= self.steps_per_epoch:
-        break
-      state, metrics = self.train_step(state, parallel.global_batch(batch, batch_sharding), bank,
-                                       hparams)
-      sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-      steps_done += 1
-      progress.update(1)
-      if steps_done % config.train.log_every_steps == 0:
-        shown = jax.device_get(metrics)
-        _check_finite_step(shown, epoch, step_in_epoch)
-        progress.set_postfix(loss=f"{shown['loss']:.3f}", acc_inst=f"{shown['acc_inst']:.1f}")
-      if should_stop is not None and should_stop():
-        interrupted = True
-        break
-    progress.close()
+    try:
+      for step_in_epoch, batch in enumerate(input_pipeline.numpy_batches(loader)):
+        if step_in_epoch >= self.steps_per_epoch:
+          break
+        state, metrics = self.train_step(state, parallel.global_batch(batch, batch_sharding),
+                                         bank, hparams)
+        sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
+        recent_losses.append(jnp.stack([metrics['loss_inst'], metrics['loss_proto']]))
+        steps_done += 1
+        progress.update(1)
+        last = steps_done == self.steps_per_epoch
+        if steps_done % config.train.log_every_steps == 0 or last:
+          _check_finite_steps(jax.device_get(jnp.stack(recent_losses)), epoch,
+                              steps_done - len(recent_losses))
+          recent_losses = []
+          shown = jax.device_get(metrics)
+          progress.set_postfix(loss=f"{shown['loss']:.3f}", acc_inst=f"{shown['acc_inst']:.1f}")
+        if should_stop is not None and should_stop():
+          interrupted = True
+          break
+    finally:
+      progress.close()
     means = {name: float(value) / max(steps_done, 1)
              for name, value in jax.device_get(sums).items()}
     step_time = time.perf_counter() - step_start
@@ -450,17 +466,21 @@ class Trainer:
     }
     if interrupted:
       record['interrupted'] = True
-    if self.val_dataset is not None and (epoch + 1) % config.eval.val_every == 0:
+    if (not interrupted and self.val_dataset is not None
+        and (epoch + 1) % config.eval.val_every == 0):
       record['val_knn_top1'] = self.validation_knn(state)
     return state, record
 
 
-def _check_finite_step(metrics: dict, epoch: int, step_in_epoch: int) -> None:
-  for name in ('loss_inst', 'loss_proto'):
-    if not math.isfinite(float(metrics[name])):
-      raise FloatingPointError(
-          f'non-finite {name}={float(metrics[name])} at epoch {epoch}, step {step_in_epoch}; '
-          'training stopped and the last checkpoint is kept. Lower optim.lr or check the data.')
+def _check_finite_steps(step_losses: np.ndarray, epoch: int, first_step: int) -> None:
+  """Names the first step (within the epoch) whose loss_inst or loss_proto is not finite."""
+  bad_steps, bad_columns = np.nonzero(~np.isfinite(step_losses))
+  if bad_steps.size:
+    name = ('loss_inst', 'loss_proto')[bad_columns[0]]
+    value = step_losses[bad_steps[0], bad_columns[0]]
+    raise FloatingPointError(
+        f'non-finite {name}={value} at epoch {epoch}, step {first_step + bad_steps[0]}; '
+        'training stopped and the last checkpoint is kept. Lower optim.lr or check the data.')
 
 
 def _check_finite(record: dict) -> None:
@@ -842,4 +862,6 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
       checkpointer.save_if_best(epochs_done, state, meta, record['val_knn_top1'])
     if stop() and epochs_done < last_epoch:
       raise interrupted(epochs_done, f'stopped after epoch {epoch}')
+  # Proof that lr, smoothing and cluster-count changes never recompiled the step.
+  log.info('train_step compiled %d time(s) in this run', trainer.step_compilations())
   return state

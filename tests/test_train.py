@@ -147,3 +147,19 @@ def test_validation_knn_is_logged_and_best_checkpoint_kept(tmp_path):
   kept = os.listdir(tmp_path / 'checkpoints_best')
   assert len(kept) == 1
   assert records[int(kept[0]) - 1]['val_knn_top1'] == max(r['val_knn_top1'] for r in records)
+
+
+def test_cli_run_where_k_changes_mid_run_compiles_the_step_once(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
+       '--config.train.epochs=4', '--config.schedule.mode=fixed', '--config.schedule.every=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = run_files.read_metrics(str(workdir / 'metrics.jsonl'))
+  windows = [r['num_clusters'] for r in records]
+  assert windows[0] is None and windows[1] == [40, 20] and windows[2] == [20, 10]
+  assert windows[3] == [10, 5]
+  assert [r['smoothing'] for r in records][1:] == sorted(r['smoothing'] for r in records[1:])
+  assert 'clusters changed -> [20, 10]' in result.stderr
+  assert 'train_step compiled 1 time(s)' in result.stderr
