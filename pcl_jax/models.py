@@ -88,48 +88,45 @@ def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
   return ((size // 2, size // 2), (size // 2, size // 2))
 
 
-class BasicBlock(nn.Module):
-  """ResNet basic block (ResNet-18/34)."""
+class _ResidualBlock(nn.Module):
+  """What the ResNet blocks share: their fields and the projection shortcut."""
   filters: int
   strides: int
   conv: Any
   norm: Any
+
+  def _add_shortcut(self, x, y):
+    """relu(y + shortcut(x)); a strided 1x1 conv + BN when shapes differ (torchvision's)."""
+    if x.shape != y.shape:
+      x = self.conv(y.shape[-1], (1, 1), (self.strides, self.strides), padding='VALID',
+                    name='downsample_conv')(x)
+      x = self.norm(name='downsample_bn')(x)
+    return nn.relu(y + x)
+
+
+class BasicBlock(_ResidualBlock):
+  """ResNet basic block (ResNet-18/34)."""
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
-    y = self.norm()(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides), padding='VALID',
-                           name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(y + residual)
+    return self._add_shortcut(x, self.norm()(y))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
   """ResNet bottleneck block (ResNet-50), stride on the 3x3 conv as torchvision v1.5."""
-  filters: int
-  strides: int
-  conv: Any
-  norm: Any
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
-    residual = x
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1), padding='VALID')(x)))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(y)
     y = nn.relu(self.norm()(y))
     y = self.norm()(self.conv(self.filters * 4, (1, 1), padding='VALID')(y))
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
-                           padding='VALID', name='downsample_conv')(residual)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(y + residual)
+    return self._add_shortcut(x, y)
 
 
 class ResNetBackbone(nn.Module):

@@ -755,6 +755,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock.release()
 
 
+def checkpoint_meta(trainer: Trainer, epochs_done: int) -> dict:
+  """The JSON half of a checkpoint: host-side state and the settings a resume must keep."""
+  config = trainer.config
+  return {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
+          'model': config.model.to_dict(), 'image_size': config.data.image_size,
+          'num_negatives': config.pcl.num_negatives}
+
+
 def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
   """`train_and_evaluate` once the workdir is locked and the checkpoint manager open."""
   step = checkpointer.latest_epoch()
@@ -771,6 +779,13 @@ def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
     _check_checkpoint_matches(config, meta, path)
   trainer = Trainer(config, workdir)
   state, first_epoch = _restore(trainer, checkpointer, workdir, step)
+  if config.train.epochs == 0 and step is None:
+    # train.epochs=0 saves the initialisation as checkpoint 0: the baseline that --mode=eval
+    # compares a trained run against.
+    checkpointer.save(0, state, checkpoint_meta(trainer, 0))
+    checkpointer.wait()
+    print(f'saved the initial network as checkpoint 0 in {workdir} (train.epochs=0)', flush=True)
+    return state
   if first_epoch >= config.train.epochs:
     print(f'{workdir} is finished: {first_epoch} epochs done (train.epochs='
           f'{config.train.epochs}); nothing to train. Evaluate it with --mode=eval, or raise '
@@ -808,9 +823,7 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
   saved_epoch = first_epoch  # epochs done in the newest checkpoint (0: the seeded initial state)
 
   def meta_for(epochs_done):
-    return {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
-            'model': config.model.to_dict(), 'image_size': config.data.image_size,
-            'num_negatives': config.pcl.num_negatives}
+    return checkpoint_meta(trainer, epochs_done)
 
   def interrupted(epochs_done, detail):
     where = (f'checkpoint {epochs_done} ({epochs_done} epochs done) in '

@@ -44,9 +44,17 @@ for epoch in range(2):
   records.append(record)
 variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
 features, _ = trainer._embed_dataset(variables, trainer.datasets.train_eval)  # pylint: disable=protected-access
+sharded_features = features
 features = parallel.to_host(features)
 centroids, im2cluster, _ = clustering.kmeans(features, 10, backend='jax', niter=5, nredo=1,
                                              seed=0)
+if jax.process_count() == 1:
+  # The jax backend on the device-sharded array equals it on the host copy.
+  assert len(sharded_features.sharding.device_set) == args.devices
+  sharded_centroids, sharded_im2cluster, _ = clustering.kmeans(
+      sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
+  np.testing.assert_allclose(np.asarray(sharded_centroids), np.asarray(centroids), atol=1e-5)
+  assert np.mean(np.asarray(sharded_im2cluster) == np.asarray(im2cluster)) > 0.99
 leaves = [parallel.to_host(x) for x in jax.tree_util.tree_leaves(
     (state.params, state.batch_stats, state.key_params, state.queue))]
 if parallel.is_main_process():

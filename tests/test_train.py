@@ -163,3 +163,15 @@ def test_cli_run_where_k_changes_mid_run_compiles_the_step_once(tmp_path):
   assert [r['smoothing'] for r in records][1:] == sorted(r['smoothing'] for r in records[1:])
   assert 'clusters changed -> [20, 10]' in result.stderr
   assert 'train_step compiled 1 time(s)' in result.stderr
+
+
+def test_zero_epochs_saves_the_initialisation_as_checkpoint_zero(tmp_path):
+  config = test_config.get_config()
+  config.train.epochs = 0
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == ['0']
+  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  tree, meta, step = checkpoint_lib.restore_for_eval(str(tmp_path))
+  assert step == 0 and meta['epochs_done'] == 0
+  np.testing.assert_array_equal(jax.tree_util.tree_leaves(tree['key_params'])[0],
+                                jax.tree_util.tree_leaves(state.key_params)[0])
