@@ -29,13 +29,22 @@ class Checkpointer:
         checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         item_names=('state', 'meta'))
-    # The over-fitting monitor's pick: one checkpoint, the best validation kNN top-1 so far.
-    self.best_manager = ocp.CheckpointManager(
-        checkpoint_dir(workdir, best=True),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda metrics: metrics['val_knn_top1'], best_mode='max',
-            create=True),
-        item_names=('state', 'meta'))
+    self.workdir = workdir
+    self.best_manager = None  # opened on the first validation, so runs without one have no dir
+
+  def _best(self) -> ocp.CheckpointManager:
+    """The over-fitting monitor's pick: one checkpoint, the best validation kNN top-1 so far."""
+    if self.best_manager is None:
+      self.best_manager = ocp.CheckpointManager(
+          checkpoint_dir(self.workdir, best=True),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda metrics: metrics['val_knn_top1'], best_mode='max',
+              create=True),
+          item_names=('state', 'meta'))
+    return self.best_manager
+
+  def _open_managers(self):
+    return [m for m in (self.manager, self.best_manager) if m is not None]
 
   def latest_epoch(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -45,8 +54,8 @@ class Checkpointer:
 
   def save_if_best(self, epochs_done: int, state, meta: dict, val_knn_top1: float) -> None:
     """Offers the state to the best-by-validation manager (it keeps the single best)."""
-    self.best_manager.save(epochs_done, args=_composite_save(state, meta),
-                           metrics={'val_knn_top1': float(val_knn_top1)})
+    self._best().save(epochs_done, args=_composite_save(state, meta),
+                      metrics={'val_knn_top1': float(val_knn_top1)})
 
   def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
@@ -56,11 +65,11 @@ class Checkpointer:
     return restored['state'], restored['meta']
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    self.best_manager.wait_until_finished()
+    for manager in self._open_managers():
+      manager.wait_until_finished()
 
   def close(self) -> None:
-    for manager in (self.manager, self.best_manager):
+    for manager in self._open_managers():
       manager.wait_until_finished()
       manager.close()
 
