@@ -15,7 +15,6 @@ On a shared CPU the numbers are noisy; rerun and compare on the same machine.
 import argparse
 import os
 import sys
-import time
 
 import jax
 import numpy as np

@@ -67,7 +67,6 @@ import functools
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -595,20 +594,6 @@ def check_model_matches(config, meta: dict, checkpoint_path: str) -> None:
           f'--config.model.{field}={saved[field]} or the config the run was trained with')
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.npz')
-  try:
-    with os.fdopen(handle, 'wb') as tmp:
-      np.savez(tmp, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-
-
 def _fmt(value, digits: int = 2, suffix: str = '') -> str:
   return 'n/a' if value is None else f'{value:.{digits}f}{suffix}'
 
@@ -733,8 +718,9 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
                                                            kmeans_fn=kmeans_fn)
   results['checkpoint_step'] = int(step)
   if config.eval.save_features:
-    _save_npz_atomic(os.path.join(workdir, 'eval', f'features_{results["split"]}.npz'),
-                     features=np.asarray(eval_features), labels=np.asarray(eval_labels))
+    arrays = dict(features=np.asarray(eval_features), labels=np.asarray(eval_labels))
+    run_files.write_atomic(os.path.join(workdir, 'eval', f'features_{results["split"]}.npz'),
+                           lambda tmp: np.savez(tmp, **arrays), binary=True)
   run_files.write_json_atomic(output, results)
   print(format_table(results), flush=True)
   return results

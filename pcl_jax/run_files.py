@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Iterable, List, Optional
+from typing import IO, Callable, List
 
 
 class WorkdirError(OSError):
@@ -88,14 +88,19 @@ class WorkdirLock:
       pass
 
 
-def write_json_atomic(path: str, payload) -> None:
-  """Writes `payload` as JSON to `path` via temp file + rename (never a half-written file)."""
+def write_atomic(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
+  """Fills `path` through `write(file)` on a temp file in the same directory, fsyncs, renames.
+
+  Readers see the old file or the whole new one, never a half-written file; a failed write
+  leaves the old file and removes the temp file.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix='.json')
+  suffix = os.path.splitext(path)[1]
+  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_', suffix=suffix)
   try:
-    with os.fdopen(handle, 'w') as tmp:
-      json.dump(payload, tmp, indent=2, sort_keys=True, default=_json_default)
+    with os.fdopen(handle, 'wb' if binary else 'w') as tmp:
+      write(tmp)
       tmp.flush()
       os.fsync(tmp.fileno())
     os.replace(tmp_path, path)
@@ -103,6 +108,12 @@ def write_json_atomic(path: str, payload) -> None:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
     raise
+
+
+def write_json_atomic(path: str, payload) -> None:
+  """Writes `payload` as JSON to `path` atomically (see `write_atomic`)."""
+  write_atomic(path, lambda tmp: json.dump(payload, tmp, indent=2, sort_keys=True,
+                                           default=_json_default))
 
 
 def _json_default(value):
@@ -134,13 +145,7 @@ class MetricsLog:
     """Drops records of epochs >= `epoch` (written after the checkpoint we resume from)."""
     kept = [r for r in self.records() if r.get('epoch', -1) < epoch]
     lines = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept)
-    directory = os.path.dirname(os.path.abspath(self.path))
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp_metrics_')
-    with os.fdopen(handle, 'w') as tmp:
-      tmp.write(lines)
-      tmp.flush()
-      os.fsync(tmp.fileno())
-    os.replace(tmp_path, self.path)
+    write_atomic(self.path, lambda tmp: tmp.write(lines))
 
   def append(self, record: dict) -> None:
     record = {key: _finite_or_none(value) for key, value in record.items()}

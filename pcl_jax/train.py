@@ -324,7 +324,6 @@ class Trainer:
     clusters and broadcasts; the jax backend takes the (sharded) device array as it is."""
     from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
     config = self.config
-    backend = clustering.resolve_backend(config.clustering.backend)
     run = functools.partial(
         clustering.cluster_levels, num_clusters=self.schedule.clustering_order(),
         backend=config.clustering.backend, niter=config.clustering.niter,
@@ -336,7 +335,7 @@ class Trainer:
     if jax.process_count() == 1:
       return run(features)
     host_features = parallel.to_host(features)
-    if backend == 'jax':  # deterministic: every process computes the same result
+    if clustering.resolve_backend(config.clustering.backend) == 'jax':  # deterministic: every process computes the same result
       return run(host_features)
     levels = run(host_features) if parallel.is_main_process() else [
         {'k': k, 'centroids': np.zeros((k, host_features.shape[1]), np.float32),
