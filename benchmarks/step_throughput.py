@@ -5,9 +5,13 @@ r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo
 
 Both sides do the same work per step: momentum update of the key encoder, key forward (train-mode
 BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (momentum, weight
-decay), enqueue. The PyTorch side is what a PyTorch user would run on this machine: eager mode,
-all cores, and the faster of NCHW and channels-last (both are timed). Prints images/s of each
-and the JAX/PyTorch ratio (>= 1.0 means JAX is at least as fast).
+decay), enqueue. The JAX step is timed with both convolution kernels (`model.conv_impl`): xla
+(XLA's own) and torch (PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`, what `auto` picks
+on one CPU device). The PyTorch side is what a PyTorch user would run on this machine: eager
+mode, all cores, and the faster of NCHW and channels-last (both are timed). Both run in this
+process, so both get `pcl_jax.host_memory`'s allocator settings (run with PCL_JAX_TUNE_MALLOC=0
+to see both without). Prints images/s of each and the ratio of the JAX step `auto` runs to the
+faster PyTorch one (>= 1.0 means JAX is at least as fast).
 """
 
 import argparse
@@ -17,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# pcl_jax first: host_memory tunes malloc before jax starts its threads.
+import pcl_jax  # pylint: disable=g-import-not-at-top,unused-import
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +38,10 @@ from pcl_jax import train
 
 
 def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
-                           warmup, dtype, bn_groups):
+                           warmup, dtype, bn_groups, conv_impl):
   config = default.get_config()
   config.model.arch, config.model.width, config.model.small_stem = arch, width, small_stem
+  config.model.conv_impl = conv_impl
   config.train.dtype = dtype
   config.pcl.num_negatives = num_negatives
   model = models.encoder_from_config(config, bn_groups=bn_groups)
@@ -49,7 +56,8 @@ def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negat
   batch_np = {'im_q': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
               'im_k': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
               'index': np.arange(batch)}
-  # Batches arrive from the host each step, as in training.
+  # Batches arrive from the host each step, as in training. Warm-up also lets the heap reach its
+  # steady state (host_memory): the first steps still grow it.
   for _ in range(warmup):
     state, metrics = step(state, batch_np, bank, hparams)
   jax.block_until_ready(metrics)
@@ -64,7 +72,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='tiny smoke version')
   parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=5)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--bn-groups', type=int, default=4, help='JAX shuffle-BN groups')
   parser.add_argument('--jax-only', action='store_true', help='skip the PyTorch reference')
@@ -79,22 +87,24 @@ def main():
     steps, warmup = 3, 2
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}')
-  print(f"{'case':<28}{'jax img/s':>11}{'torch NCHW':>12}{'torch CL':>10}{'ratio':>8}")
+  print(f"{'case':<22}{'jax torch-conv':>15}{'jax xla-conv':>13}{'torch NCHW':>12}"
+        f"{'torch CL':>10}{'ratio':>7}")
   for arch, size, batch, width, small_stem in cases:
     common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                   num_negatives=batch * 10, steps=steps, warmup=warmup)
-    jax_ips = _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups, **common)
+    jax_ips = {impl: _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups,
+                                            conv_impl=impl, **common)
+               for impl in ('torch', 'xla')}
     name = f'{arch} {size}px b{batch}'
+    row = f"{name:<22}{jax_ips['torch']:>15.1f}{jax_ips['xla']:>13.1f}"
     if args.jax_only:
-      print(f'{name:<28}{jax_ips:>11.1f}', flush=True)
+      print(row, flush=True)
       continue
     bf16 = args.dtype == 'bfloat16'
     torch_nchw = torch_reference.torch_step_images_per_s(channels_last=False, bf16=bf16, **common)
     torch_cl = torch_reference.torch_step_images_per_s(channels_last=True, bf16=bf16, **common)
-    best = max(torch_nchw, torch_cl)
-    print(f'{name:<28}{jax_ips:>11.1f}{torch_nchw:>12.1f}{torch_cl:>10.1f}{jax_ips / best:>8.2f}',
-          flush=True)
-
+    ratio = jax_ips['torch'] / max(torch_nchw, torch_cl)
+    print(f'{row}{torch_nchw:>12.1f}{torch_cl:>10.1f}{ratio:>7.2f}', flush=True)
 
 if __name__ == '__main__':
   main()

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp = False  # 2-layer MLP head (MoCo v2) instead of one linear layer
   config.model.small_stem = False  # 3x3 stride-1 stem without max-pool (small images)
   config.model.width = 64  # channels of Conv4 / first ResNet stage
+  # Convolution kernels: xla | torch (PyTorch's oneDNN CPU kernels via a host callback, ~2x
+  # faster on CPU; single CPU device only) | auto (torch on a single CPU device, else xla).
+  config.model.conv_impl = 'auto'
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

@@ -9,6 +9,7 @@ import difflib
 
 import ml_collections
 
+from pcl_jax import cpu_conv
 from pcl_jax import models
 
 DTYPES = ('float32', 'bfloat16')
@@ -134,6 +135,7 @@ def validate(config) -> None:
   check_fields(config)
   _one_of(config.data.name, DATASETS, 'data.name')
   _one_of(config.model.arch, models.ARCHS, 'model.arch')
+  _one_of(config.model.conv_impl, cpu_conv.CONV_IMPLS, 'model.conv_impl')
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
   _one_of(config.schedule.mode, SCHEDULE_MODES, 'schedule.mode')

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pcl_jax import cpu_conv
+
 ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
 
 # torchvision's initialisers, so parameter statistics match the PyTorch reference.
@@ -137,10 +139,12 @@ class ResNetBackbone(nn.Module):
   small_stem: bool = False
   bn_groups: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                             conv_general_dilated=cpu_conv.conv_function(self.conv_impl))
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
                              num_groups=self.bn_groups, dtype=self.dtype)
     x = x.astype(self.dtype)
@@ -163,13 +167,15 @@ class Conv4Backbone(nn.Module):
   width: int = 64
   bn_groups: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
     for _ in range(4):
       x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=True, dtype=self.dtype,
-                  kernel_init=conv_init)(x)
+                  kernel_init=conv_init,
+                  conv_general_dilated=cpu_conv.conv_function(self.conv_impl))(x)
       x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
                            dtype=self.dtype)(x)
       x = max_pool_2x2(nn.relu(x))
@@ -204,15 +210,20 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
 
 
 def create_encoder(arch: str, *, dim: int = 128, mlp: bool = False, small_stem: bool = False,
-                   width: int = 64, bn_groups: int = 1, dtype: Any = jnp.float32) -> Encoder:
-  """Builds the encoder named by `model.arch`."""
+                   width: int = 64, bn_groups: int = 1, dtype: Any = jnp.float32,
+                   conv_impl: str = 'xla') -> Encoder:
+  """Builds the encoder named by `model.arch`.
+
+  `conv_impl` is a resolved `model.conv_impl` ('xla' or 'torch', see `cpu_conv`): it picks the
+  convolution kernels, never the parameters; results agree to float rounding.
+  """
   if arch == 'conv4':
-    backbone = Conv4Backbone(width=width, bn_groups=bn_groups, dtype=dtype)
+    backbone = Conv4Backbone(width=width, bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)
   elif arch in ('resnet18', 'resnet34', 'resnet50'):
     stages = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3), 'resnet50': (3, 4, 6, 3)}[arch]
     block = Bottleneck if arch == 'resnet50' else BasicBlock
     backbone = ResNetBackbone(stages, block, width=width, small_stem=small_stem,
-                              bn_groups=bn_groups, dtype=dtype)
+                              bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)
   else:
     raise ValueError(f'model.arch={arch!r} is unknown; use one of {", ".join(ARCHS)}')
   return Encoder(backbone=backbone, dim=dim, mlp=mlp, dtype=dtype)
@@ -220,7 +231,12 @@ def create_encoder(arch: str, *, dim: int = 128, mlp: bool = False, small_stem: 
 
 def encoder_from_config(config, bn_groups: int = 1) -> Encoder:
   """Builds the encoder of a full config (`model` and `train.dtype` sections)."""
+  from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.train.dtype]
+  try:  # depends on the devices, so it is checked here rather than in configuration.validate
+    conv_impl = cpu_conv.resolve_conv_impl(config.model.conv_impl)
+  except ValueError as error:
+    raise configuration.UserError(str(error)) from None
   return create_encoder(config.model.arch, dim=config.model.dim, mlp=config.model.mlp,
                         small_stem=config.model.small_stem, width=config.model.width,
-                        bn_groups=bn_groups, dtype=dtype)
+                        bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)

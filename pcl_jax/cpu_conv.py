@@ -1,0 +1,181 @@
+"""2-D convolution on PyTorch's CPU kernels (oneDNN), callable and differentiable from jitted JAX.
+
+Why this exists: on CPU, XLA's convolutions (above all the weight gradient, 2.5-4x its forward)
+left the jitted PCL step at ~0.6x of an eager PyTorch step on the same cores
+(benchmarks/step_throughput.py). PyTorch ships oneDNN's convolutions, and torch is already a
+dependency for data loading. `conv_general_dilated` here has `lax.conv_general_dilated`'s
+signature, so `flax.linen.Conv(conv_general_dilated=...)` takes it unchanged: the forward and the
+two backward products (d images, d kernel) run as `jax.experimental.buffer_callback`s on zero-copy
+torch views of XLA's own buffers -- NHWC is exactly PyTorch's channels-last layout -- and a
+`jax.custom_vjp` wires the gradients. Batch norm, losses, the optimizer and the momentum update
+stay in XLA.
+
+Only for a single CPU device: a host callback would gather a sharded batch onto one host thread,
+and on an accelerator it would copy every activation to the host. `resolve_conv_impl` makes that
+choice for `model.conv_impl='auto'`. Cases the fast path does not cover (dilation, groups,
+asymmetric padding, other layouts or dtypes) fall back to XLA's convolution, so the function is
+always safe to call.
+"""
+
+import functools
+import threading
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import torch
+
+try:  # experimental API (jax >= 0.6); without it model.conv_impl=auto means xla
+  from jax.experimental import buffer_callback as _buffer_callback
+except ImportError:  # pragma: no cover - depends on the installed jax
+  _buffer_callback = None
+
+CONV_IMPLS = ('auto', 'xla', 'torch')
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_DTYPES = (jnp.float32, jnp.bfloat16)
+
+# XLA's CPU runtime runs independent ops concurrently (the query and key encoders, a layer's two
+# backward products). Two torch convolutions at once would each start an all-core OpenMP team on
+# the same cores; one at a time, while XLA's own ops still overlap them, is faster.
+_TORCH_LOCK = threading.Lock()
+
+
+def torch_conv_available() -> Tuple[bool, str]:
+  """(whether model.conv_impl=torch can run here, why not)."""
+  if _buffer_callback is None:
+    return False, f'jax {jax.__version__} has no jax.experimental.buffer_callback'
+  if jax.default_backend() != 'cpu' or jax.device_count() != 1:
+    return False, (f'it runs convolutions on the host and needs a single CPU device; this run '
+                   f'has {jax.device_count()} {jax.default_backend()} device(s)')
+  return True, ''
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """'xla' or 'torch' for `model.conv_impl`; 'auto' picks torch wherever it can run."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'model.conv_impl={conv_impl!r} is unknown; use one of '
+                     f'{", ".join(CONV_IMPLS)}')
+  available, reason = torch_conv_available()
+  if conv_impl == 'auto':
+    return 'torch' if available else 'xla'
+  if conv_impl == 'torch' and not available:
+    raise ValueError(f'model.conv_impl=torch cannot run here: {reason}. Use model.conv_impl=auto '
+                     '(or xla).')
+  return conv_impl
+
+
+# --- host side: torch views of XLA buffers and the three computations ------------------------
+
+def _images(buffer) -> torch.Tensor:
+  """An NHWC buffer as an NCHW tensor in channels-last memory (same bytes, no copy)."""
+  return torch.from_dlpack(buffer).permute(0, 3, 1, 2)
+
+
+def _kernel(buffer) -> torch.Tensor:
+  """An HWIO buffer as an OIHW view; oneDNN reorders it into its own blocked layout anyway."""
+  return torch.from_dlpack(buffer).permute(3, 2, 0, 1)
+
+
+def _forward_host(unused_ctx, out, images, kernel, *, stride, padding):
+  with _TORCH_LOCK, torch.no_grad():
+    result = torch.nn.functional.conv2d(_images(images), _kernel(kernel), stride=stride,
+                                        padding=padding)
+    _images(out).copy_(result)
+
+
+def _backward_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding, wanted):
+  """d images or d kernel. Two callbacks, not one, so XLA drops the one nobody uses (the
+  first layer's image gradient); computing both in one call measured no faster."""
+  mask = [wanted == 'images', wanted == 'kernel', False]
+  with _TORCH_LOCK, torch.no_grad():
+    grads = torch.ops.aten.convolution_backward(
+        _images(out_grad), _images(images), _kernel(kernel), None, list(stride), list(padding),
+        [1, 1], False, [0, 0], 1, mask)
+    if wanted == 'images':
+      _images(out).copy_(grads[0])
+    else:
+      _kernel(out).copy_(grads[1])
+
+
+def _host_call(host, like: jax.ShapeDtypeStruct, *operands):
+  """Runs `host(ctx, out, *operands)` writing XLA's output buffer in place: no copy back, which
+  a pure_callback returning a new array would cost (~3 ms per 16 MB activation here)."""
+  return _buffer_callback.buffer_callback(host, like)(*operands)
+
+
+# --- device side: the differentiable op ----------------------------------------------------------
+
+def _output_shape(images_shape, kernel_shape, stride, padding):
+  batch, height, width, _ = images_shape
+  kernel_h, kernel_w, _, features = kernel_shape
+  out_h = (height + 2 * padding[0] - kernel_h) // stride[0] + 1
+  out_w = (width + 2 * padding[1] - kernel_w) // stride[1] + 1
+  return (batch, out_h, out_w, features)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _torch_conv(images, kernel, stride: Tuple[int, int], padding: Tuple[int, int]):
+  shape = _output_shape(images.shape, kernel.shape, stride, padding)
+  host = functools.partial(_forward_host, stride=stride, padding=padding)
+  return _host_call(host, jax.ShapeDtypeStruct(shape, images.dtype), images, kernel)
+
+
+def _torch_conv_forward(images, kernel, stride, padding):
+  return _torch_conv(images, kernel, stride, padding), (images, kernel)
+
+
+def _torch_conv_backward(stride, padding, residuals, out_grad):
+  images, kernel = residuals
+  out_grad = out_grad.astype(images.dtype)
+  grads = []
+  for wanted, like in (('images', images), ('kernel', kernel)):
+    host = functools.partial(_backward_host, stride=stride, padding=padding, wanted=wanted)
+    grads.append(_host_call(host, jax.ShapeDtypeStruct(like.shape, like.dtype),
+                            out_grad, images, kernel))
+  return tuple(grads)
+
+
+_torch_conv.defvjp(_torch_conv_forward, _torch_conv_backward)
+
+
+def _symmetric_padding(padding, images_shape, kernel_shape,
+                       stride) -> Optional[Tuple[int, int]]:
+  """(pad_h, pad_w) when each axis is padded equally on both sides, else None."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(images_shape[1:3], kernel_shape[:2], stride, padding)
+  pads = [tuple(int(p) for p in pair) for pair in padding]
+  if any(low != high for low, high in pads):
+    return None
+  return pads[0][0], pads[1][0]
+
+
+def _is_nhwc(dimension_numbers, images_shape, kernel_shape) -> bool:
+  if dimension_numbers is None:  # lax's default is NCHW
+    return False
+  as_numbers = functools.partial(jax.lax.conv_dimension_numbers, images_shape, kernel_shape)
+  return as_numbers(dimension_numbers) == as_numbers(_NHWC)
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` that runs plain 2-D NHWC convolutions on PyTorch's CPU kernels."""
+  stride = tuple(int(s) for s in window_strides)
+  plain = (lhs.ndim == 4 and feature_group_count == 1 and preferred_element_type is None
+           and all(d == 1 for d in (lhs_dilation or (1, 1)))
+           and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and lhs.dtype == rhs.dtype and any(lhs.dtype == d for d in _DTYPES)
+           and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
+  pads = _symmetric_padding(padding, lhs.shape, rhs.shape, stride) if plain else None
+  if pads is None:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  return _torch_conv(lhs, rhs, stride, pads)
+
+
+def conv_function(conv_impl: str):
+  """What `flax.linen.Conv(conv_general_dilated=...)` gets for a resolved impl (None: lax's)."""
+  return conv_general_dilated if conv_impl == 'torch' else None

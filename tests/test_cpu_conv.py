@@ -1,0 +1,169 @@
+"""cpu_conv: PyTorch-kernel convolutions inside jitted JAX agree with XLA's, values and gradients."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcl_jax import configuration
+from pcl_jax import cpu_conv
+from pcl_jax import models
+
+from configs import test as test_config
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax(x, w, stride, padding):
+  return jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=NHWC,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _torch(x, w, stride, padding):
+  return cpu_conv.conv_general_dilated(x, w, stride, padding, dimension_numbers=NHWC)
+
+
+def _loss_and_grads(conv, x, w, stride, padding, cotangent):
+  def loss(x, w):
+    return jnp.sum(conv(x, w, stride, padding) * cotangent)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((3, 9, 9, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1))),      # first layer, odd size
+    ((2, 10, 10, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (1, 1))),   # strided 3x3
+    ((2, 8, 8, 8), (1, 1, 8, 16), (2, 2), 'VALID'),              # projection shortcut
+    ((2, 16, 12, 4), (7, 7, 4, 8), (2, 2), ((3, 3), (3, 3))),    # ResNet stem, non-square image
+    ((2, 6, 6, 4), (3, 3, 4, 4), (1, 1), 'SAME'),
+])
+def test_forward_and_gradients_match_xla(shape, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+  want = _lax(x, w, stride, padding)
+  got = jax.jit(_torch, static_argnums=(2, 3))(x, w, stride, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  want_loss, (want_dx, want_dw) = _loss_and_grads(_lax, x, w, stride, padding, cotangent)
+  got_loss, (got_dx, got_dw) = _loss_and_grads(_torch, x, w, stride, padding, cotangent)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-3)
+
+
+def test_numpy_reference_of_a_single_output():
+  """Independent of both libraries: one output value and one kernel gradient by hand."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(1, 5, 5, 2)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+  y = np.asarray(_torch(jnp.asarray(x), jnp.asarray(w), (2, 2), ((1, 1), (1, 1))))
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # output (1, 2) at stride 2 reads padded rows 2..4, columns 4..6
+  np.testing.assert_allclose(y[0, 1, 2], np.einsum('hwi,hwio->o', padded[0, 2:5, 4:7], w),
+                             rtol=1e-5)
+  # d sum(y[..., 0]) / d w[h, w, i, 0] = sum of the input patches that output channel 0 saw
+  dw = jax.grad(lambda w: _torch(jnp.asarray(x), w, (2, 2), ((1, 1), (1, 1)))[..., 0].sum())(
+      jnp.asarray(w))
+  patches = sum(padded[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3] for i in range(3) for j in range(3))
+  np.testing.assert_allclose(dw[..., 0], patches, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_matches_xla_to_bf16_precision():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 8)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.bfloat16)
+  got = jax.jit(_torch, static_argnums=(2, 3))(x, w, (1, 1), ((1, 1), (1, 1)))
+  assert got.dtype == jnp.bfloat16
+  want = _lax(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05, atol=0.3)
+
+
+def test_unsupported_cases_fall_back_to_xla():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+  cases = [dict(padding=((0, 1), (1, 0))),  # asymmetric padding
+           dict(padding='VALID', rhs_dilation=(2, 2)),
+           dict(padding='SAME', feature_group_count=2)]
+  for case in cases:
+    kernel = w if case.get('feature_group_count') == 2 else jnp.concatenate([w, w], axis=2)
+    got = cpu_conv.conv_general_dilated(x, kernel, (1, 1), dimension_numbers=NHWC, **case)
+    want = jax.lax.conv_general_dilated(x, kernel, (1, 1), dimension_numbers=NHWC, **case)
+    np.testing.assert_array_equal(got, want)
+    assert 'buffer_callback' not in str(jax.make_jaxpr(
+        lambda x, k, case=case: cpu_conv.conv_general_dilated(
+            x, k, (1, 1), dimension_numbers=NHWC, **case))(x, kernel))
+
+
+@pytest.mark.parametrize('arch,size', [('conv4', 16), ('resnet18', 16)])
+def test_encoder_train_step_gradients_match_xla(arch, size):
+  """The whole encoder: embeddings, BN statistics and parameter gradients agree."""
+  rng = np.random.default_rng(4)
+  images = jnp.asarray(rng.normal(size=(4, size, size, 3)), jnp.float32)
+  results = {}
+  for impl in ('xla', 'torch'):
+    model = models.create_encoder(arch, dim=8, small_stem=True, width=8, bn_groups=2,
+                                  conv_impl=impl)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+    def loss(params, model=model, variables=variables):
+      out, new_vars = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                  images, train=True, mutable=['batch_stats'])
+      return jnp.sum(out[:, 0] - out[:, 1] ** 2), new_vars
+    results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  (xla_loss, xla_vars), xla_grads = results['xla']
+  (torch_loss, torch_vars), torch_grads = results['torch']
+  np.testing.assert_allclose(torch_loss, xla_loss, rtol=1e-4)
+  for want, got in zip(jax.tree_util.tree_leaves((xla_vars, xla_grads)),
+                       jax.tree_util.tree_leaves((torch_vars, torch_grads))):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+
+def test_the_first_layers_image_gradient_is_not_computed():
+  """Its d(images) callback is dead code that XLA removes: only the kernel gradient remains."""
+  model = models.create_encoder('conv4', dim=4, width=4, conv_impl='torch')
+  images = jnp.zeros((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  grad = jax.jit(jax.grad(lambda p: model.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, images, train=False).sum()))
+  hlo = grad.lower(variables['params']).compile().as_text()
+  callbacks = re.findall(r'custom_call_target="([^"]*callback[^"]*)"', hlo)
+  # 4 forward convs + 4 kernel gradients + 3 image gradients (layers 2-4), not 4
+  assert len(callbacks) == 11, callbacks
+
+
+def test_auto_resolves_to_torch_on_one_cpu_device():
+  assert cpu_conv.resolve_conv_impl('auto') == 'torch'
+  assert cpu_conv.resolve_conv_impl('xla') == 'xla'
+  with pytest.raises(ValueError, match='model.conv_impl=.*unknown'):
+    cpu_conv.resolve_conv_impl('cudnn')
+
+
+def test_config_rejects_unknown_conv_impl():
+  config = test_config.get_config()
+  config.model.conv_impl = 'onednn'
+  with pytest.raises(configuration.UserError, match='model.conv_impl'):
+    configuration.validate(config)
+
+
+def test_torch_on_several_devices_is_a_clear_error():
+  """With 2 (fake) CPU devices: auto falls back to xla, an explicit torch names the fix."""
+  code = ('from configs import test; from pcl_jax import models, configuration\n'
+          'c = test.get_config(); print(models.encoder_from_config(c).backbone.conv_impl)\n'
+          'c.model.conv_impl = "torch"\n'
+          'try:\n  models.encoder_from_config(c)\n'
+          'except configuration.UserError as e:\n  print("ERROR", e)\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
+  lines = out.strip().splitlines()
+  assert lines[0] == 'xla'
+  assert lines[1].startswith('ERROR model.conv_impl=torch cannot run here')
+  assert '2 cpu device(s)' in lines[1] and 'model.conv_impl=auto' in lines[1]
