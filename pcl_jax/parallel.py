@@ -77,6 +77,11 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def replicate(tree, mesh: Mesh):
+  """Every leaf whole on every device of `mesh` (an all-gather of sharded leaves)."""
+  return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+
+
 def broadcast_from_process0(tree):
   """Process 0's values on every process (e.g. faiss clustering run on process 0 only)."""
   if jax.process_count() == 1:

@@ -334,9 +334,13 @@ class Trainer:
         min_points_factor=config.clustering.min_points_factor)
     if jax.process_count() == 1:
       return run(features)
+    if clustering.resolve_backend(config.clustering.backend) == 'jax':
+      # The global array, sharded over every process's devices: one SPMD k-means, whose
+      # results come back replicated so each process holds the whole prototype bank.
+      return [dict(level, **parallel.replicate(
+          {key: level[key] for key in ('centroids', 'im2cluster', 'concentration')}, self.mesh))
+              for level in run(features)]
     host_features = parallel.to_host(features)
-    if clustering.resolve_backend(config.clustering.backend) == 'jax':  # deterministic: every process computes the same result
-      return run(host_features)
     levels = run(host_features) if parallel.is_main_process() else [
         {'k': k, 'centroids': np.zeros((k, host_features.shape[1]), np.float32),
          'im2cluster': np.zeros(host_features.shape[0], np.int32),

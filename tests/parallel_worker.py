@@ -48,13 +48,13 @@ sharded_features = features
 features = parallel.to_host(features)
 centroids, im2cluster, _ = clustering.kmeans(features, 10, backend='jax', niter=5, nredo=1,
                                              seed=0)
-if jax.process_count() == 1:
-  # The jax backend on the device-sharded array equals it on the host copy.
-  assert len(sharded_features.sharding.device_set) == args.devices
-  sharded_centroids, sharded_im2cluster, _ = clustering.kmeans(
-      sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
-  np.testing.assert_allclose(np.asarray(sharded_centroids), np.asarray(centroids), atol=1e-5)
-  assert np.mean(np.asarray(sharded_im2cluster) == np.asarray(im2cluster)) > 0.99
+# The jax backend on the array sharded over every device of every process equals it on the host
+# copy (what the E-step does in multi-host runs).
+assert len(sharded_features.sharding.device_set) == args.devices * args.num_processes
+sharded_centroids, sharded_im2cluster, _ = clustering.kmeans(
+    sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
+np.testing.assert_allclose(parallel.to_host(sharded_centroids), np.asarray(centroids), atol=1e-5)
+assert np.mean(parallel.to_host(sharded_im2cluster) == np.asarray(im2cluster)) > 0.99
 leaves = [parallel.to_host(x) for x in jax.tree_util.tree_leaves(
     (state.params, state.batch_stats, state.key_params, state.queue))]
 if parallel.is_main_process():
