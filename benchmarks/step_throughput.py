@@ -1,4 +1,4 @@
-r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo step, same process.
+r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo step, one run.
 
   python benchmarks/step_throughput.py            # ResNet-18 32 px b64 and Conv4 84 px b64
   python benchmarks/step_throughput.py --quick    # tiny smoke version
@@ -8,14 +8,15 @@ BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (mome
 decay), enqueue. The JAX step is timed with both convolution kernels (`model.conv_impl`): xla
 (XLA's own) and torch (PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`, what `auto` picks
 on one CPU device). The PyTorch side is what a PyTorch user would run on this machine: eager
-mode, all cores, and the faster of NCHW and channels-last (both are timed). Both run in this
-process, so both get `pcl_jax.host_memory`'s allocator settings (run with PCL_JAX_TUNE_MALLOC=0
-to see both without). Prints images/s of each and the ratio of the JAX step `auto` runs to the
+mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
+runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
+all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
 faster PyTorch one (>= 1.0 means JAX is at least as fast).
 """
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -68,43 +69,70 @@ def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negat
   return batch * steps / (time.perf_counter() - start)
 
 
+CASES = {'resnet18': ('resnet18', 32, 64, 64, True), 'conv4': ('conv4', 84, 64, 64, False),
+         'quick': ('conv4', 32, 16, 16, False)}
+# Each measurement: ('jax', conv_impl) or ('torch', channels_last).
+MEASUREMENTS = [('jax', 'torch'), ('jax', 'xla'), ('torch', False), ('torch', True)]
+
+
+def _measure(args, case: str, side: str, variant) -> float:
+  """Images/s of one measurement, in this process."""
+  arch, size, batch, width, small_stem = CASES[case]
+  steps, warmup = (3, 2) if case == 'quick' else (args.steps, args.warmup)
+  common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
+                num_negatives=batch * 10, steps=steps, warmup=warmup)
+  if side == 'jax':
+    return _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl=variant,
+                                  **common)
+  return torch_reference.torch_step_images_per_s(channels_last=variant,
+                                                 bf16=args.dtype == 'bfloat16', **common)
+
+
+def _measure_in_subprocess(args, case: str, side: str, variant) -> float:
+  """Each measurement in a fresh process, so none inherits another's heap (host_memory: the
+  Conv4 step ran at 120-145 img/s depending on what the process had run before)."""
+  command = [sys.executable, __file__, '--one', case, side, str(variant), '--steps',
+             str(args.steps), '--warmup', str(args.warmup), '--dtype', args.dtype,
+             '--bn-groups', str(args.bn_groups)]
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-3000:]}')
+  return float(result.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='tiny smoke version')
   parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=15,
+                      help='untimed steps: compile, and let the heap stop growing')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--bn-groups', type=int, default=4, help='JAX shuffle-BN groups')
   parser.add_argument('--jax-only', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--case', choices=['resnet18', 'conv4'], help='run one case only')
+  parser.add_argument('--one', nargs=3, metavar=('CASE', 'SIDE', 'VARIANT'),
+                      help='internal: one measurement in this process, prints its images/s')
   args = parser.parse_args()
-  cases = [('resnet18', 32, 64, 64, True), ('conv4', 84, 64, 64, False)]
-  if args.case:
-    cases = [c for c in cases if c[0] == args.case]
-  steps, warmup = args.steps, args.warmup
-  if args.quick:
-    cases = [('conv4', 32, 16, 16, False)]
-    steps, warmup = 3, 2
+  if args.one:
+    case, side, variant = args.one
+    variant = {'True': True, 'False': False}.get(variant, variant)
+    print(_measure(args, case, side, variant))
+    return
+  cases = ['quick'] if args.quick else [args.case] if args.case else ['resnet18', 'conv4']
+  measurements = MEASUREMENTS[:2] if args.jax_only else MEASUREMENTS
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
-        f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}')
+        f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}, '
+        f'one fresh process per measurement')
   print(f"{'case':<22}{'jax torch-conv':>15}{'jax xla-conv':>13}{'torch NCHW':>12}"
         f"{'torch CL':>10}{'ratio':>7}")
-  for arch, size, batch, width, small_stem in cases:
-    common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
-                  num_negatives=batch * 10, steps=steps, warmup=warmup)
-    jax_ips = {impl: _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups,
-                                            conv_impl=impl, **common)
-               for impl in ('torch', 'xla')}
-    name = f'{arch} {size}px b{batch}'
-    row = f"{name:<22}{jax_ips['torch']:>15.1f}{jax_ips['xla']:>13.1f}"
-    if args.jax_only:
-      print(row, flush=True)
-      continue
-    bf16 = args.dtype == 'bfloat16'
-    torch_nchw = torch_reference.torch_step_images_per_s(channels_last=False, bf16=bf16, **common)
-    torch_cl = torch_reference.torch_step_images_per_s(channels_last=True, bf16=bf16, **common)
-    ratio = jax_ips['torch'] / max(torch_nchw, torch_cl)
-    print(f'{row}{torch_nchw:>12.1f}{torch_cl:>10.1f}{ratio:>7.2f}', flush=True)
+  for case in cases:
+    arch, size, batch, _, _ = CASES[case]
+    rates = [_measure_in_subprocess(args, case, side, variant) for side, variant in measurements]
+    row = f'{f"{arch} {size}px b{batch}":<22}{rates[0]:>15.1f}{rates[1]:>13.1f}'
+    if not args.jax_only:
+      row += f'{rates[2]:>12.1f}{rates[3]:>10.1f}{rates[0] / max(rates[2], rates[3]):>7.2f}'
+    print(row, flush=True)
+
 
 if __name__ == '__main__':
   main()

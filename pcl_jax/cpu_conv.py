@@ -5,9 +5,9 @@ left the jitted PCL step at ~0.6x of an eager PyTorch step on the same cores
 (benchmarks/step_throughput.py). PyTorch ships oneDNN's convolutions, and torch is already a
 dependency for data loading. `conv_general_dilated` here has `lax.conv_general_dilated`'s
 signature, so `flax.linen.Conv(conv_general_dilated=...)` takes it unchanged: the forward and the
-two backward products (d images, d kernel) run as `jax.experimental.buffer_callback`s on zero-copy
-torch views of XLA's own buffers -- NHWC is exactly PyTorch's channels-last layout -- and a
-`jax.custom_vjp` wires the gradients. Batch norm, losses, the optimizer and the momentum update
+backward (d images and d kernel in one call; d kernel alone for a layer whose input is data) run
+as `jax.experimental.buffer_callback`s on zero-copy torch views of XLA's own buffers -- NHWC is
+exactly PyTorch's channels-last layout -- and a `jax.custom_vjp` wires the gradients. Batch norm, losses, the optimizer and the momentum update
 stay in XLA.
 
 Only for a single CPU device: a host callback would gather a sharded batch onto one host thread,
@@ -35,8 +35,7 @@ CONV_IMPLS = ('auto', 'xla', 'torch')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _DTYPES = (jnp.float32, jnp.bfloat16)
 
-# XLA's CPU runtime runs independent ops concurrently (the query and key encoders, a layer's two
-# backward products). Two torch convolutions at once would each start an all-core OpenMP team on
+# XLA's CPU runtime runs independent ops concurrently (e.g. the query and key encoders). Two torch convolutions at once would each start an all-core OpenMP team on
 # the same cores; one at a time, while XLA's own ops still overlap them, is faster.
 _TORCH_LOCK = threading.Lock()
 
@@ -84,18 +83,24 @@ def _forward_host(unused_ctx, out, images, kernel, *, stride, padding):
     _images(out).copy_(result)
 
 
-def _backward_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding, wanted):
-  """d images or d kernel. Two callbacks, not one, so XLA drops the one nobody uses (the
-  first layer's image gradient); computing both in one call measured no faster."""
-  mask = [wanted == 'images', wanted == 'kernel', False]
+def _grads_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding):
+  """(d images, d kernel) in one call: XLA's next op (the previous layer's BN backward) needs
+  d images, so it cannot start, and compete for the cores, while d kernel is still running."""
   with _TORCH_LOCK, torch.no_grad():
     grads = torch.ops.aten.convolution_backward(
         _images(out_grad), _images(images), _kernel(kernel), None, list(stride), list(padding),
-        [1, 1], False, [0, 0], 1, mask)
-    if wanted == 'images':
-      _images(out).copy_(grads[0])
-    else:
-      _kernel(out).copy_(grads[1])
+        [1, 1], False, [0, 0], 1, [True, True, False])
+    _images(out[0]).copy_(grads[0])
+    _kernel(out[1]).copy_(grads[1])
+
+
+def _kernel_grad_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding):
+  """d kernel only: for a layer whose input is data (a network's first), d images is unused."""
+  with _TORCH_LOCK, torch.no_grad():
+    grads = torch.ops.aten.convolution_backward(
+        _images(out_grad), _images(images), _kernel(kernel), None, list(stride), list(padding),
+        [1, 1], False, [0, 0], 1, [False, True, False])
+    _kernel(out).copy_(grads[1])
 
 
 def _host_call(host, like: jax.ShapeDtypeStruct, *operands):
@@ -122,21 +127,24 @@ def _torch_conv(images, kernel, stride: Tuple[int, int], padding: Tuple[int, int
 
 
 def _torch_conv_forward(images, kernel, stride, padding):
-  return _torch_conv(images, kernel, stride, padding), (images, kernel)
+  # symbolic_zeros: `perturbed` says whether a gradient flows into the images at all (it does
+  # not for a network's first layer, whose input is data).
+  out = _torch_conv(images.value, kernel.value, stride, padding)
+  return out, (images.value, kernel.value, images.perturbed)
 
 
 def _torch_conv_backward(stride, padding, residuals, out_grad):
-  images, kernel = residuals
+  images, kernel, images_need_grad = residuals
   out_grad = out_grad.astype(images.dtype)
-  grads = []
-  for wanted, like in (('images', images), ('kernel', kernel)):
-    host = functools.partial(_backward_host, stride=stride, padding=padding, wanted=wanted)
-    grads.append(_host_call(host, jax.ShapeDtypeStruct(like.shape, like.dtype),
-                            out_grad, images, kernel))
-  return tuple(grads)
+  like = lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype)
+  if images_need_grad:
+    host = functools.partial(_grads_host, stride=stride, padding=padding)
+    return tuple(_host_call(host, (like(images), like(kernel)), out_grad, images, kernel))
+  host = functools.partial(_kernel_grad_host, stride=stride, padding=padding)
+  return None, _host_call(host, like(kernel), out_grad, images, kernel)
 
 
-_torch_conv.defvjp(_torch_conv_forward, _torch_conv_backward)
+_torch_conv.defvjp(_torch_conv_forward, _torch_conv_backward, symbolic_zeros=True)
 
 
 def _symmetric_padding(padding, images_shape, kernel_shape,
