@@ -16,11 +16,13 @@ x = jnp.ones((16, 1024, 1024))  # 64 MiB: far above glibc's largest mmap thresho
 add_one = jax.jit(lambda a: a + 1)
 for _ in range(5):
   add_one(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(15):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   add_one(x).block_until_ready()
-print(pcl_jax.host_memory.tune_malloc(),
-      (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The median call: an occasional heap-growth step (fresh pages) is not what is measured here.
+print(pcl_jax.host_memory.tune_malloc(), sorted(faults)[len(faults) // 2])
 """
 
 
@@ -37,7 +39,7 @@ def test_tuning_stops_page_faults_on_reused_buffers():
   tuned, tuned_faults = _faults_per_call('1')
   untuned, untuned_faults = _faults_per_call('0')
   assert tuned and not untuned
-  # 64 MiB is 16,384 pages: untuned, each call faults its output back in; tuned, almost none.
+  # 64 MiB is 16,384 pages: untuned, a typical call faults its output back in; tuned, none.
   assert untuned_faults > 8000
   assert tuned_faults < 1000
 
