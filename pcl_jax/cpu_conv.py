@@ -7,8 +7,8 @@ dependency for data loading. `conv_general_dilated` here has `lax.conv_general_d
 signature, so `flax.linen.Conv(conv_general_dilated=...)` takes it unchanged: the forward and the
 backward (d images and d kernel in one call; d kernel alone for a layer whose input is data) run
 as `jax.experimental.buffer_callback`s on zero-copy torch views of XLA's own buffers -- NHWC is
-exactly PyTorch's channels-last layout -- and a `jax.custom_vjp` wires the gradients. Batch norm, losses, the optimizer and the momentum update
-stay in XLA.
+exactly PyTorch's channels-last layout -- and a `jax.custom_vjp` wires the gradients. Batch
+norm, losses, the optimizer and the momentum update stay in XLA.
 
 Only for a single CPU device: a host callback would gather a sharded batch onto one host thread,
 and on an accelerator it would copy every activation to the host. `resolve_conv_impl` makes that
@@ -35,8 +35,9 @@ CONV_IMPLS = ('auto', 'xla', 'torch')
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _DTYPES = (jnp.float32, jnp.bfloat16)
 
-# XLA's CPU runtime runs independent ops concurrently (e.g. the query and key encoders). Two torch convolutions at once would each start an all-core OpenMP team on
-# the same cores; one at a time, while XLA's own ops still overlap them, is faster.
+# XLA's CPU runtime runs independent ops concurrently (e.g. the query and key encoders). Two
+# torch convolutions at once would each start an all-core OpenMP team on the same cores; one at
+# a time, while XLA's own ops still overlap them, is faster.
 _TORCH_LOCK = threading.Lock()
 
 
@@ -83,24 +84,21 @@ def _forward_host(unused_ctx, out, images, kernel, *, stride, padding):
     _images(out).copy_(result)
 
 
-def _grads_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding):
-  """(d images, d kernel) in one call: XLA's next op (the previous layer's BN backward) needs
-  d images, so it cannot start, and compete for the cores, while d kernel is still running."""
+def _backward_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding, images_too):
+  """(d images, d kernel) into `out` = (buffer, buffer), or d kernel alone into `out` = buffer for
+  a layer whose input is data (a network's first), where d images would be unused.
+
+  Both in one call: XLA's next op (the previous layer's BN backward) needs d images, so it cannot
+  start, and compete for the cores, while d kernel is still running."""
   with _TORCH_LOCK, torch.no_grad():
     grads = torch.ops.aten.convolution_backward(
         _images(out_grad), _images(images), _kernel(kernel), None, list(stride), list(padding),
-        [1, 1], False, [0, 0], 1, [True, True, False])
-    _images(out[0]).copy_(grads[0])
-    _kernel(out[1]).copy_(grads[1])
-
-
-def _kernel_grad_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding):
-  """d kernel only: for a layer whose input is data (a network's first), d images is unused."""
-  with _TORCH_LOCK, torch.no_grad():
-    grads = torch.ops.aten.convolution_backward(
-        _images(out_grad), _images(images), _kernel(kernel), None, list(stride), list(padding),
-        [1, 1], False, [0, 0], 1, [False, True, False])
-    _kernel(out).copy_(grads[1])
+        [1, 1], False, [0, 0], 1, [images_too, True, False])
+    if images_too:
+      _images(out[0]).copy_(grads[0])
+      _kernel(out[1]).copy_(grads[1])
+    else:
+      _kernel(out).copy_(grads[1])
 
 
 def _host_call(host, like: jax.ShapeDtypeStruct, *operands):
@@ -137,10 +135,10 @@ def _torch_conv_backward(stride, padding, residuals, out_grad):
   images, kernel, images_need_grad = residuals
   out_grad = out_grad.astype(images.dtype)
   like = lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype)
+  host = functools.partial(_backward_host, stride=stride, padding=padding,
+                           images_too=images_need_grad)
   if images_need_grad:
-    host = functools.partial(_grads_host, stride=stride, padding=padding)
     return tuple(_host_call(host, (like(images), like(kernel)), out_grad, images, kernel))
-  host = functools.partial(_kernel_grad_host, stride=stride, padding=padding)
   return None, _host_call(host, like(kernel), out_grad, images, kernel)
 
 

@@ -21,7 +21,8 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_NEVER_TRIM = -1  # glibc: 'disables trimming completely' (2**31-1 would still trim a top chunk above 2 GiB)
+# glibc: -1 'disables trimming completely'; 2**31-1 would still trim a free heap top above 2 GiB.
+_NEVER_TRIM = -1
 
 _applied = None
 

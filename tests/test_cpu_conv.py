@@ -1,4 +1,4 @@
-"""cpu_conv: PyTorch-kernel convolutions inside jitted JAX agree with XLA's, values and gradients."""
+"""cpu_conv: PyTorch-kernel convolutions in jitted JAX agree with XLA's, values and gradients."""
 
 import os
 import subprocess
@@ -127,18 +127,19 @@ def test_encoder_train_step_gradients_match_xla(arch, size):
 def test_the_first_layers_image_gradient_is_not_computed(monkeypatch):
   """Layers 2-4 compute (d images, d kernel) in one call; layer 1, fed with data, d kernel only."""
   calls = []
-  for name in ('_grads_host', '_kernel_grad_host'):
-    original = getattr(cpu_conv, name)
-    monkeypatch.setattr(cpu_conv, name, lambda *args, _name=name, _original=original, **kwargs: (
-        calls.append((_name, tuple(args[3].shape))), _original(*args, **kwargs))[1])
+  original = cpu_conv._backward_host  # pylint: disable=protected-access
+  def recording(*args, images_too, **kwargs):
+    calls.append((images_too, tuple(args[3].shape)))
+    original(*args, images_too=images_too, **kwargs)
+  monkeypatch.setattr(cpu_conv, '_backward_host', recording)
   model = models.create_encoder('conv4', dim=4, width=4, conv_impl='torch')
   images = jnp.ones((2, 16, 16, 3))
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   grad = jax.jit(jax.grad(lambda p: model.apply(
       {'params': p, 'batch_stats': variables['batch_stats']}, images, train=False).sum()))
   jax.block_until_ready(grad(variables['params']))
-  assert sorted(calls) == sorted([('_kernel_grad_host', (2, 16, 16, 3))]
-                                 + [('_grads_host', (2, size, size, 4)) for size in (8, 4, 2)])
+  assert sorted(calls) == sorted([(False, (2, 16, 16, 3))]
+                                 + [(True, (2, size, size, 4)) for size in (8, 4, 2)])
 
 
 def test_auto_resolves_to_torch_on_one_cpu_device():
