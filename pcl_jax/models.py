@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pcl_jax import cpu_conv
+from pcl_jax import fused_batch_norm
 
 ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
 
@@ -31,6 +32,8 @@ class GroupedBatchNorm(nn.Module):
 
   Running statistics follow PyTorch (momentum 0.1 on the new value, unbiased variance) so a
   converted reference checkpoint behaves the same. With `num_groups=1` this is plain BatchNorm.
+  With `relu_max_pool` it returns max_pool_2x2(relu(BN(x))), in training as one fused op
+  (`fused_batch_norm`: a few passes over the activations instead of a dozen).
   """
   use_running_average: bool
   num_groups: int = 1
@@ -38,39 +41,41 @@ class GroupedBatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   zero_scale: bool = False
+  relu_max_pool: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, input_bias=None):
+    """`input_bias` [C]: a per-channel bias (a conv's) that x does not include yet. Training BN
+    cancels it, so only the running mean sees it, and the largest tensor skips an add pass."""
     features = x.shape[-1]
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
     scale = self.param('scale', scale_init, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    input_bias = jnp.zeros((features,), jnp.float32) if input_bias is None else input_bias
 
     if self.use_running_average:
-      mean, var = running_mean.value, running_var.value
-      inv = jax.lax.rsqrt(var + self.epsilon) * scale
-      return (x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype)).astype(self.dtype)
+      inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
+      shift = bias - (running_mean.value - input_bias) * inv
+      out = (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(self.dtype)
+      return max_pool_2x2(nn.relu(out)) if self.relu_max_pool else out
 
-    batch = x.shape[0]
-    if batch % self.num_groups:
-      raise ValueError(f'batch {batch} is not divisible by {self.num_groups} BN groups')
-    grouped = x.astype(jnp.float32).reshape((self.num_groups, batch // self.num_groups)
-                                            + x.shape[1:])
-    reduce_axes = tuple(range(1, grouped.ndim - 1))
-    mean = grouped.mean(reduce_axes, keepdims=True)
-    # E[x^2] - E[x]^2 in float32: one pass over the activations, as flax.linen.BatchNorm does.
-    var = jnp.maximum((grouped * grouped).mean(reduce_axes, keepdims=True) - mean * mean, 0.0)
+    if self.relu_max_pool:
+      out, mean, var = fused_batch_norm.batch_norm_relu_max_pool(x, scale, bias, self.num_groups,
+                                                                 self.epsilon)
+    else:
+      grouped, mean, var = fused_batch_norm.group_statistics(x, self.num_groups)
+      inv = jax.lax.rsqrt(var + self.epsilon) * scale
+      as_grouped = lambda v: v.reshape((v.shape[0],) + (1,) * (grouped.ndim - 2) + (features,))
+      out = (grouped * as_grouped(inv) + as_grouped(bias - mean * inv)).reshape(x.shape)
     if not self.is_initializing():
-      count = grouped.size // (self.num_groups * features)
-      unbiased = var.reshape(self.num_groups, features).mean(0) * count / max(count - 1, 1)
+      count = x.size // (self.num_groups * features)
+      unbiased = var.mean(0) * count / max(count - 1, 1)
       running_mean.value = (self.momentum * running_mean.value
-                            + (1 - self.momentum) * mean.reshape(self.num_groups, features).mean(0))
+                            + (1 - self.momentum) * (mean.mean(0) + input_bias))
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
-    inv = jax.lax.rsqrt(var + self.epsilon) * scale
-    out = grouped * inv + (bias - mean * inv)
-    return out.reshape(x.shape).astype(self.dtype)
+    return out.astype(self.dtype)
 
 
 def max_pool_2x2(x):
@@ -162,8 +167,30 @@ class ResNetBackbone(nn.Module):
     return x.mean(axis=(1, 2))
 
 
+class ConvWithDeferredBias(nn.Module):
+  """A stride-1 `nn.Conv` with bias (same parameters, same names) that returns
+  (convolution without the bias, bias), for a BN that folds the bias in (`input_bias`)."""
+  features: int
+  kernel_size: Tuple[int, int]
+  dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', conv_init, self.kernel_size + (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    convolve = cpu_conv.conv_function(self.conv_impl) or jax.lax.conv_general_dilated
+    y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
+                 _pad(self.kernel_size[0]), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y, bias
+
+
 class Conv4Backbone(nn.Module):
-  """The few-shot standard Conv4: 4 x (conv3x3, BN, ReLU, max-pool 2), flattened."""
+  """The few-shot standard Conv4: 4 x (conv3x3 with bias, BN, ReLU, max-pool 2), flattened.
+
+  The parameters are nn.Conv's and GroupedBatchNorm's under their usual names; the conv bias is
+  folded into the BN and BN + ReLU + pool run fused (`fused_batch_norm`)."""
   width: int = 64
   bn_groups: int = 1
   dtype: Any = jnp.float32
@@ -172,13 +199,12 @@ class Conv4Backbone(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
-    for _ in range(4):
-      x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=True, dtype=self.dtype,
-                  kernel_init=conv_init,
-                  conv_general_dilated=cpu_conv.conv_function(self.conv_impl))(x)
+    for i in range(4):
+      y, conv_bias = ConvWithDeferredBias(self.width, (3, 3), dtype=self.dtype,
+                                          conv_impl=self.conv_impl, name=f'Conv_{i}')(x)
       x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
-                           dtype=self.dtype)(x)
-      x = max_pool_2x2(nn.relu(x))
+                           dtype=self.dtype, relu_max_pool=True,
+                           name=f'GroupedBatchNorm_{i}')(y, input_bias=conv_bias)
     return x.reshape((x.shape[0], -1))
 
 
