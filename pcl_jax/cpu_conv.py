@@ -73,9 +73,8 @@ def _images(buffer) -> torch.Tensor:
 
 
 def _kernel(buffer) -> torch.Tensor:
-  """An OHWI buffer as an OIHW tensor in channels-last memory, PyTorch's layout for a
-  channels-last model (oneDNN reorders it from HWIO ~8% slower, see `_to_torch_layout`)."""
-  return torch.from_dlpack(buffer).permute(0, 3, 1, 2)
+  """An HWIO buffer as an OIHW view; oneDNN reorders it into its own blocked layout anyway."""
+  return torch.from_dlpack(buffer).permute(3, 2, 0, 1)
 
 
 def _forward_host(unused_ctx, out, images, kernel, *, stride, padding):
@@ -118,49 +117,29 @@ def _output_shape(images_shape, kernel_shape, stride, padding):
   return (batch, out_h, out_w, features)
 
 
-def _to_torch_layout(kernel_hwio):
-  """HWIO -> OHWI. oneDNN's weight reorder from HWIO memory made every forward ~8% slower
-  (ResNet-18 at 32 px: 651 vs 601 ms per step's 40 forwards); XLA's transpose of all 11 M
-  weights costs ~10 ms, once per encoder per step (the backward reuses the forward's)."""
-  return jnp.transpose(kernel_hwio, (3, 0, 1, 2))
-
-
-def _from_torch_layout(kernel_ohwi):
-  return jnp.transpose(kernel_ohwi, (1, 2, 3, 0))
-
-
-def _forward_call(images, kernel_ohwi, stride, padding):
-  kernel_hwio_shape = _from_torch_layout(kernel_ohwi).shape
-  shape = _output_shape(images.shape, kernel_hwio_shape, stride, padding)
-  host = functools.partial(_forward_host, stride=stride, padding=padding)
-  return _host_call(host, jax.ShapeDtypeStruct(shape, images.dtype), images, kernel_ohwi)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _torch_conv(images, kernel, stride: Tuple[int, int], padding: Tuple[int, int]):
-  return _forward_call(images, _to_torch_layout(kernel), stride, padding)
+  shape = _output_shape(images.shape, kernel.shape, stride, padding)
+  host = functools.partial(_forward_host, stride=stride, padding=padding)
+  return _host_call(host, jax.ShapeDtypeStruct(shape, images.dtype), images, kernel)
 
 
 def _torch_conv_forward(images, kernel, stride, padding):
   # symbolic_zeros: `perturbed` says whether a gradient flows into the images at all (it does
   # not for a network's first layer, whose input is data).
-  kernel_ohwi = _to_torch_layout(kernel.value)
-  out = _forward_call(images.value, kernel_ohwi, stride, padding)
-  return out, (images.value, kernel_ohwi, images.perturbed)
+  out = _torch_conv(images.value, kernel.value, stride, padding)
+  return out, (images.value, kernel.value, images.perturbed)
 
 
 def _torch_conv_backward(stride, padding, residuals, out_grad):
-  images, kernel_ohwi, images_need_grad = residuals
+  images, kernel, images_need_grad = residuals
   out_grad = out_grad.astype(images.dtype)
   like = lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype)
   host = functools.partial(_backward_host, stride=stride, padding=padding,
                            images_too=images_need_grad)
   if images_need_grad:
-    images_grad, kernel_grad = _host_call(host, (like(images), like(kernel_ohwi)), out_grad,
-                                          images, kernel_ohwi)
-    return images_grad, _from_torch_layout(kernel_grad)
-  return None, _from_torch_layout(
-      _host_call(host, like(kernel_ohwi), out_grad, images, kernel_ohwi))
+    return tuple(_host_call(host, (like(images), like(kernel)), out_grad, images, kernel))
+  return None, _host_call(host, like(kernel), out_grad, images, kernel)
 
 
 _torch_conv.defvjp(_torch_conv_forward, _torch_conv_backward, symbolic_zeros=True)
