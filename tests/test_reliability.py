@@ -91,7 +91,7 @@ def test_sigterm_mid_epoch_saves_epoch_start_and_resume_is_exact(reference, tmp_
     if run_files.read_metrics(metrics_path):
       polls_after_epoch_0.append(1)
       if len(polls_after_epoch_0) == 4:
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # synchronous, unlike os.kill
     return False
 
   previous_handler = signal.getsignal(signal.SIGTERM)
@@ -225,10 +225,12 @@ def test_workdir_lock_excludes_a_second_trainer(tmp_path):
 def test_stop_request_first_signal_sets_flag_second_interrupts():
   with train._StopRequest() as stop:  # pylint: disable=protected-access
     assert not stop()
-    os.kill(os.getpid(), signal.SIGINT)
+    # raise_signal: delivered to this thread before it returns. os.kill could land on one of
+    # XLA's or torch's threads and run the handler after the next line (seen once in CI).
+    signal.raise_signal(signal.SIGINT)
     assert stop() and stop.reason == 'SIGINT'
     with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
