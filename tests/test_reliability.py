@@ -223,15 +223,19 @@ def test_workdir_lock_excludes_a_second_trainer(tmp_path):
 
 
 def test_stop_request_first_signal_sets_flag_second_interrupts():
-  with train._StopRequest() as stop:  # pylint: disable=protected-access
-    assert not stop()
-    # raise_signal: delivered to this thread before it returns. os.kill could land on one of
-    # XLA's or torch's threads and run the handler after the next line (seen once in CI).
-    signal.raise_signal(signal.SIGINT)
-    assert stop() and stop.reason == 'SIGINT'
-    with pytest.raises(KeyboardInterrupt):
-      signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # A CI job started in the background by a non-interactive shell inherits SIGINT ignored, and
+  # _StopRequest rightly leaves an ignored signal alone: give this test Python's default.
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with train._StopRequest() as stop:  # pylint: disable=protected-access
+      assert not stop()
+      signal.raise_signal(signal.SIGINT)  # delivered to this thread before it returns
+      assert stop() and stop.reason == 'SIGINT'
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 def test_nothing_is_unpickled():
