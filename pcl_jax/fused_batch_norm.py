@@ -41,9 +41,10 @@ def group_statistics(x: jax.Array, num_groups: int) -> Tuple[jax.Array, jax.Arra
   return grouped, mean, var
 
 
-def _per_channel(values: jax.Array) -> jax.Array:
-  """[G, C] -> [G, 1, 1, 1, C], to broadcast against grouped windows [G, b, H/2, W/2, C]."""
-  return values[:, None, None, None, :]
+def per_group(values: jax.Array, ndim: int = 5) -> jax.Array:
+  """Per-group, per-channel values [G, C] shaped [G, 1, ..., 1, C] (`ndim` axes), to broadcast
+  against a grouped tensor such as `group_statistics`' [G, b, H, W, C]."""
+  return values.reshape((values.shape[0],) + (1,) * (ndim - 2) + (values.shape[-1],))
 
 
 def _windows(grouped: jax.Array):
@@ -58,15 +59,14 @@ def _forward(x, scale, bias, num_groups, epsilon):
   gain = inv_std * scale
   shift = bias - mean * gain
   windows = _windows(grouped)
-  best = windows[0] * _per_channel(gain) + _per_channel(shift)
+  normalised = [window * per_group(gain) + per_group(shift) for window in windows]
+  best, winner_input = normalised[0], windows[0]
   winner = jnp.zeros(best.shape, jnp.int8)
-  winner_input = windows[0]
-  for k, window in enumerate(windows[1:], start=1):
-    normalised = window * _per_channel(gain) + _per_channel(shift)
-    better = normalised > best  # strict: the first maximal element wins ties
-    best = jnp.where(better, normalised, best)
+  for k in range(1, len(windows)):
+    better = normalised[k] > best  # strict: the first maximal element wins ties
+    best = jnp.where(better, normalised[k], best)
     winner = jnp.where(better, jnp.int8(k), winner)
-    winner_input = jnp.where(better, window, winner_input)
+    winner_input = jnp.where(better, windows[k], winner_input)
   winner = jnp.where(best > 0, winner, jnp.int8(_NO_GRADIENT))
   batch, _, _, channels = x.shape
   out = jnp.maximum(best, 0.0).reshape((batch,) + best.shape[2:4] + (channels,))
@@ -99,7 +99,7 @@ def _backward(num_groups, epsilon, residuals, cotangents):
   out_grad = jnp.where(winner < _NO_GRADIENT,
                        out_grad.astype(jnp.float32).reshape(winner.shape), 0.0)
   count = x.size // (num_groups * x.shape[-1])
-  normalised_winner = (winner_input - _per_channel(mean)) * _per_channel(inv_std)
+  normalised_winner = (winner_input - per_group(mean)) * per_group(inv_std)
   # d normalised = d z * scale; the two sums BN's backward needs, from the pooled grid alone.
   bias_grad_groups = out_grad.sum((1, 2, 3))
   scale_grad_groups = (out_grad * normalised_winner).sum((1, 2, 3))
@@ -118,8 +118,7 @@ def _backward(num_groups, epsilon, residuals, cotangents):
   height, width = x.shape[1:3]
   input_grad = jnp.pad(input_grad, ((0, 0), (0, 0), (0, height % 2), (0, width % 2), (0, 0)))
   grouped = x.astype(jnp.float32).reshape(input_grad.shape)
-  dx = (input_grad * gain[:, None, None, None, :] + c0[:, None, None, None, :]
-        + c1[:, None, None, None, :] * grouped)
+  dx = input_grad * per_group(gain) + per_group(c0) + per_group(c1) * grouped
   return dx.reshape(x.shape).astype(x.dtype), scale_grad_groups.sum(0), bias_grad_groups.sum(0)
 
 

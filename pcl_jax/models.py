@@ -67,8 +67,8 @@ class GroupedBatchNorm(nn.Module):
     else:
       grouped, mean, var = fused_batch_norm.group_statistics(x, self.num_groups)
       inv = jax.lax.rsqrt(var + self.epsilon) * scale
-      as_grouped = lambda v: v.reshape((v.shape[0],) + (1,) * (grouped.ndim - 2) + (features,))
-      out = (grouped * as_grouped(inv) + as_grouped(bias - mean * inv)).reshape(x.shape)
+      per_group = functools.partial(fused_batch_norm.per_group, ndim=grouped.ndim)
+      out = (grouped * per_group(inv) + per_group(bias - mean * inv)).reshape(x.shape)
     if not self.is_initializing():
       count = x.size // (self.num_groups * features)
       unbiased = var.mean(0) * count / max(count - 1, 1)

@@ -683,8 +683,9 @@ def _restore(trainer: Trainer, checkpointer, workdir: str, step: Optional[int]):
   try:
     state, meta = checkpointer.restore(state, step)
   except Exception as error:  # pylint: disable=broad-except
-    # The abandoned reads' futures also log 'Task exception was never retrieved' when they are
-    # collected (seen under load); the one-line error below already says what failed.
+    # The abandoned reads can also report through asyncio's logger when they finish (a full
+    # suite under load once printed a TensorStore spec beside the one-line error); that one
+    # line, raised below, already says what failed.
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     raise _restore_error(trainer.config, workdir, step, error) from error
   trainer.schedule.load_state_dict(meta['schedule'])
