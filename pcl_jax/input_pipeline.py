@@ -90,6 +90,8 @@ class ConcatenatedImages:
     return self.shape[0]
 
   def __getitem__(self, index):
+    if isinstance(index, slice) and index.step in (None, 1):
+      return self._rows(*index.indices(self.shape[0])[:2])
     if not isinstance(index, (int, np.integer)):
       return np.asarray(self)[index]
     index = int(index) + (self.shape[0] if index < 0 else 0)
@@ -98,6 +100,18 @@ class ConcatenatedImages:
     part = int(np.searchsorted(self._ends, index, side='right'))
     start = int(self._ends[part - 1]) if part else 0
     return self.parts[part][index - start]
+
+  def _rows(self, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) copied out of only the parts they lie in."""
+    pieces = []
+    for part, end in zip(self.parts, self._ends):
+      begin = end - len(part)
+      low, high = max(start, begin), min(stop, end)
+      if low < high:
+        pieces.append(part[low - begin:high - begin])
+    if not pieces:
+      return np.zeros((0,) + self.shape[1:], self.dtype)
+    return np.concatenate(pieces)
 
   def __array__(self, dtype=None, copy=None):
     del copy  # A concatenation is always a copy.
@@ -191,10 +205,15 @@ class TwoCropDataset(torch_data.Dataset):
 
 
 class EvalDataset(torch_data.Dataset):
-  """One deterministic view per image: (image, label, index), indices aligned with training."""
+  """One deterministic view per image: (image, label, index), indices aligned with training.
 
-  def __init__(self, source, transform):
-    self.source, self.transform = source, transform
+  `image_size` is set when `transform` is `eval_transform(image_size)` (see `eval_dataset`):
+  the feature pass then runs that transform on the device from uint8 rows of the cache
+  (`eval_image_batches`, `pcl_jax.eval_preprocess`) instead of through loader workers.
+  """
+
+  def __init__(self, source, transform, image_size: Optional[int] = None):
+    self.source, self.transform, self.image_size = source, transform, image_size
 
   def __len__(self):
     return len(self.source)
@@ -277,7 +296,7 @@ class _ProcessSliceBatches(torch_data.Sampler):
 
   def __len__(self):
     count = len(self.order)
-    return -(-count // self.batch_size) if self.pad_to_full else count // self.batch_size
+    return num_eval_batches(count, self.batch_size) if self.pad_to_full else count // self.batch_size
 
 
 def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers: int,
@@ -316,6 +335,28 @@ def eval_loader(dataset, batch_size: int, *, num_workers: int, process_index: in
   return torch_data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                collate_fn=_collate_eval,
                                prefetch_factor=_prefetch_factor(num_workers))
+
+
+def eval_image_batches(source: ArraySource, batch_size: int, *, process_index: int = 0,
+                       process_count: int = 1):
+  """The batches of `eval_loader` as raw uint8 images [b, S, S, 3], read in this process.
+
+  Same indices, order, per-process slices and padding as `eval_loader` (the last global batch
+  repeats the last image), but no workers and no transform: rows are sliced straight out of the
+  (memory-mapped) cache, for `eval_preprocess.eval_transform` to finish on the device.
+  """
+  batches = _ProcessSliceBatches(range(len(source)), batch_size, process_index, process_count,
+                                 pad_to_full=True)
+  for indices in batches:
+    indices = np.asarray(indices)
+    first = int(indices.min())
+    block = np.asarray(source.images[first:int(indices.max()) + 1])
+    yield block[indices - first]
+
+
+def num_eval_batches(num_images: int, batch_size: int) -> int:
+  """Batches of `eval_loader` / `eval_image_batches` over `num_images` (the last is padded)."""
+  return -(-num_images // batch_size)
 
 
 def numpy_batches(loader):
@@ -908,7 +949,7 @@ def build_train_datasets(config) -> Datasets:
   _log_pretraining_split(config, source)
   return Datasets(train=TwoCropDataset(source, train_transform(config.data.image_size,
                                                                config.data.aug_plus)),
-                  train_eval=EvalDataset(source, eval_transform(config.data.image_size)),
+                  train_eval=eval_dataset(source, config.data.image_size),
                   num_train=len(source))
 
 
@@ -916,4 +957,9 @@ def build_eval_dataset(config, split: Optional[str] = None) -> EvalDataset:
   """Eval-transform dataset of `split` (default `data.eval_split`)."""
   setting = 'data.eval_split' if split is None else 'data split'
   source = load_source(config.data, split or config.data.eval_split, setting=setting)
-  return EvalDataset(source, eval_transform(config.data.image_size))
+  return eval_dataset(source, config.data.image_size)
+
+
+def eval_dataset(source: ArraySource, image_size: int) -> EvalDataset:
+  """`source` under the standard eval transform (which the feature pass runs on the device)."""
+  return EvalDataset(source, eval_transform(image_size), image_size=image_size)

@@ -28,6 +28,7 @@ import tqdm
 
 from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
+from pcl_jax import eval_preprocess
 from pcl_jax import input_pipeline
 from pcl_jax import losses
 from pcl_jax import models
@@ -235,24 +236,36 @@ def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
 
 
 def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
-                     progress: bool = False, mesh=None):
+                     progress: bool = False, mesh=None, transform_on_device: bool = True):
   """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
 
-  Every batch is full (the loader pads the last one), so `embed_fn` compiles once; each process
-  loads its own slice of every batch. Padding rows are dropped at the end.
+  Every batch is full (the last is padded), so `embed_fn` compiles once; each process loads its
+  own slice of every batch. Padding rows are dropped at the end. With the standard eval
+  transform (`dataset.image_size` set) and `transform_on_device`, the host only slices uint8
+  rows out of the cache and the transform runs on the device (`eval_preprocess`, equal to
+  torchvision's); otherwise a torch loader with `num_workers` workers applies
+  `dataset.transform`.
 
   Returns:
     (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
   """
   mesh = mesh or parallel.data_mesh()
-  loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count())
   sharding = parallel.batch_sharding(mesh)
+  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if transform_on_device and dataset.image_size:
+    transform = eval_preprocess.jitted_eval_transform(dataset.image_size, mesh)
+    batches = input_pipeline.eval_image_batches(dataset.source, batch_size, **where)
+  else:
+    transform = None
+    loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers, **where)
+    batches = (batch['image'] for batch in input_pipeline.numpy_batches(loader))
   chunks = []
-  for batch in tqdm.tqdm(input_pipeline.numpy_batches(loader), total=len(loader),
-                         disable=not progress, desc='features', leave=False):
-    images = parallel.global_batch({'image': batch['image']}, sharding)['image']
+  for images in tqdm.tqdm(batches, total=input_pipeline.num_eval_batches(len(dataset),
+                                                                         batch_size),
+                          disable=not progress, desc='features', leave=False):
+    images = parallel.global_batch({'image': images}, sharding)['image']
+    if transform is not None:
+      images = transform(images)
     chunks.append(embed_fn(variables, images))
   num_images = len(dataset)
   features = jnp.concatenate(chunks)[:num_images]

@@ -1,0 +1,128 @@
+"""The on-device eval transform against Pillow/torchvision, and the feature pass that uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+from torchvision import transforms
+
+from configs import test as test_config
+from pcl_jax import eval_preprocess
+from pcl_jax import input_pipeline
+from pcl_jax import models
+from pcl_jax import train
+
+
+def _random_images(count, size, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), np.uint8)
+
+
+@pytest.mark.parametrize('in_size,out_size', [(84, 96), (8, 37), (32, 37), (100, 84), (300, 96),
+                                              (9, 4), (37, 18), (96, 96)])
+def test_resize_equals_pillow_bilinear_exactly(in_size, out_size):
+  """Upscaling, antialiased shrinking (wider taps), odd ratios and the identity."""
+  images = _random_images(3, in_size)
+  pillow = np.stack([np.asarray(Image.fromarray(image).resize((out_size, out_size),
+                                                              Image.BILINEAR))
+                     for image in images])
+  pixels = eval_preprocess._resample_axis(jnp.asarray(images, jnp.int32), out_size, axis=2)  # pylint: disable=protected-access
+  pixels = eval_preprocess._resample_axis(pixels, out_size, axis=1)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(pixels), pillow)
+
+
+def test_bilinear_taps_weights_sum_to_one_in_fixed_point():
+  for in_size, out_size in [(84, 96), (300, 96), (9, 4)]:
+    first, weights = eval_preprocess.bilinear_taps(in_size, out_size)
+    assert weights.dtype == np.int32 and first.shape == (out_size,)
+    sums = weights.sum(axis=1)
+    assert np.all(np.abs(sums - (1 << eval_preprocess.PRECISION_BITS)) <= weights.shape[1])
+    assert first.min() >= 0 and first.max() < in_size
+
+
+@pytest.mark.parametrize('cache_size,image_size', [(84, 84), (37, 32), (18, 16), (8, 16),
+                                                   (100, 32), (20, 16)])
+def test_eval_transform_equals_torchvision(cache_size, image_size):
+  """Resize(8/7) + CenterCrop + normalise, against the loader's transform and torchvision's."""
+  images = _random_images(4, cache_size, seed=cache_size)
+  on_device = np.asarray(eval_preprocess.eval_transform(jnp.asarray(images), image_size))
+  loader = np.stack([input_pipeline.eval_transform(image_size)(Image.fromarray(image)).numpy()
+                     for image in images])
+  torchvision_reference = transforms.Compose([
+      transforms.Resize(input_pipeline.eval_resize_size(image_size)),
+      transforms.CenterCrop(image_size), transforms.ToTensor(),
+      transforms.Normalize(input_pipeline.MEAN, input_pipeline.STD)])
+  reference = np.stack([torchvision_reference(Image.fromarray(image)).permute(1, 2, 0).numpy()
+                        for image in images])
+  assert on_device.shape == (4, image_size, image_size, 3) and on_device.dtype == np.float32
+  np.testing.assert_allclose(on_device, loader, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(on_device, reference, rtol=0, atol=1e-5)
+
+
+def test_center_crop_offset_rounds_like_torchvision():
+  assert [eval_preprocess.center_crop_offset(size, 32) for size in (32, 35, 37, 39)] == [0, 2, 2, 4]
+
+
+def _digits_config():
+  config = test_config.get_config()
+  config.data.train_split = 'train+val'  # a concatenation of two cached arrays
+  return config
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_image_batches_are_the_eval_loaders_rows(process_count):
+  """Same rows, order, padding and per-process slices, from a concatenation of two arrays (as
+  memory-mapped caches of joined splits are held)."""
+  config = test_config.get_config()
+  parts = [input_pipeline.load_source(config.data, split) for split in ('train', 'val')]
+  source = input_pipeline.ArraySource(
+      input_pipeline.ConcatenatedImages([part.images for part in parts]),
+      np.concatenate([part.labels for part in parts]), 'digits/train+val')
+  dataset = input_pipeline.eval_dataset(source, 16)
+  batch_size = 100
+  for process in range(process_count):
+    raw = list(input_pipeline.eval_image_batches(source, batch_size, process_index=process,
+                                                 process_count=process_count))
+    loaded = list(input_pipeline.numpy_batches(input_pipeline.eval_loader(
+        dataset, batch_size, num_workers=0, process_index=process, process_count=process_count)))
+    assert len(raw) == len(loaded) == input_pipeline.num_eval_batches(len(source), batch_size)
+    for images, batch in zip(raw, loaded):
+      assert images.dtype == np.uint8 and len(images) == batch_size // process_count
+      np.testing.assert_array_equal(images, np.asarray(source.images)[batch['index']])
+
+
+def test_concatenated_images_slices_across_parts():
+  parts = [np.arange(i * 10, i * 10 + n).reshape(n, 1) for i, n in enumerate((3, 4, 2))]
+  images = input_pipeline.ConcatenatedImages(parts)
+  whole = np.concatenate(parts)
+  for start, stop in [(0, 9), (2, 5), (3, 7), (6, 9), (4, 4), (-3, None), (8, 20)]:
+    np.testing.assert_array_equal(images[start:stop], whole[start:stop])
+
+
+def test_feature_pass_on_device_equals_the_loader_path():
+  config = _digits_config()
+  dataset = input_pipeline.build_train_datasets(config).train_eval
+  model = models.encoder_from_config(config)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  embed = train.make_embed_fn(model)
+  on_device, labels = train.extract_features(embed, variables, dataset, 96, num_workers=0)
+  loader, loader_labels = train.extract_features(embed, variables, dataset, 96, num_workers=0,
+                                                 transform_on_device=False)
+  assert on_device.shape == (len(dataset), config.model.dim)
+  np.testing.assert_array_equal(labels, loader_labels)
+  np.testing.assert_allclose(np.asarray(on_device), np.asarray(loader), rtol=0, atol=1e-5)
+
+
+def test_a_custom_transform_goes_through_the_loader():
+  """An EvalDataset without `image_size` keeps its own transform (no on-device shortcut)."""
+  config = test_config.get_config()
+  source = input_pipeline.load_source(config.data, 'val')
+  flipped = input_pipeline.EvalDataset(source, transforms.Compose([
+      transforms.RandomHorizontalFlip(p=1.0), input_pipeline.eval_transform(16)]))
+  model = models.encoder_from_config(config)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+  embed = train.make_embed_fn(model)
+  standard, _ = train.extract_features(embed, variables,
+                                       input_pipeline.eval_dataset(source, 16), 64, 0)
+  custom, _ = train.extract_features(embed, variables, flipped, 64, 0)
+  assert not np.allclose(np.asarray(standard), np.asarray(custom), atol=1e-3)
