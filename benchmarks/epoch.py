@@ -5,7 +5,9 @@ r"""One full PCL epoch of configs/mini_imagenet.py: step, input pipeline, E-step
   python benchmarks/epoch.py --data-root /data/mini-imagenet        # the real data
   python benchmarks/epoch.py --batch 256 --dtype bfloat16 --torch-reference   # the GPU table
 
-Reports images/s of the jitted step alone (resident batch), of the input pipeline alone, the
+Reports images/s of the jitted step alone (resident batch), of the input pipeline alone, of
+the feature pass's input and of the whole feature pass (uint8 cache rows + the on-device eval
+transform, against the torch loader's workers running the PIL transform, with the ratios), the
 E-step seconds by part (features, clustering) and the epoch seconds (E-step + M-steps fed by the
 loader), and with --torch-reference the equivalent eager PyTorch MoCo/PCL step (same arch,
 batch, precision; NCHW and channels-last, AMP/bf16 when --dtype=bfloat16) in the same process,
@@ -26,6 +28,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import eval_preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,6 +55,43 @@ def _config(args):
   config.schedule.all_clusters = ','.join(str(k) for k in (3200, 2400, 1600, 800, 400, 200, 100)
                                           if k <= num_images)
   return config
+
+
+def _feature_input_images_per_s(trainer, batches, on_device):
+  """Images/s delivered to the feature pass's network as device arrays: uint8 cache rows plus
+  the on-device eval transform (what the E-step runs), or the torch loader's workers applying
+  the PIL transform (the reference's way). The first batch (compilation, worker start) is not
+  timed."""
+  dataset, batch_size = trainer.datasets.train_eval, trainer.config.train.batch_size
+  sharding = parallel.batch_sharding(trainer.mesh)
+  if on_device:
+    transform = eval_preprocess.jitted_eval_transform(dataset.image_size, trainer.mesh)
+    images = input_pipeline.eval_image_batches(dataset.source, batch_size)
+  else:
+    transform = lambda x: x
+    images = (batch['image'] for batch in input_pipeline.numpy_batches(input_pipeline.eval_loader(
+        dataset, batch_size, num_workers=trainer.config.data.num_workers)))
+  start = None
+  for count, batch in enumerate(images):
+    jax.block_until_ready(transform(parallel.global_batch({'image': batch}, sharding)['image']))
+    if count == 0:
+      start = time.perf_counter()
+    if count == batches:
+      break
+  return batch_size * count / (time.perf_counter() - start)
+
+
+def _feature_pass_images_per_s(trainer, state, on_device):
+  """Images/s of the whole feature pass (input + key encoder) over the training split."""
+  variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
+  dataset = trainer.datasets.train_eval
+  start = time.perf_counter()
+  features, _ = train.extract_features(trainer.embed, variables, dataset,
+                                       trainer.config.train.batch_size,
+                                       trainer.config.data.num_workers, mesh=trainer.mesh,
+                                       transform_on_device=on_device)
+  jax.block_until_ready(features)
+  return len(dataset) / (time.perf_counter() - start)
 
 
 def _loader_images_per_s(trainer, steps):
@@ -119,6 +159,8 @@ def main():
         f'{trainer.model.backbone.conv_impl}', flush=True)
   step_rate, state = _resident_step_images_per_s(trainer, state, args.steps)
   loader_rate = _loader_images_per_s(trainer, args.steps)
+  feature_input = [_feature_input_images_per_s(trainer, args.steps, on_device)
+                   for on_device in (True, False)]
   # Compile the feature pass once before timing, as every epoch after the first finds it compiled.
   size = config.data.image_size
   warm_images = parallel.global_batch(
@@ -126,9 +168,17 @@ def main():
       parallel.batch_sharding(trainer.mesh))['image']
   jax.block_until_ready(trainer.embed({'params': state.key_params,
                                        'batch_stats': state.key_batch_stats}, warm_images))
+  feature_pass = [_feature_pass_images_per_s(trainer, state, on_device)
+                  for on_device in (True, False)]
   state, record = trainer.run_epoch(state, 0)
   rows = [('step (resident batch) img/s', step_rate),
           ('input pipeline img/s', loader_rate),
+          ('feature-pass input, on device img/s', feature_input[0]),
+          ('feature-pass input, loader img/s', feature_input[1]),
+          ('feature-pass input, device / loader', feature_input[0] / feature_input[1]),
+          ('feature pass, on device img/s', feature_pass[0]),
+          ('feature pass, loader img/s', feature_pass[1]),
+          ('feature pass, device / loader', feature_pass[0] / feature_pass[1]),
           ('epoch M-steps fed by loader img/s', record['images_per_s']),
           ('E-step features s', record['estep_features_s']),
           ('E-step clustering s', record['estep_clustering_s']),
