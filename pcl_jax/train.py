@@ -28,7 +28,7 @@ import tqdm
 
 from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
-from pcl_jax import eval_preprocess
+from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
 from pcl_jax import losses
 from pcl_jax import models
@@ -149,7 +149,8 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
 
   Args:
     state: the training state.
-    batch: 'im_q', 'im_k' [B, H, W, 3] and 'index' [B].
+    batch: 'im_q', 'im_k' [B, H, W, 3] (uint8 pixels, normalised here; or float32 already
+      normalised) and 'index' [B].
     bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
     hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
     model: the encoder (with grouped BN); used for both query and key networks.
@@ -165,14 +166,15 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   # then the keys. They are targets: no gradient flows into the key encoder.
   key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
   keys, key_batch_stats = _shuffled_keys(
-      model, {'params': key_params, 'batch_stats': state.key_batch_stats}, batch['im_k'],
-      shuffle_rng)
+      model, {'params': key_params, 'batch_stats': state.key_batch_stats},
+      device_transforms.network_input(batch['im_k']), shuffle_rng)
   keys = jax.lax.stop_gradient(keys)
 
   # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
   def loss_fn(params):
     queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    batch['im_q'], train=True, mutable=['batch_stats'])
+                                    device_transforms.network_input(batch['im_q']), train=True,
+                                    mutable=['batch_stats'])
     loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
     loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
                                           num_negatives, hparams['smoothing'])
@@ -242,7 +244,7 @@ def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers:
   Every batch is full (the last is padded), so `embed_fn` compiles once; each process loads its
   own slice of every batch. Padding rows are dropped at the end. With the standard eval
   transform (`dataset.image_size` set) and `transform_on_device`, the host only slices uint8
-  rows out of the cache and the transform runs on the device (`eval_preprocess`, equal to
+  rows out of the cache and the transform runs on the device (`device_transforms`, equal to
   torchvision's); otherwise a torch loader with `num_workers` workers applies
   `dataset.transform`.
 
@@ -253,7 +255,7 @@ def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers:
   sharding = parallel.batch_sharding(mesh)
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if transform_on_device and dataset.image_size:
-    transform = eval_preprocess.jitted_eval_transform(dataset.image_size, mesh)
+    transform = device_transforms.jitted_eval_transform(dataset.image_size, mesh)
     batches = input_pipeline.eval_image_batches(dataset.source, batch_size, **where)
   else:
     transform = None

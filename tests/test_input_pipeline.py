@@ -5,11 +5,14 @@ every bad-input message. Tiny data (4 classes x 6 images of 24x20 px), CPU only,
 import os
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+from torchvision import transforms
 
 from configs import default
+from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
 from pcl_jax.configuration import UserError
 
@@ -274,19 +277,27 @@ def test_training_batches_shapes_and_ranges(csv_root, aug_plus):
   batches = list(input_pipeline.numpy_batches(
       input_pipeline.train_loader(datasets.train, 4, seed=0, epoch=0, num_workers=0)))
   assert len(batches) == 3  # 12 images, drop_last
-  for batch in batches:
+  # The same augmentations ending in torchvision-style float normalisation on the host.
+  augment = input_pipeline.train_transform(16, aug_plus).transforms[:-1]
+  float_views = input_pipeline.TwoCropDataset(datasets.train.source, transforms.Compose(
+      augment + [input_pipeline.ToNormalizedHWC()]))
+  float_batches = list(input_pipeline.numpy_batches(
+      input_pipeline.train_loader(float_views, 4, seed=0, epoch=0, num_workers=0)))
+  for batch, float_batch in zip(batches, float_batches):
     assert set(batch) == {'im_q', 'im_k', 'index'}
     for view in ('im_q', 'im_k'):
-      assert batch[view].shape == (4, 16, 16, 3) and batch[view].dtype == np.float32
-      assert LOW - 1e-5 <= batch[view].min() and batch[view].max() <= HIGH + 1e-5
+      assert batch[view].shape == (4, 16, 16, 3) and batch[view].dtype == np.uint8
+      # Normalised on the device: bit-equal to the host's float pipeline, within its range.
+      normalised = np.asarray(device_transforms.normalize(jnp.asarray(batch[view])))
+      np.testing.assert_array_equal(normalised, float_batch[view])
+      assert LOW - 1e-5 <= normalised.min() and normalised.max() <= HIGH + 1e-5
     assert batch['index'].dtype == np.int64
-    assert not np.allclose(batch['im_q'], batch['im_k'])  # two independent augmentations
+    assert not np.array_equal(batch['im_q'], batch['im_k'])  # two independent augmentations
   index = np.concatenate([b['index'] for b in batches])
   assert sorted(index) == list(range(12))  # a permutation of the split
 
 
 def test_eval_transform_matches_torchvision_reference():
-  from torchvision import transforms  # pylint: disable=g-import-not-at-top
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8))
   reference = transforms.Compose([transforms.Resize(18), transforms.CenterCrop(16),
                                   transforms.ToTensor(),

@@ -1,19 +1,22 @@
-"""The eval transform (Resize, CenterCrop, normalise) as jitted JAX on uint8 batches.
+"""Image transforms that run on the device: normalisation, and the eval Resize + CenterCrop.
 
-Why this exists: the feature pass (every E-step, and evaluation) embeds the whole training split
-under a fixed, deterministic transform. Through torch DataLoader workers that is PIL work on the
-host for every image plus a float32 copy four times the size of the pixels; on an accelerator the
-network is then far faster than the host, so the E-step waits on the loader. Here the host only
-slices uint8 rows out of the decoded-image cache (`input_pipeline.eval_image_batches`), and the
-transform runs on the device, batch-sharded like the network.
+Why this exists: the host's loader then ships uint8 pixels (a quarter of float32's bytes, and
+no per-pixel float work in the workers) and the jitted code finishes the transform, batch-sharded
+like the network. Two users:
+- Training: the loader's augmentations (PIL, the reference's own ops) end in uint8 HWC
+  (`input_pipeline.ToUint8HWC`); `train.train_step` normalises the two views with `normalize`.
+- The feature pass (every E-step, and evaluation) embeds the whole split under the fixed eval
+  transform. The host only slices uint8 rows out of the decoded-image cache
+  (`input_pipeline.eval_image_batches`) and `eval_transform` does the rest: through loader
+  workers that was PIL work per image on the host, which on an accelerator bounds the E-step.
 
-It is torchvision's `input_pipeline.eval_transform` bit for bit, not an approximation:
+Both equal the torchvision path bit for bit, not approximately:
+- `normalize` is `input_pipeline.ToNormalizedHWC`'s float32 (x - 255 mean) * (1 / (255 std)).
 - Resize(R) of a square S-pixel image is Pillow's bilinear resampling, reproduced in integers:
   Pillow's filter taps (`precompute_coeffs`: triangle filter, widened by the scale when
   shrinking, as antialiasing), its 22-bit fixed-point weights, a horizontal pass rounded to uint8,
   then a vertical pass (Pillow's order). int32 sums are exact, so every pixel equals Pillow's.
 - CenterCrop(size) uses torchvision's offsets, int(round((R - size) / 2)).
-- Normalisation is `ToNormalizedHWC`'s float32 (x - 255 mean) * (1 / (255 std)).
 """
 
 import functools
@@ -29,6 +32,20 @@ from pcl_jax import parallel
 
 # Pillow's fixed point for 8-bit images (Resample.c: PRECISION_BITS = 32 - 8 - 2).
 PRECISION_BITS = 22
+
+
+def normalize(pixels: jnp.ndarray) -> jnp.ndarray:
+  """Integer RGB pixels [..., 3] in [0, 255] -> float32, ImageNet-normalised, exactly as
+  `input_pipeline.ToNormalizedHWC` computes it (the same float32 constants and operations)."""
+  offset = np.float32(input_pipeline.MEAN) * np.float32(255.0)
+  scale = np.float32(1.0) / (np.float32(input_pipeline.STD) * np.float32(255.0))
+  return (pixels.astype(jnp.float32) - offset) * scale
+
+
+def network_input(images: jnp.ndarray) -> jnp.ndarray:
+  """A batch as the network takes it: uint8 pixels are normalised, float images pass as they are
+  (already normalised, e.g. synthetic benchmark batches)."""
+  return normalize(images) if images.dtype == jnp.uint8 else images
 
 
 def _triangle(x: float) -> float:
@@ -98,9 +115,7 @@ def eval_transform(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
   top = center_crop_offset(resized, image_size)
   pixels = jax.lax.slice(pixels, (0, top, top, 0),
                          (batch, top + image_size, top + image_size, channels))
-  offset = np.float32(input_pipeline.MEAN) * np.float32(255.0)
-  scale = np.float32(1.0) / (np.float32(input_pipeline.STD) * np.float32(255.0))
-  return (pixels.astype(jnp.float32) - offset) * scale
+  return normalize(pixels)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ import pytest
 from torchvision import transforms
 
 from configs import test as test_config
-from pcl_jax import eval_preprocess
+from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
 from pcl_jax import models
 from pcl_jax import train
@@ -26,17 +26,17 @@ def test_resize_equals_pillow_bilinear_exactly(in_size, out_size):
   pillow = np.stack([np.asarray(Image.fromarray(image).resize((out_size, out_size),
                                                               Image.BILINEAR))
                      for image in images])
-  pixels = eval_preprocess._resample_axis(jnp.asarray(images, jnp.int32), out_size, axis=2)  # pylint: disable=protected-access
-  pixels = eval_preprocess._resample_axis(pixels, out_size, axis=1)  # pylint: disable=protected-access
+  pixels = device_transforms._resample_axis(jnp.asarray(images, jnp.int32), out_size, axis=2)  # pylint: disable=protected-access
+  pixels = device_transforms._resample_axis(pixels, out_size, axis=1)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(pixels), pillow)
 
 
 def test_bilinear_taps_weights_sum_to_one_in_fixed_point():
   for in_size, out_size in [(84, 96), (300, 96), (9, 4)]:
-    first, weights = eval_preprocess.bilinear_taps(in_size, out_size)
+    first, weights = device_transforms.bilinear_taps(in_size, out_size)
     assert weights.dtype == np.int32 and first.shape == (out_size,)
     sums = weights.sum(axis=1)
-    assert np.all(np.abs(sums - (1 << eval_preprocess.PRECISION_BITS)) <= weights.shape[1])
+    assert np.all(np.abs(sums - (1 << device_transforms.PRECISION_BITS)) <= weights.shape[1])
     assert first.min() >= 0 and first.max() < in_size
 
 
@@ -45,7 +45,7 @@ def test_bilinear_taps_weights_sum_to_one_in_fixed_point():
 def test_eval_transform_equals_torchvision(cache_size, image_size):
   """Resize(8/7) + CenterCrop + normalise, against the loader's transform and torchvision's."""
   images = _random_images(4, cache_size, seed=cache_size)
-  on_device = np.asarray(eval_preprocess.eval_transform(jnp.asarray(images), image_size))
+  on_device = np.asarray(device_transforms.eval_transform(jnp.asarray(images), image_size))
   loader = np.stack([input_pipeline.eval_transform(image_size)(Image.fromarray(image)).numpy()
                      for image in images])
   torchvision_reference = transforms.Compose([
@@ -60,7 +60,7 @@ def test_eval_transform_equals_torchvision(cache_size, image_size):
 
 
 def test_center_crop_offset_rounds_like_torchvision():
-  assert [eval_preprocess.center_crop_offset(size, 32) for size in (32, 35, 37, 39)] == [0, 2, 2, 4]
+  assert [device_transforms.center_crop_offset(size, 32) for size in (32, 35, 37, 39)] == [0, 2, 2, 4]
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
@@ -122,3 +122,32 @@ def test_a_custom_transform_goes_through_the_loader():
                                        input_pipeline.eval_dataset(source, 16), 64, 0)
   custom, _ = train.extract_features(embed, variables, flipped, 64, 0)
   assert not np.allclose(np.asarray(standard), np.asarray(custom), atol=1e-3)
+
+
+def test_train_step_on_uint8_views_equals_the_step_on_host_normalised_views():
+  """The loader ships uint8 views; normalising them inside the step changes nothing."""
+  from pcl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from pcl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  model = models.encoder_from_config(config, bn_groups=2)
+  schedule = train.make_lr_schedule(config.optim, 2, 4)
+  tx = train.make_optimizer(config.optim, schedule)
+  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16,
+                                 config.pcl.num_negatives)
+  state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
+  step = train.make_train_step(config, model, tx, schedule)
+  bank = train.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
+  hparams = {'smoothing': jnp.float32(0.0)}
+  pixels = {view: _random_images(8, 16, seed) for seed, view in enumerate(('im_q', 'im_k'))}
+  normalise = transforms.Compose([Image.fromarray, input_pipeline.ToNormalizedHWC()])
+  host_normalised = {view: np.stack([normalise(image).numpy() for image in images])
+                     for view, images in pixels.items()}
+  index = np.arange(8)
+  results = [step(jax.tree.map(jnp.copy, state), dict(views, index=index), bank, hparams)
+             for views in (pixels, host_normalised)]
+  (uint8_state, uint8_metrics), (float_state, float_metrics) = results
+  for name in uint8_metrics:
+    np.testing.assert_array_equal(np.asarray(uint8_metrics[name]),
+                                  np.asarray(float_metrics[name]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               uint8_state.params, float_state.params)
