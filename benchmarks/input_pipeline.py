@@ -1,9 +1,10 @@
 r"""Input-pipeline benchmark: is the training step ever waiting for data?
 
 Prints (1) images/s of the loader alone for each worker count, with images per CPU-second of
-loader work ("per core"); (2) images/s of the real jitted PCL training step fed from a resident
-synthetic batch; (3) the same step fed by the loader; and the ratio fed / synthetic (target
->= 0.90). An "image" is one training sample, i.e. one (im_q, im_k) pair of augmented views.
+loader work ("per core"), and the loader with views ending in uint8 (what it ships: the step
+normalises on the device) against views ending in host-normalised float32; (2) images/s of
+the real jitted PCL training step fed from a resident synthetic batch; (3) the same step fed by
+the loader; and the ratio fed / synthetic (target >= 0.90). An "image" is one training sample, i.e. one (im_q, im_k) pair of augmented views.
 
   python benchmarks/input_pipeline.py                    # Conv4, 84 px, batch 64, JPEG folder
   python benchmarks/input_pipeline.py --data=fake --workers=0,1,2,4 --fed_workers=2
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 from PIL import Image
+from torchvision import transforms
 
 from configs import default
 from pcl_jax import input_pipeline
@@ -127,6 +129,20 @@ def main():
       per_core = statistics.median(r[1] for r in runs)
       print(f'  num_workers={workers}: {rate:7.0f} images/s  ({per_core:.0f} images per '
             f'CPU-second of loader work = per core; {2 * per_core:.0f} augmented views)')
+
+    # Step 1b: what ending the augmentations in uint8 (normalised later on the device) saves
+    # against ending them in host-normalised float32, as torchvision's ToTensor + Normalize do.
+    float_views = input_pipeline.TwoCropDataset(datasets.train.source, transforms.Compose(
+        datasets.train.transform.transforms[:-1] + [input_pipeline.ToNormalizedHWC()]))
+    workers = max(int(w) for w in args.workers.split(','))
+    rates = {'uint8': [], 'float32': []}
+    for epoch in range(args.repeats):  # alternate, so load changes hit both alike
+      rates['uint8'].append(loader_alone(datasets.train, batch_size, workers, epoch)[0])
+      rates['float32'].append(loader_alone(float_views, batch_size, workers, epoch)[0])
+    uint8_rate, float_rate = (statistics.median(rates[k]) for k in ('uint8', 'float32'))
+    print(f'\nloader output, num_workers={workers}: uint8 {uint8_rate:7.0f} images/s, host-'
+          f'normalised float32 {float_rate:7.0f} images/s, ratio {uint8_rate / float_rate:.2f} '
+          f'(bytes per pair {2 * 3 * args.image_size ** 2} vs {8 * 3 * args.image_size ** 2})')
 
     if args.loader_only:
       return
