@@ -151,3 +151,22 @@ def test_train_step_on_uint8_views_equals_the_step_on_host_normalised_views():
                                   np.asarray(float_metrics[name]))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                uint8_state.params, float_state.params)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_transforms_are_still_exact():
+  """Integer resampling and float32 normalisation on the accelerator (`pytest -m gpu`)."""
+  images = _random_images(16, 84, seed=3)
+  on_gpu = np.asarray(jax.jit(_eval_transform_84)(jax.device_put(images, jax.devices('gpu')[0])))
+  loader = np.stack([input_pipeline.eval_transform(84)(Image.fromarray(image)).numpy()
+                     for image in images])
+  np.testing.assert_allclose(on_gpu, loader, rtol=0, atol=1e-6)
+  normalised = np.asarray(jax.jit(device_transforms.normalize)(jax.device_put(
+      images, jax.devices('gpu')[0])))
+  host = np.stack([input_pipeline.ToNormalizedHWC()(Image.fromarray(image)).numpy()
+                   for image in images])
+  np.testing.assert_allclose(normalised, host, rtol=0, atol=1e-6)
+
+
+def _eval_transform_84(images):
+  return device_transforms.eval_transform(images, 84)
