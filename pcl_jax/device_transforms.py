@@ -64,6 +64,7 @@ def bilinear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
   scale = in_size / out_size
   filter_scale = max(scale, 1.0)  # shrinking widens the filter: Pillow's antialiasing
   support = filter_scale
+  inverse = 1.0 / filter_scale  # Pillow multiplies by it (dividing could round differently)
   taps = int(math.ceil(support)) * 2 + 1
   first = np.zeros(out_size, np.int32)
   weights = np.zeros((out_size, taps), np.int64)
@@ -71,7 +72,6 @@ def bilinear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray]:
     center = (out + 0.5) * scale
     low = max(int(center - support + 0.5), 0)  # int(): C's truncation, as Pillow
     high = min(int(center + support + 0.5), in_size)
-    inverse = 1.0 / filter_scale
     real = np.array([_triangle((x - center + 0.5) * inverse) for x in range(low, high)])
     real /= real.sum()
     first[out] = low
