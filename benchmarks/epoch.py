@@ -28,7 +28,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import device_transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,18 +61,12 @@ def _feature_input_images_per_s(trainer, batches, on_device):
   the on-device eval transform (what the E-step runs), or the torch loader's workers applying
   the PIL transform (the reference's way). The first batch (compilation, worker start) is not
   timed."""
-  dataset, batch_size = trainer.datasets.train_eval, trainer.config.train.batch_size
-  sharding = parallel.batch_sharding(trainer.mesh)
-  if on_device:
-    transform = device_transforms.jitted_eval_transform(dataset.image_size, trainer.mesh)
-    images = input_pipeline.eval_image_batches(dataset.source, batch_size)
-  else:
-    transform = lambda x: x
-    images = (batch['image'] for batch in input_pipeline.numpy_batches(input_pipeline.eval_loader(
-        dataset, batch_size, num_workers=trainer.config.data.num_workers)))
+  batch_size = trainer.config.train.batch_size
+  images = train.feature_pass_batches(trainer.datasets.train_eval, batch_size,
+                                      trainer.config.data.num_workers, trainer.mesh, on_device)
   start = None
   for count, batch in enumerate(images):
-    jax.block_until_ready(transform(parallel.global_batch({'image': batch}, sharding)['image']))
+    jax.block_until_ready(batch)
     if count == 0:
       start = time.perf_counter()
     if count == batches:

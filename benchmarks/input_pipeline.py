@@ -4,7 +4,8 @@ Prints (1) images/s of the loader alone for each worker count, with images per C
 loader work ("per core"), and the loader with views ending in uint8 (what it ships: the step
 normalises on the device) against views ending in host-normalised float32; (2) images/s of
 the real jitted PCL training step fed from a resident synthetic batch; (3) the same step fed by
-the loader; and the ratio fed / synthetic (target >= 0.90). An "image" is one training sample, i.e. one (im_q, im_k) pair of augmented views.
+the loader; and the ratio fed / synthetic (target >= 0.90). An "image" is one training sample,
+i.e. one (im_q, im_k) pair of augmented views.
 
   python benchmarks/input_pipeline.py                    # Conv4, 84 px, batch 64, JPEG folder
   python benchmarks/input_pipeline.py --data=fake --workers=0,1,2,4 --fed_workers=2

@@ -4,10 +4,11 @@ This module owns everything between files on disk and a numpy batch: finding the
 split (mini-ImageNet in its CSV or folder layout, any torchvision ImageFolder tree, sklearn digits,
 torchvision FakeData), decoding them once into a memory-mapped uint8 cache, the transforms,
 samplers and collation. It never touches JAX arrays or model state. Training batches are dicts
-`{'im_q', 'im_k': [B, H, W, 3] uint8 NHWC, 'index': [B] int64}` (the jitted step normalises them:
-`device_transforms.normalize`); evaluation batches `{'image', 'label', 'index'}` (float32,
-normalised; the feature pass itself reads uint8 rows, `eval_image_batches`). Augmentation randomness is a function of (seed, epoch, index) only,
-so a resumed run replays the same order and the same augmentations whatever `num_workers` is.
+`{'im_q', 'im_k': [B, H, W, 3] uint8 NHWC, 'index': [B] int64}` (the jitted step normalises
+them: `device_transforms.normalize`); evaluation batches `{'image', 'label', 'index'}` (float32,
+normalised; the feature pass itself reads uint8 rows, `eval_image_batches`). Augmentation
+randomness is a function of (seed, epoch, index) only, so a resumed run replays the same order
+and the same augmentations whatever `num_workers` is.
 
 Data layout (data.root = DIR):
 - `mini_imagenet`, Ravi & Larochelle layout: `DIR/images/*.jpg` and `DIR/{train,val,test}.csv`
@@ -310,7 +311,9 @@ class _ProcessSliceBatches(torch_data.Sampler):
 
   def __len__(self):
     count = len(self.order)
-    return num_eval_batches(count, self.batch_size) if self.pad_to_full else count // self.batch_size
+    if self.pad_to_full:
+      return num_eval_batches(count, self.batch_size)
+    return count // self.batch_size
 
 
 def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers: int,

@@ -237,38 +237,45 @@ def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
   return embed
 
 
-def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
-                     progress: bool = False, mesh=None, transform_on_device: bool = True):
-  """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
+def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
+                         transform_on_device: bool = True):
+  """The network's input batches of a feature pass over an EvalDataset, in index order: global
+  device arrays, batch-sharded over `mesh`, each process loading its own slice.
 
-  Every batch is full (the last is padded), so `embed_fn` compiles once; each process loads its
-  own slice of every batch. Padding rows are dropped at the end. With the standard eval
-  transform (`dataset.image_size` set) and `transform_on_device`, the host only slices uint8
-  rows out of the cache and the transform runs on the device (`device_transforms`, equal to
-  torchvision's); otherwise a torch loader with `num_workers` workers applies
-  `dataset.transform`.
-
-  Returns:
-    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
+  With the standard eval transform (`dataset.image_size` set) and `transform_on_device`, the host
+  only slices uint8 rows out of the cache and the transform runs on the device
+  (`device_transforms`, equal to torchvision's); otherwise a torch loader with `num_workers`
+  workers applies `dataset.transform`. The last batch is padded to full size.
   """
-  mesh = mesh or parallel.data_mesh()
   sharding = parallel.batch_sharding(mesh)
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   if transform_on_device and dataset.image_size:
     transform = device_transforms.jitted_eval_transform(dataset.image_size, mesh)
     batches = input_pipeline.eval_image_batches(dataset.source, batch_size, **where)
   else:
-    transform = None
+    transform = lambda images: images
     loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers, **where)
     batches = (batch['image'] for batch in input_pipeline.numpy_batches(loader))
-  chunks = []
-  for images in tqdm.tqdm(batches, total=input_pipeline.num_eval_batches(len(dataset),
-                                                                         batch_size),
-                          disable=not progress, desc='features', leave=False):
-    images = parallel.global_batch({'image': images}, sharding)['image']
-    if transform is not None:
-      images = transform(images)
-    chunks.append(embed_fn(variables, images))
+  for images in batches:
+    yield transform(parallel.global_batch({'image': images}, sharding)['image'])
+
+
+def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
+                     progress: bool = False, mesh=None, transform_on_device: bool = True):
+  """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
+
+  Every batch is full (the last is padded), so `embed_fn` compiles once; padding rows are
+  dropped at the end. Batches come from `feature_pass_batches` (the eval transform on the device
+  unless `transform_on_device` is False or the dataset has its own transform).
+
+  Returns:
+    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
+  """
+  mesh = mesh or parallel.data_mesh()
+  batches = feature_pass_batches(dataset, batch_size, num_workers, mesh, transform_on_device)
+  chunks = [embed_fn(variables, images) for images in tqdm.tqdm(
+      batches, total=input_pipeline.num_eval_batches(len(dataset), batch_size),
+      disable=not progress, desc='features', leave=False)]
   num_images = len(dataset)
   features = jnp.concatenate(chunks)[:num_images]
   return features, np.asarray(dataset.source.labels[:num_images])

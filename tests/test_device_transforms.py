@@ -26,8 +26,9 @@ def test_resize_equals_pillow_bilinear_exactly(in_size, out_size):
   pillow = np.stack([np.asarray(Image.fromarray(image).resize((out_size, out_size),
                                                               Image.BILINEAR))
                      for image in images])
-  pixels = device_transforms._resample_axis(jnp.asarray(images, jnp.int32), out_size, axis=2)  # pylint: disable=protected-access
-  pixels = device_transforms._resample_axis(pixels, out_size, axis=1)  # pylint: disable=protected-access
+  resample = device_transforms._resample_axis  # pylint: disable=protected-access
+  pixels = resample(jnp.asarray(images, jnp.int32), out_size, axis=2)
+  pixels = resample(pixels, out_size, axis=1)
   np.testing.assert_array_equal(np.asarray(pixels), pillow)
 
 
@@ -60,7 +61,8 @@ def test_eval_transform_equals_torchvision(cache_size, image_size):
 
 
 def test_center_crop_offset_rounds_like_torchvision():
-  assert [device_transforms.center_crop_offset(size, 32) for size in (32, 35, 37, 39)] == [0, 2, 2, 4]
+  offsets = [device_transforms.center_crop_offset(size, 32) for size in (32, 35, 37, 39)]
+  assert offsets == [0, 2, 2, 4]
 
 
 @pytest.mark.parametrize('process_count', [1, 2])
