@@ -4,12 +4,64 @@ This module owns the on-disk layout `WORKDIR/checkpoints/<epochs_done>/{state,me
 the PCLState pytree (StandardSave), `meta` a JSON dict of host-side state (the cluster-schedule
 controller, the config's model fields). The checkpoint step is the number of completed epochs.
 It never decides *when* to save (train.py does) and never unpickles anything.
+
+Conv kernels are saved in `models.CONV_KERNEL_LAYOUT` (OHWI), recorded in `meta` under
+'conv_kernel_layout'. Checkpoints written before that key existed hold flax's HWIO kernels; both
+restores transpose them, so those runs still resume and evaluate.
 """
 
 import os
 from typing import Any, Optional, Tuple
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from pcl_jax import models
+
+KERNEL_LAYOUT_KEY = 'conv_kernel_layout'
+_LAYOUT_BEFORE_THE_KEY = 'HWIO'
+
+
+def saved_kernel_layout(meta: dict) -> str:
+  """The layout of the conv kernels in a checkpoint with this `meta`."""
+  return meta.get(KERNEL_LAYOUT_KEY, _LAYOUT_BEFORE_THE_KEY)
+
+
+def _is_conv_kernel(path, leaf) -> bool:
+  """A 4-D leaf named 'kernel': a conv kernel of the params, key params or their optimizer
+  state (optax's momentum mirrors the parameter tree)."""
+  last = path[-1] if path else None
+  name = getattr(last, 'key', getattr(last, 'name', None))
+  return name == 'kernel' and len(np.shape(leaf)) == 4
+
+
+def transpose_conv_kernels(tree, source: str, target: str):
+  """`tree` with every conv kernel moved from layout `source` to `target` ('HWIO'/'OHWI').
+
+  Leaves may be arrays (kept on their sharding) or ShapeDtypeStructs (restore templates)."""
+  if source == target:
+    return tree
+  permutation = tuple(source.index(axis) for axis in target)
+
+  def move(path, leaf):
+    if not _is_conv_kernel(path, leaf):
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in permutation), leaf.dtype,
+                                  sharding=leaf.sharding)
+    if isinstance(leaf, jax.Array):
+      return jax.device_put(leaf.transpose(permutation), leaf.sharding)
+    return np.transpose(leaf, permutation)
+
+  return jax.tree_util.tree_map_with_path(move, tree)
+
+
+def _as_template(tree):
+  """ShapeDtypeStructs (with shardings) of a state: what StandardRestore needs, nothing read."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)),
+      tree)
 
 
 def checkpoint_dir(workdir: str, best: bool = False) -> str:
@@ -18,6 +70,7 @@ def checkpoint_dir(workdir: str, best: bool = False) -> str:
 
 
 def _composite_save(state, meta):
+  meta = {**meta, KERNEL_LAYOUT_KEY: models.CONV_KERNEL_LAYOUT}
   return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
@@ -60,9 +113,14 @@ class Checkpointer:
   def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
     step = self.manager.latest_step() if epochs_done is None else epochs_done
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    layout = saved_kernel_layout(meta)
+    template = transpose_conv_kernels(_as_template(template_state), models.CONV_KERNEL_LAYOUT,
+                                      layout)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+        state=ocp.args.StandardRestore(template)))
+    state = transpose_conv_kernels(restored['state'], layout, models.CONV_KERNEL_LAYOUT)
+    return state, meta
 
   def wait(self) -> None:
     for manager in self._open_managers():
@@ -101,4 +159,6 @@ def restore_for_eval(workdir: str, epochs_done: Optional[int] = None,
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   manager.close()
-  return restored['state'], restored['meta'], step
+  state = transpose_conv_kernels(restored['state'], saved_kernel_layout(restored['meta']),
+                                 models.CONV_KERNEL_LAYOUT)
+  return state, restored['meta'], step

@@ -26,6 +26,12 @@ ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
+# Conv kernels are stored [out, kh, kw, in]: the bytes of a channels-last PyTorch conv weight,
+# which PyTorch's oneDNN kernels (`cpu_conv`) read ~6% faster per step than flax's usual HWIO.
+# XLA and cuDNN take either through the convolution's dimension numbers.
+CONV_KERNEL_LAYOUT = 'OHWI'
+_CONV_DIMENSIONS = ('NHWC', CONV_KERNEL_LAYOUT, 'NHWC')
+
 
 class GroupedBatchNorm(nn.Module):
   """BatchNorm with batch statistics per group of consecutive samples.
@@ -148,8 +154,7 @@ class ResNetBackbone(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                             conv_general_dilated=cpu_conv.conv_function(self.conv_impl))
+    conv = functools.partial(Conv, dtype=self.dtype, conv_impl=self.conv_impl)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
                              num_groups=self.bn_groups, dtype=self.dtype)
     x = x.astype(self.dtype)
@@ -167,8 +172,39 @@ class ResNetBackbone(nn.Module):
     return x.mean(axis=(1, 2))
 
 
+def ohwi_conv_init(key, shape, dtype=jnp.float32):
+  """`conv_init` for an OHWI `shape`: draws the HWIO kernel that flax's nn.Conv would (same
+  key, same values) and transposes it, so runs start from the same weights as with nn.Conv."""
+  features, kernel_h, kernel_w, in_features = shape
+  return conv_init(key, (kernel_h, kernel_w, in_features, features), dtype).transpose(3, 0, 1, 2)
+
+
+def _convolve(module: nn.Module, x, kernel_size, features, strides, padding, conv_impl):
+  """The OHWI kernel parameter 'kernel' of `module` and x convolved with it."""
+  kernel = module.param('kernel', ohwi_conv_init,
+                        (features,) + tuple(kernel_size) + (x.shape[-1],), jnp.float32)
+  convolve = cpu_conv.conv_function(conv_impl) or jax.lax.conv_general_dilated
+  return convolve(x.astype(module.dtype), kernel.astype(module.dtype), strides, padding,
+                  dimension_numbers=_CONV_DIMENSIONS)
+
+
+class Conv(nn.Module):
+  """A bias-free 2-D convolution like `nn.Conv(use_bias=False)`, kernel stored OHWI."""
+  features: int
+  kernel_size: Tuple[int, int]
+  strides: Tuple[int, int] = (1, 1)
+  padding: Any = 'SAME'
+  dtype: Any = jnp.float32
+  conv_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x):
+    return _convolve(self, x, self.kernel_size, self.features, self.strides, self.padding,
+                     self.conv_impl)
+
+
 class ConvWithDeferredBias(nn.Module):
-  """A stride-1 `nn.Conv` with bias (same parameters, same names) that returns
+  """A stride-1 conv with bias (kernel OHWI, as `Conv`) that returns
   (convolution without the bias, bias), for a BN that folds the bias in (`input_bias`)."""
   features: int
   kernel_size: Tuple[int, int]
@@ -177,13 +213,9 @@ class ConvWithDeferredBias(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', conv_init, self.kernel_size + (x.shape[-1], self.features),
-                        jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
-    convolve = cpu_conv.conv_function(self.conv_impl) or jax.lax.conv_general_dilated
-    y = convolve(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1),
-                 _pad(self.kernel_size[0]), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y, bias
+    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]),
+                  self.conv_impl)
+    return y, self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
 
 
 class Conv4Backbone(nn.Module):

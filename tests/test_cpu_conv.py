@@ -56,6 +56,30 @@ def test_forward_and_gradients_match_xla(shape, kernel, stride, padding):
   np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((3, 9, 9, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1))),      # first layer: d kernel alone
+    ((2, 8, 8, 8), (1, 1, 8, 16), (2, 2), 'VALID'),              # window read from OHWI
+    ((2, 7, 7, 4), (3, 3, 4, 6), (2, 2), 'SAME'),
+])
+def test_ohwi_kernels_match_xla_on_the_same_hwio_kernel(shape, kernel, stride, padding):
+  """models.CONV_KERNEL_LAYOUT: an OHWI kernel gives the HWIO kernel's outputs and gradients."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+  w_ohwi = jnp.transpose(w, (3, 0, 1, 2))
+  ohwi = lambda x, w, stride, padding: cpu_conv.conv_general_dilated(
+      x, w, stride, padding, dimension_numbers=('NHWC', 'OHWI', 'NHWC'))
+  want = _lax(x, w, stride, padding)
+  cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  want_loss, (want_dx, want_dw) = _loss_and_grads(_lax, x, w, stride, padding, cotangent)
+  got_loss, (got_dx, got_dw) = _loss_and_grads(ohwi, x, w_ohwi, stride, padding, cotangent)
+  np.testing.assert_allclose(jax.jit(ohwi, static_argnums=(2, 3))(x, w_ohwi, stride, padding),
+                             want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(jnp.transpose(got_dw, (1, 2, 3, 0)), want_dw, rtol=1e-5, atol=1e-3)
+
+
 def test_numpy_reference_of_a_single_output():
   """Independent of both libraries: one output value and one kernel gradient by hand."""
   rng = np.random.default_rng(1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pcl_jax import checkpoint
 from pcl_jax import fused_batch_norm
 from pcl_jax import models
 
@@ -142,13 +143,18 @@ def test_conv4_block_with_folded_bias_equals_the_unfused_block():
       variables['params'])  # a nonzero conv bias, so folding it is tested
   variables = {'params': params, 'batch_stats': variables['batch_stats']}
   results = {}
-  for name, block in [('unfused', _UnfusedConv4Block()), ('fused', _FusedConv4Block())]:
-    out, updates = block.apply(variables, x, train=True, mutable=['batch_stats'])
-    eval_out = block.apply({'params': params, 'batch_stats': updates['batch_stats']}, x,
+  # nn.Conv's kernel is HWIO, ConvWithDeferredBias's OHWI (models.CONV_KERNEL_LAYOUT).
+  for name, block, layout in [('unfused', _UnfusedConv4Block(), 'HWIO'),
+                              ('fused', _FusedConv4Block(), 'OHWI')]:
+    block_params = checkpoint.transpose_conv_kernels(params, 'HWIO', layout)
+    out, updates = block.apply({**variables, 'params': block_params}, x, train=True,
+                               mutable=['batch_stats'])
+    eval_out = block.apply({'params': block_params, 'batch_stats': updates['batch_stats']}, x,
                            train=False)
     grads = jax.grad(lambda p, block=block: block.apply(
         {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True,
-        mutable=['batch_stats'])[0].sum())(params)
+        mutable=['batch_stats'])[0].sum())(block_params)
+    grads = checkpoint.transpose_conv_kernels(grads, layout, 'HWIO')
     results[name] = (out, updates['batch_stats'], eval_out, grads)
   for want, got in zip(results['unfused'], results['fused']):
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),

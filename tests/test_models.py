@@ -1,5 +1,6 @@
 """Encoder shapes, parameter counts against torchvision, grouped BN against numpy, bf16 compute."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,24 @@ def test_resnet34_parameter_count_matches_torchvision():
   # MLP head: an extra 512x512 hidden layer (MoCo v2), as the reference inserts before fc.
   expected = sum(p.numel() for p in torch_model.parameters()) + 512 * 512 + 512
   assert _param_count(shapes['params']) == expected
+
+
+def test_conv_kernels_are_ohwi_with_torchvisions_shapes_and_init():
+  """models.CONV_KERNEL_LAYOUT: every kernel is a torchvision weight [O,I,H,W] as [O,H,W,I],
+  drawn as flax's nn.Conv would draw the HWIO kernel (same key, same values)."""
+  model = models.create_encoder('resnet18', dim=128)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 64, 64, 3)))
+  ours = sorted(leaf.shape for leaf in jax.tree_util.tree_leaves(shapes['params'])
+                if leaf.ndim == 4)
+  torch_model = torchvision.models.resnet18(num_classes=128)
+  theirs = sorted((o, h, w, i) for o, i, h, w in (p.shape for p in torch_model.parameters()
+                                                   if p.ndim == 4))
+  assert models.CONV_KERNEL_LAYOUT == 'OHWI' and ours == theirs
+  key = jax.random.PRNGKey(3)
+  hwio = nn.Conv(16, (3, 3), use_bias=False, kernel_init=models.conv_init).init(
+      key, jnp.zeros((1, 5, 5, 4)))['params']['kernel']
+  ohwi = models.Conv(16, (3, 3)).init(key, jnp.zeros((1, 5, 5, 4)))['params']['kernel']
+  np.testing.assert_array_equal(ohwi, np.transpose(hwio, (3, 0, 1, 2)))
 
 
 def test_conv4_parameter_count():

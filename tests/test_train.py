@@ -175,3 +175,42 @@ def test_zero_epochs_saves_the_initialisation_as_checkpoint_zero(tmp_path):
   assert step == 0 and meta['epochs_done'] == 0
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(tree['key_params'])[0],
                                 jax.tree_util.tree_leaves(state.key_params)[0])
+
+
+def _write_hwio_checkpoint(source: str, target: str) -> None:
+  """`target`: `source`'s latest checkpoint as checkpoints were written before conv kernels were
+  stored OHWI (HWIO kernels, no 'conv_kernel_layout' in meta)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  tree, meta, step = checkpoint_lib.restore_for_eval(source)
+  tree = checkpoint_lib.transpose_conv_kernels(tree, 'OHWI', 'HWIO')
+  del meta[checkpoint_lib.KERNEL_LAYOUT_KEY]
+  manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(target),
+                                  options=ocp.CheckpointManagerOptions(create=True),
+                                  item_names=('state', 'meta'))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                             meta=ocp.args.JsonSave(meta)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
+  """Checkpoints from before kernels were stored OHWI: both restores transpose them back."""
+  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.train.epochs = 1
+  current, legacy = str(tmp_path / 'current'), str(tmp_path / 'legacy')
+  train.train_and_evaluate(config, current)
+  _write_hwio_checkpoint(current, legacy)
+  kernel = ('key_params', 'backbone', 'Conv_0', 'kernel')
+  saved = checkpoint_lib.restore_for_eval(legacy)[0]
+  assert np.shape(saved[kernel[0]][kernel[1]][kernel[2]][kernel[3]])[0] == config.model.width
+  chex.assert_trees_all_equal(saved, checkpoint_lib.restore_for_eval(current)[0])
+  config.train.epochs = 2
+  train.train_and_evaluate(config, current)
+  train.train_and_evaluate(config, legacy)
+  resumed = [run_files.read_metrics(os.path.join(d, 'metrics.jsonl'))[-1]
+             for d in (current, legacy)]
+  assert resumed[0]['epoch'] == resumed[1]['epoch'] == 1
+  for key in ('loss_inst', 'acc_inst', 'loss_proto', 'acc_proto'):
+    assert resumed[0][key] == resumed[1][key], key
