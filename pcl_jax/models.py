@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pcl_jax import cpu_conv
 from pcl_jax import fused_batch_norm
+from pcl_jax import max_pool
 
 ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
 
@@ -164,7 +165,7 @@ class ResNetBackbone(nn.Module):
     else:
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+      x = max_pool.max_pool(x, window=3, stride=2, padding=1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
