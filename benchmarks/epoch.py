@@ -11,11 +11,13 @@ transform, against the torch loader's workers running the PIL transform, with th
 E-step seconds by part (features, clustering) and the epoch seconds (E-step + M-steps fed by the
 loader), and with --torch-reference the equivalent eager PyTorch MoCo/PCL step (same arch,
 batch, precision; NCHW and channels-last, AMP/bf16 when --dtype=bfloat16) in the same process,
-with the JAX/PyTorch ratio.
+with the JAX/PyTorch ratio, and then the median ratio of --interleaved-rounds alternating rounds
+of JAX and PyTorch channels-last steps (the figure to quote on a machine whose speed drifts).
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -101,7 +103,9 @@ def _loader_images_per_s(trainer, steps):
   return count * trainer.config.train.batch_size / (time.perf_counter() - start)
 
 
-def _resident_step_images_per_s(trainer, state, steps):
+def _resident_step(trainer, state):
+  """run(steps) -> images/s of the jitted step on a resident batch, the state carried along
+  (run.state); compiled and warmed up here."""
   batch = trainer.config.train.batch_size
   size = trainer.config.data.image_size
   rng = np.random.default_rng(0)
@@ -116,14 +120,49 @@ def _resident_step_images_per_s(trainer, state, steps):
                                     trainer.config.model.dim, trainer.datasets.num_train)
   bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
                                  parallel.replicated(trainer.mesh))
-  for _ in range(5):  # compile, and let the heap reach its steady state (host_memory)
-    state, metrics = trainer.train_step(state, resident, bank, hparams)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = trainer.train_step(state, resident, bank, hparams)
-  jax.block_until_ready(metrics)
-  return batch * steps / (time.perf_counter() - start), state
+
+  def run(steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+      run.state, metrics = trainer.train_step(run.state, resident, bank, hparams)
+    jax.block_until_ready(metrics)
+    return batch * steps / (time.perf_counter() - start)
+  run.state = state
+  run(5)  # compile, and let the heap reach its steady state (host_memory)
+  return run
+
+
+def _torch_step(config, channels_last):
+  """run(steps) -> images/s of the equivalent eager PyTorch step (torch_reference), warmed up."""
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  one_step, synchronize = torch_reference.make_torch_step(
+      arch=config.model.arch, image_size=config.data.image_size,
+      batch=config.train.batch_size, width=config.model.width,
+      small_stem=config.model.small_stem, num_negatives=config.pcl.num_negatives,
+      channels_last=channels_last, bf16=config.train.dtype == 'bfloat16', device=device)
+
+  def run(steps):
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+      one_step()
+    synchronize()
+    return config.train.batch_size * steps / (time.perf_counter() - start)
+  run(5)
+  return run
+
+
+def _interleaved(runners, rounds, steps):
+  """Median images/s of each runner over `rounds` alternating rounds of `steps` steps, and the
+  median over rounds of runners[0] / runners[1]: on a shared machine whose speed drifts,
+  neighbouring rounds see the same machine, so the paired ratio is steadier than two separate
+  timings."""
+  rates = [[] for _ in runners]
+  for _ in range(rounds):
+    for rate, run in zip(rates, runners):
+      rate.append(run(steps))
+  ratios = [a / b for a, b in zip(rates[0], rates[1])]
+  return [statistics.median(r) for r in rates], statistics.median(ratios)
 
 
 def main():
@@ -141,6 +180,9 @@ def main():
   parser.add_argument('--conv-impl', default='auto', choices=['auto', 'xla', 'torch'],
                       help='model.conv_impl (auto: PyTorch kernels on one CPU device)')
   parser.add_argument('--torch-reference', action='store_true')
+  parser.add_argument('--interleaved-rounds', type=int, default=7,
+                      help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
+                      'channels-last steps, for a paired ratio')
   args = parser.parse_args()
 
   config = _config(args)
@@ -152,7 +194,9 @@ def main():
         f'{config.train.dtype}; N={trainer.datasets.num_train} ({config.data.name}); '
         f'levels {trainer.schedule.active}; workers {config.data.num_workers}; conv '
         f'{trainer.model.backbone.conv_impl}', flush=True)
-  step_rate, state = _resident_step_images_per_s(trainer, state, args.steps)
+  jax_step = _resident_step(trainer, state)
+  step_rate = jax_step(args.steps)
+  state = jax_step.state
   loader_rate = _loader_images_per_s(trainer, args.steps)
   feature_input = [_feature_input_images_per_s(trainer, args.steps, on_device)
                    for on_device in (True, False)]
@@ -166,6 +210,7 @@ def main():
   feature_pass = [_feature_pass_images_per_s(trainer, state, on_device)
                   for on_device in (True, False)]
   state, record = trainer.run_epoch(state, 0)
+  jax_step.state = state  # run_epoch donated the one it was given
   rows = [('step (resident batch) img/s', step_rate),
           ('input pipeline img/s', loader_rate),
           ('feature-pass input, on device img/s', feature_input[0]),
@@ -186,16 +231,16 @@ def main():
     rows.append(('full epoch s (extrapolated)', full_epoch_s))
     rows.append(('E-step share of full epoch %', 100 * record['estep_s'] / full_epoch_s))
   if args.torch_reference:
-    device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
-    common = dict(arch=config.model.arch, image_size=config.data.image_size,
-                  batch=config.train.batch_size, width=config.model.width,
-                  small_stem=config.model.small_stem,
-                  num_negatives=config.pcl.num_negatives, steps=args.steps, warmup=5,
-                  bf16=config.train.dtype == 'bfloat16', device=device)
-    nchw = torch_reference.torch_step_images_per_s(channels_last=False, **common)
-    channels_last = torch_reference.torch_step_images_per_s(channels_last=True, **common)
+    nchw = _torch_step(config, channels_last=False)(args.steps)
+    channels_last_step = _torch_step(config, channels_last=True)
+    channels_last = channels_last_step(args.steps)
     rows += [('torch step NCHW img/s', nchw), ('torch step channels-last img/s', channels_last),
              ('JAX / best torch step', step_rate / max(nchw, channels_last))]
+    (jax_median, torch_median), ratio = _interleaved([jax_step, channels_last_step],
+                                                     args.interleaved_rounds, 3)
+    rows += [(f'interleaved x{args.interleaved_rounds}: JAX step img/s', jax_median),
+             (f'interleaved x{args.interleaved_rounds}: torch CL img/s', torch_median),
+             ('interleaved: median JAX / torch CL', ratio)]
   for name, value in rows:
     print(f'{name:<38}{value:>12.2f}', flush=True)
 

@@ -43,9 +43,9 @@ def torch_encoder(arch, width, dim, image_size, small_stem):
   return net
 
 
-def torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
-                            warmup, channels_last, bf16, device='cpu'):
-  """Images/s of the eager PyTorch MoCo step (`device` 'cpu' or 'cuda')."""
+def make_torch_step(arch, image_size, batch, width, small_stem, num_negatives, channels_last,
+                    bf16, device='cpu'):
+  """(one_step, synchronize): the eager PyTorch MoCo step on resident random batches."""
   torch.manual_seed(0)
   dim = 128
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -89,6 +89,14 @@ def torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_nega
 
   encoder_q.train()
   encoder_k.train()
+  return one_step, synchronize
+
+
+def torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
+                            warmup, channels_last, bf16, device='cpu'):
+  """Images/s of the eager PyTorch MoCo step (`device` 'cpu' or 'cuda')."""
+  one_step, synchronize = make_torch_step(arch, image_size, batch, width, small_stem,
+                                          num_negatives, channels_last, bf16, device)
   for _ in range(warmup):
     one_step()
   synchronize()
