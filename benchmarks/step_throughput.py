@@ -11,11 +11,15 @@ on one CPU device). The PyTorch side is what a PyTorch user would run on this ma
 mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
 runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
-faster PyTorch one (>= 1.0 means JAX is at least as fast).
+faster PyTorch one (>= 1.0 means JAX is at least as fast). Then (--interleaved ROUNDS, default
+10) the JAX step and PyTorch's channels-last step alternate in one process, 3 steps a round, and
+the median paired ratio is printed: the shared machine's speed drifts 10-20% between the
+separate processes above, which moves their ratio more than the code does.
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,8 +42,9 @@ from pcl_jax import state as state_lib
 from pcl_jax import train
 
 
-def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
-                           warmup, dtype, bn_groups, conv_impl):
+def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, warmup, dtype,
+                     bn_groups, conv_impl):
+  """run(steps) -> images/s of the jitted step, the state carried between calls; warmed up."""
   config = default.get_config()
   config.model.arch, config.model.width, config.model.small_stem = arch, width, small_stem
   config.model.conv_impl = conv_impl
@@ -57,16 +62,53 @@ def _jax_step_images_per_s(arch, image_size, batch, width, small_stem, num_negat
   batch_np = {'im_q': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
               'im_k': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
               'index': np.arange(batch)}
-  # Batches arrive from the host each step, as in training. Warm-up also lets the heap reach its
-  # steady state (host_memory): the first steps still grow it.
-  for _ in range(warmup):
-    state, metrics = step(state, batch_np, bank, hparams)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = step(state, batch_np, bank, hparams)
-  jax.block_until_ready(metrics)
-  return batch * steps / (time.perf_counter() - start)
+
+  # Batches arrive from the host each step, as in training.
+  def run(steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+      run.state, metrics = step(run.state, batch_np, bank, hparams)
+    jax.block_until_ready(metrics)
+    return batch * steps / (time.perf_counter() - start)
+  run.state = state
+  run(warmup)  # compile; the first steps also grow the heap to its steady state (host_memory)
+  return run
+
+
+def _jax_step_images_per_s(steps, **kwargs):
+  return _jax_step_runner(**kwargs)(steps)
+
+
+def _torch_step_runner(arch, image_size, batch, width, small_stem, num_negatives, warmup, bf16):
+  """run(steps) -> images/s of the eager PyTorch channels-last step; warmed up."""
+  one_step, _ = torch_reference.make_torch_step(arch, image_size, batch, width, small_stem,
+                                                num_negatives, True, bf16)
+
+  def run(steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+      one_step()
+    return batch * steps / (time.perf_counter() - start)
+  run(warmup)
+  return run
+
+
+def _interleaved(args, case: str, rounds: int) -> str:
+  """JAX (`auto`) and PyTorch channels-last in one process, alternating rounds of 3 steps:
+  '<jax median> <torch median> <median paired ratio>'. Neighbouring rounds see the same machine
+  state, so the ratio does not drift with the machine as separately timed processes do."""
+  arch, size, batch, width, small_stem = CASES[case]
+  common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
+                num_negatives=batch * 10, warmup=args.warmup)
+  runners = [_jax_step_runner(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl='auto',
+                              **common),
+             _torch_step_runner(bf16=args.dtype == 'bfloat16', **common)]
+  rates = [[], []]
+  for _ in range(rounds):
+    for rate, run in zip(rates, runners):
+      rate.append(run(3))
+  ratio = statistics.median(a / b for a, b in zip(*rates))
+  return f'{statistics.median(rates[0])} {statistics.median(rates[1])} {ratio}'
 
 
 CASES = {'resnet18': ('resnet18', 32, 64, 64, True), 'conv4': ('conv4', 84, 64, 64, False),
@@ -75,12 +117,14 @@ CASES = {'resnet18': ('resnet18', 32, 64, 64, True), 'conv4': ('conv4', 84, 64, 
 MEASUREMENTS = [('jax', 'torch'), ('jax', 'xla'), ('torch', False), ('torch', True)]
 
 
-def _measure(args, case: str, side: str, variant) -> float:
-  """Images/s of one measurement, in this process."""
+def _measure(args, case: str, side: str, variant):
+  """Images/s of one measurement, in this process (side 'interleaved': see `_interleaved`)."""
   arch, size, batch, width, small_stem = CASES[case]
   steps, warmup = (3, 2) if case == 'quick' else (args.steps, args.warmup)
   common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                 num_negatives=batch * 10, steps=steps, warmup=warmup)
+  if side == 'interleaved':
+    return _interleaved(args, case, int(variant))
   if side == 'jax':
     return _jax_step_images_per_s(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl=variant,
                                   **common)
@@ -97,7 +141,7 @@ def _measure_in_subprocess(args, case: str, side: str, variant) -> float:
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
     raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-3000:]}')
-  return float(result.stdout.strip().splitlines()[-1])
+  return result.stdout.strip().splitlines()[-1]
 
 
 def main():
@@ -110,6 +154,9 @@ def main():
   parser.add_argument('--bn-groups', type=int, default=4, help='JAX shuffle-BN groups')
   parser.add_argument('--jax-only', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--case', choices=['resnet18', 'conv4'], help='run one case only')
+  parser.add_argument('--interleaved', type=int, default=10, metavar='ROUNDS',
+                      help='then JAX vs PyTorch channels-last alternating in one process for '
+                      'ROUNDS rounds (0: skip); the median paired ratio is the steadier figure')
   parser.add_argument('--one', nargs=3, metavar=('CASE', 'SIDE', 'VARIANT'),
                       help='internal: one measurement in this process, prints its images/s')
   args = parser.parse_args()
@@ -127,11 +174,20 @@ def main():
         f"{'torch CL':>10}{'ratio':>7}")
   for case in cases:
     arch, size, batch, _, _ = CASES[case]
-    rates = [_measure_in_subprocess(args, case, side, variant) for side, variant in measurements]
+    rates = [float(_measure_in_subprocess(args, case, side, variant))
+             for side, variant in measurements]
     row = f'{f"{arch} {size}px b{batch}":<22}{rates[0]:>15.1f}{rates[1]:>13.1f}'
     if not args.jax_only:
       row += f'{rates[2]:>12.1f}{rates[3]:>10.1f}{rates[0] / max(rates[2], rates[3]):>7.2f}'
     print(row, flush=True)
+  if args.interleaved and not args.jax_only:
+    print(f'interleaved in one process, {args.interleaved} rounds of 3 steps each, medians:')
+    for case in cases:
+      arch, size, batch, _, _ = CASES[case]
+      jax_rate, torch_rate, ratio = map(float, _measure_in_subprocess(
+          args, case, 'interleaved', args.interleaved).split())
+      print(f'{f"{arch} {size}px b{batch}":<22} jax {jax_rate:.1f}  torch CL {torch_rate:.1f}  '
+            f'paired ratio {ratio:.2f}', flush=True)
 
 
 if __name__ == '__main__':
