@@ -17,7 +17,6 @@ of JAX and PyTorch channels-last steps (the figure to quote on a machine whose s
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -134,35 +133,12 @@ def _resident_step(trainer, state):
 
 def _torch_step(config, channels_last):
   """run(steps) -> images/s of the equivalent eager PyTorch step (torch_reference), warmed up."""
-  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
-  one_step, synchronize = torch_reference.make_torch_step(
+  return torch_reference.torch_step_runner(
       arch=config.model.arch, image_size=config.data.image_size,
       batch=config.train.batch_size, width=config.model.width,
       small_stem=config.model.small_stem, num_negatives=config.pcl.num_negatives,
-      channels_last=channels_last, bf16=config.train.dtype == 'bfloat16', device=device)
-
-  def run(steps):
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-      one_step()
-    synchronize()
-    return config.train.batch_size * steps / (time.perf_counter() - start)
-  run(5)
-  return run
-
-
-def _interleaved(runners, rounds, steps):
-  """Median images/s of each runner over `rounds` alternating rounds of `steps` steps, and the
-  median over rounds of runners[0] / runners[1]: on a shared machine whose speed drifts,
-  neighbouring rounds see the same machine, so the paired ratio is steadier than two separate
-  timings."""
-  rates = [[] for _ in runners]
-  for _ in range(rounds):
-    for rate, run in zip(rates, runners):
-      rate.append(run(steps))
-  ratios = [a / b for a, b in zip(rates[0], rates[1])]
-  return [statistics.median(r) for r in rates], statistics.median(ratios)
+      channels_last=channels_last, bf16=config.train.dtype == 'bfloat16',
+      device='cuda' if jax.default_backend() == 'gpu' else 'cpu')
 
 
 def main():
@@ -236,8 +212,8 @@ def main():
     channels_last = channels_last_step(args.steps)
     rows += [('torch step NCHW img/s', nchw), ('torch step channels-last img/s', channels_last),
              ('JAX / best torch step', step_rate / max(nchw, channels_last))]
-    (jax_median, torch_median), ratio = _interleaved([jax_step, channels_last_step],
-                                                     args.interleaved_rounds, 3)
+    (jax_median, torch_median), ratio = torch_reference.interleaved_rates(
+        [jax_step, channels_last_step], args.interleaved_rounds, 3)
     rows += [(f'interleaved x{args.interleaved_rounds}: JAX step img/s', jax_median),
              (f'interleaved x{args.interleaved_rounds}: torch CL img/s', torch_median),
              ('interleaved: median JAX / torch CL', ratio)]

@@ -19,7 +19,6 @@ separate processes above, which moves their ratio more than the code does.
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -79,20 +78,6 @@ def _jax_step_images_per_s(steps, **kwargs):
   return _jax_step_runner(**kwargs)(steps)
 
 
-def _torch_step_runner(arch, image_size, batch, width, small_stem, num_negatives, warmup, bf16):
-  """run(steps) -> images/s of the eager PyTorch channels-last step; warmed up."""
-  one_step, _ = torch_reference.make_torch_step(arch, image_size, batch, width, small_stem,
-                                                num_negatives, True, bf16)
-
-  def run(steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-      one_step()
-    return batch * steps / (time.perf_counter() - start)
-  run(warmup)
-  return run
-
-
 def _interleaved(args, case: str, rounds: int) -> str:
   """JAX (`auto`) and PyTorch channels-last in one process, alternating rounds of 3 steps:
   '<jax median> <torch median> <median paired ratio>'. Neighbouring rounds see the same machine
@@ -102,13 +87,10 @@ def _interleaved(args, case: str, rounds: int) -> str:
                 num_negatives=batch * 10, warmup=args.warmup)
   runners = [_jax_step_runner(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl='auto',
                               **common),
-             _torch_step_runner(bf16=args.dtype == 'bfloat16', **common)]
-  rates = [[], []]
-  for _ in range(rounds):
-    for rate, run in zip(rates, runners):
-      rate.append(run(3))
-  ratio = statistics.median(a / b for a, b in zip(*rates))
-  return f'{statistics.median(rates[0])} {statistics.median(rates[1])} {ratio}'
+             torch_reference.torch_step_runner(channels_last=True,
+                                               bf16=args.dtype == 'bfloat16', **common)]
+  (jax_rate, torch_rate), ratio = torch_reference.interleaved_rates(runners, rounds, 3)
+  return f'{jax_rate} {torch_rate} {ratio}'
 
 
 CASES = {'resnet18': ('resnet18', 32, 64, 64, True), 'conv4': ('conv4', 84, 64, 64, False),
@@ -132,7 +114,7 @@ def _measure(args, case: str, side: str, variant):
                                                  bf16=args.dtype == 'bfloat16', **common)
 
 
-def _measure_in_subprocess(args, case: str, side: str, variant) -> float:
+def _measure_in_subprocess(args, case: str, side: str, variant) -> str:
   """Each measurement in a fresh process, so none inherits another's heap (host_memory: the
   Conv4 step ran at 120-145 img/s depending on what the process had run before)."""
   command = [sys.executable, __file__, '--one', case, side, str(variant), '--steps',

@@ -6,6 +6,7 @@ SGD (momentum, weight decay), enqueue. Eager PyTorch as its users run it: NCHW o
 optional bf16 autocast (CPU) / AMP (GPU).
 """
 
+import statistics
 import time
 
 import torch
@@ -92,16 +93,38 @@ def make_torch_step(arch, image_size, batch, width, small_stem, num_negatives, c
   return one_step, synchronize
 
 
-def torch_step_images_per_s(arch, image_size, batch, width, small_stem, num_negatives, steps,
-                            warmup, channels_last, bf16, device='cpu'):
-  """Images/s of the eager PyTorch MoCo step (`device` 'cpu' or 'cuda')."""
+def torch_step_runner(arch, image_size, batch, width, small_stem, num_negatives, channels_last,
+                      bf16, device='cpu', warmup=5):
+  """run(steps) -> images/s of the eager PyTorch MoCo step (`device` 'cpu' or 'cuda'), after
+  `warmup` untimed steps."""
   one_step, synchronize = make_torch_step(arch, image_size, batch, width, small_stem,
                                           num_negatives, channels_last, bf16, device)
-  for _ in range(warmup):
-    one_step()
-  synchronize()
-  start = time.perf_counter()
-  for _ in range(steps):
-    one_step()
-  synchronize()
-  return batch * steps / (time.perf_counter() - start)
+
+  def run(steps):
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+      one_step()
+    synchronize()
+    return batch * steps / (time.perf_counter() - start)
+  run(warmup)
+  return run
+
+
+def torch_step_images_per_s(steps, **kwargs):
+  """Images/s of `steps` steps of a fresh `torch_step_runner(**kwargs)`."""
+  return torch_step_runner(**kwargs)(steps)
+
+
+def interleaved_rates(runners, rounds: int, steps: int):
+  """([median images/s of each runner], median over rounds of runners[0] / runners[1]) for
+  `rounds` alternating rounds of `steps` steps of each `run(steps) -> images/s`.
+
+  On a shared machine whose speed drifts, neighbouring rounds see the same machine, so this
+  paired ratio is steadier than two separately timed rates."""
+  rates = [[] for _ in runners]
+  for _ in range(rounds):
+    for rate, run in zip(rates, runners):
+      rate.append(run(steps))
+  ratios = [a / b for a, b in zip(rates[0], rates[1])]
+  return [statistics.median(r) for r in rates], statistics.median(ratios)

@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 
 CONV_IMPLS = ('auto', 'xla', 'torch')
 
-# The kernel layouts of the fast path, each with its permutation to a PyTorch OIHW view.
-_KERNEL_TO_OIHW = {'HWIO': (3, 2, 0, 1), 'OHWI': (0, 3, 1, 2)}
+# The kernel layouts that the fast path takes (dimension letters in memory order).
+_KERNEL_LAYOUTS = ('HWIO', 'OHWI')
 _DTYPES = (jnp.float32, jnp.bfloat16)
 
 # XLA's CPU runtime runs independent ops concurrently (e.g. the query and key encoders). Two
@@ -80,7 +80,7 @@ def _images(buffer) -> torch.Tensor:
 
 def _kernel(buffer, layout: str) -> torch.Tensor:
   """An HWIO or OHWI buffer as an OIHW view (OHWI: channels-last memory, no reorder needed)."""
-  return torch.from_dlpack(buffer).permute(*_KERNEL_TO_OIHW[layout])
+  return torch.from_dlpack(buffer).permute(*(layout.index(axis) for axis in 'OIHW'))
 
 
 def _forward_host(unused_ctx, out, images, kernel, *, stride, padding, layout):
@@ -99,8 +99,8 @@ def _backward_host(unused_ctx, out, out_grad, images, kernel, *, stride, padding
   start, and compete for the cores, while d kernel is still running."""
   with _TORCH_LOCK, torch.no_grad():
     grads = torch.ops.aten.convolution_backward(
-        _images(out_grad), _images(images), _kernel(kernel, layout), None, list(stride), list(padding),
-        [1, 1], False, [0, 0], 1, [images_too, True, False])
+        _images(out_grad), _images(images), _kernel(kernel, layout), None, list(stride),
+        list(padding), [1, 1], False, [0, 0], 1, [images_too, True, False])
     if images_too:
       _images(out[0]).copy_(grads[0])
       _kernel(out[1], layout).copy_(grads[1])
@@ -118,9 +118,7 @@ def _host_call(host, like: jax.ShapeDtypeStruct, *operands):
 
 def _spatial_and_features(kernel_shape, layout: str) -> Tuple[int, int, int]:
   """(kernel height, kernel width, output features) of an HWIO or OHWI kernel shape."""
-  if layout == 'OHWI':
-    return kernel_shape[1], kernel_shape[2], kernel_shape[0]
-  return kernel_shape[0], kernel_shape[1], kernel_shape[3]
+  return tuple(kernel_shape[layout.index(axis)] for axis in 'HWO')
 
 
 def _output_shape(images_shape, kernel_shape, stride, padding, layout):
@@ -177,7 +175,7 @@ def _kernel_layout(dimension_numbers, images_shape, kernel_shape) -> Optional[st
     return None
   as_numbers = functools.partial(jax.lax.conv_dimension_numbers, images_shape, kernel_shape)
   wanted = as_numbers(dimension_numbers)
-  for layout in _KERNEL_TO_OIHW:
+  for layout in _KERNEL_LAYOUTS:
     if wanted == as_numbers(('NHWC', layout, 'NHWC')):
       return layout
   return None

@@ -13,6 +13,7 @@ ReLU). Floor mode and -inf padding, as `torch.nn.functional.max_pool2d(ceil_mode
 """
 
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -29,7 +30,8 @@ def _window_slices(x, window: int, stride: int, padding: int):
   out_w = _output_size(width, window, stride, padding)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                    constant_values=-jnp.inf)
-  return [padded[:, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride]
+  rows, columns = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+  return [padded[:, dy:dy + rows:stride, dx:dx + columns:stride]
           for dy in range(window) for dx in range(window)]
 
 
