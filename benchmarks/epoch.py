@@ -10,9 +10,10 @@ the feature pass's input and of the whole feature pass (uint8 cache rows + the o
 transform, against the torch loader's workers running the PIL transform, with the ratios), the
 E-step seconds by part (features, clustering) and the epoch seconds (E-step + M-steps fed by the
 loader), and with --torch-reference the equivalent eager PyTorch MoCo/PCL step (same arch,
-batch, precision; NCHW and channels-last, AMP/bf16 when --dtype=bfloat16) in the same process,
-with the JAX/PyTorch ratio, and then the median ratio of --interleaved-rounds alternating rounds
-of JAX and PyTorch channels-last steps (the figure to quote on a machine whose speed drifts).
+batch, precision; NCHW and channels-last, AMP/bf16 when --dtype=bfloat16) in a process of its
+own (`torch_reference.TorchStepProcess`), with the JAX/PyTorch ratio, and then the median ratio
+of --interleaved-rounds alternating rounds of JAX and PyTorch channels-last steps, the two
+processes taking turns (the figure to quote on a machine whose speed drifts).
 """
 
 import argparse
@@ -29,6 +30,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -132,8 +134,9 @@ def _resident_step(trainer, state):
 
 
 def _torch_step(config, channels_last):
-  """run(steps) -> images/s of the equivalent eager PyTorch step (torch_reference), warmed up."""
-  return torch_reference.torch_step_runner(
+  """run(steps) -> images/s of the equivalent eager PyTorch step (torch_reference), warmed up,
+  in a process of its own (`TorchStepProcess`: why); close() ends it."""
+  return torch_reference.TorchStepProcess(
       arch=config.model.arch, image_size=config.data.image_size,
       batch=config.train.batch_size, width=config.model.width,
       small_stem=config.model.small_stem, num_negatives=config.pcl.num_negatives,
@@ -160,6 +163,8 @@ def main():
                       help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
                       'channels-last steps, for a paired ratio')
   args = parser.parse_args()
+  # Before JAX starts its CPU client, as pcl_jax.main does: one XLA thread with torch convs.
+  host_threads.limit_xla_threads(args.conv_impl)
 
   config = _config(args)
   config.train.steps_per_epoch = args.epoch_steps
@@ -207,13 +212,14 @@ def main():
     rows.append(('full epoch s (extrapolated)', full_epoch_s))
     rows.append(('E-step share of full epoch %', 100 * record['estep_s'] / full_epoch_s))
   if args.torch_reference:
-    nchw = _torch_step(config, channels_last=False)(args.steps)
-    channels_last_step = _torch_step(config, channels_last=True)
-    channels_last = channels_last_step(args.steps)
+    with _torch_step(config, channels_last=False) as nchw_step:
+      nchw = nchw_step(args.steps)
+    with _torch_step(config, channels_last=True) as channels_last_step:
+      channels_last = channels_last_step(args.steps)
+      (jax_median, torch_median), ratio = torch_reference.interleaved_rates(
+          [jax_step, channels_last_step], args.interleaved_rounds, 3)
     rows += [('torch step NCHW img/s', nchw), ('torch step channels-last img/s', channels_last),
              ('JAX / best torch step', step_rate / max(nchw, channels_last))]
-    (jax_median, torch_median), ratio = torch_reference.interleaved_rates(
-        [jax_step, channels_last_step], args.interleaved_rounds, 3)
     rows += [(f'interleaved x{args.interleaved_rounds}: JAX step img/s', jax_median),
              (f'interleaved x{args.interleaved_rounds}: torch CL img/s', torch_median),
              ('interleaved: median JAX / torch CL', ratio)]

@@ -12,9 +12,11 @@ mode, all cores, and the faster of NCHW and channels-last (both are timed). Ever
 runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
 faster PyTorch one (>= 1.0 means JAX is at least as fast). Then (--interleaved ROUNDS, default
-10) the JAX step and PyTorch's channels-last step alternate in one process, 3 steps a round, and
-the median paired ratio is printed: the shared machine's speed drifts 10-20% between the
-separate processes above, which moves their ratio more than the code does.
+10) the JAX step and PyTorch's channels-last step alternate, 3 steps a round, and the median
+paired ratio is printed: the shared machine's speed drifts 10-20% between the separate processes
+above, which moves their ratio more than the code does. The PyTorch side of that pair runs in a
+second, concurrently alive process (`torch_reference.TorchStepProcess`) that takes turns with the
+JAX one, so each process has a single OpenMP team, as a real run has (`pcl_jax.host_threads`).
 """
 
 import argparse
@@ -35,6 +37,7 @@ import torch
 from benchmarks import torch_reference
 
 from configs import default  # pylint: disable=g-import-not-at-top
+from pcl_jax import host_threads
 from pcl_jax import models
 from pcl_jax import parallel
 from pcl_jax import state as state_lib
@@ -85,11 +88,12 @@ def _interleaved(args, case: str, rounds: int) -> str:
   arch, size, batch, width, small_stem = CASES[case]
   common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                 num_negatives=batch * 10, warmup=args.warmup)
-  runners = [_jax_step_runner(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl='auto',
-                              **common),
-             torch_reference.torch_step_runner(channels_last=True,
-                                               bf16=args.dtype == 'bfloat16', **common)]
-  (jax_rate, torch_rate), ratio = torch_reference.interleaved_rates(runners, rounds, 3)
+  jax_runner = _jax_step_runner(dtype=args.dtype, bn_groups=args.bn_groups, conv_impl='auto',
+                                **common)
+  with torch_reference.TorchStepProcess(channels_last=True, bf16=args.dtype == 'bfloat16',
+                                        **common) as torch_runner:
+    (jax_rate, torch_rate), ratio = torch_reference.interleaved_rates([jax_runner, torch_runner],
+                                                                      rounds, 3)
   return f'{jax_rate} {torch_rate} {ratio}'
 
 
@@ -105,6 +109,9 @@ def _measure(args, case: str, side: str, variant):
   steps, warmup = (3, 2) if case == 'quick' else (args.steps, args.warmup)
   common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                 num_negatives=batch * 10, steps=steps, warmup=warmup)
+  # Before JAX starts its CPU client, as pcl_jax.main does: one XLA thread with torch convs.
+  if side != 'torch':
+    host_threads.limit_xla_threads('auto' if side == 'interleaved' else variant)
   if side == 'interleaved':
     return _interleaved(args, case, int(variant))
   if side == 'jax':
@@ -163,7 +170,8 @@ def main():
       row += f'{rates[2]:>12.1f}{rates[3]:>10.1f}{rates[0] / max(rates[2], rates[3]):>7.2f}'
     print(row, flush=True)
   if args.interleaved and not args.jax_only:
-    print(f'interleaved in one process, {args.interleaved} rounds of 3 steps each, medians:')
+    print(f'interleaved (PyTorch in a second process, taking turns), {args.interleaved} rounds '
+          'of 3 steps each, medians:')
     for case in cases:
       arch, size, batch, _, _ = CASES[case]
       jax_rate, torch_rate, ratio = map(float, _measure_in_subprocess(

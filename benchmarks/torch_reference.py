@@ -4,10 +4,15 @@ Same work per step as `pcl_jax.train.train_step` during warm-up: momentum update
 encoder, shuffled key forward (train-mode BN), query forward + backward, InfoNCE against a queue,
 SGD (momentum, weight decay), enqueue. Eager PyTorch as its users run it: NCHW or channels-last,
 optional bf16 autocast (CPU) / AMP (GPU).
+
+`TorchStepProcess` runs it in a process of its own, which is how the benchmarks time it next to
+the JAX step (see its docstring for why not in the JAX process).
 """
 
+import multiprocessing
 import statistics
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -109,6 +114,67 @@ def torch_step_runner(arch, image_size, batch, width, small_stem, num_negatives,
     return batch * steps / (time.perf_counter() - start)
   run(warmup)
   return run
+
+
+class TorchStepProcess:
+  """`torch_step_runner(**kwargs)` in a spawned process of its own: call it with a step count
+  for images/s, as the runner; `close()` ends the process.
+
+  Why a process: in the JAX process PyTorch already serves the convolutions from XLA's thread
+  with one OpenMP team. A PyTorch step on the main thread would add a second team, and libgomp
+  then throttles its spin-waiting (more threads than cores), which slowed the JAX step ~10% in
+  the same process (`pcl_jax.host_threads`). A PyTorch user's process has one team; so does
+  this one. The two processes take turns: the idle one sleeps in a pipe read.
+  """
+
+  def __init__(self, **kwargs):
+    context = multiprocessing.get_context('spawn')  # no fork: the parent runs XLA's threads
+    self._connection, child_end = context.Pipe()
+    self._process = context.Process(target=_serve_steps, args=(child_end, kwargs), daemon=True)
+    self._process.start()
+    child_end.close()
+    self._receive()  # built and warmed up
+
+  def __call__(self, steps: int) -> float:
+    self._connection.send(steps)
+    return self._receive()
+
+  def _receive(self):
+    try:
+      kind, value = self._connection.recv()
+    except EOFError:
+      raise RuntimeError('the PyTorch reference process died (out of memory?)') from None
+    if kind == 'error':
+      raise RuntimeError(f'the PyTorch reference process failed:\n{value}')
+    return value
+
+  def close(self):
+    if self._process.is_alive():
+      self._connection.send(None)
+      self._process.join(timeout=30)
+    self._connection.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused_exception):
+    self.close()
+
+
+def _serve_steps(connection, kwargs):
+  """The child's loop: build and warm up the runner, then answer each step count with images/s
+  until None arrives."""
+  from pcl_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.tune_malloc()  # before torch starts threads, as in the parent
+  try:
+    run = torch_step_runner(**kwargs)
+    connection.send(('ready', None))
+    for steps in iter(connection.recv, None):
+      connection.send(('rate', run(steps)))
+  except Exception:  # pylint: disable=broad-except
+    connection.send(('error', traceback.format_exc()))
+  finally:
+    connection.close()
 
 
 def torch_step_images_per_s(steps, **kwargs):

@@ -206,6 +206,9 @@ def main(argv):
   # meets its peers here.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
+  # Also before the backends start: the size of XLA's CPU thread pool (host_threads).
+  from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
+  host_threads.limit_xla_threads(FLAGS.config.get('model', {}).get('conv_impl', 'auto'))
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
