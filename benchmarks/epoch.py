@@ -163,10 +163,10 @@ def main():
                       help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
                       'channels-last steps, for a paired ratio')
   args = parser.parse_args()
-  # Before JAX starts its CPU client, as pcl_jax.main does: one XLA thread with torch convs.
-  host_threads.limit_xla_threads(args.conv_impl)
-
+  # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
   config = _config(args)
+  host_threads.limit_xla_threads(config.model.conv_impl, config.model.arch,
+                                 config.model.xla_cpu_threads)
   config.train.steps_per_epoch = args.epoch_steps
   trainer = train.Trainer(config, '/tmp/pcl_epoch_benchmark')
   state = trainer.initial_state()

@@ -109,9 +109,9 @@ def _measure(args, case: str, side: str, variant):
   steps, warmup = (3, 2) if case == 'quick' else (args.steps, args.warmup)
   common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                 num_negatives=batch * 10, steps=steps, warmup=warmup)
-  # Before JAX starts its CPU client, as pcl_jax.main does: one XLA thread with torch convs.
+  # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
   if side != 'torch':
-    host_threads.limit_xla_threads('auto' if side == 'interleaved' else variant)
+    host_threads.limit_xla_threads('auto' if side == 'interleaved' else variant, arch)
   if side == 'interleaved':
     return _interleaved(args, case, int(variant))
   if side == 'jax':

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Convolution kernels: xla | torch (PyTorch's oneDNN CPU kernels via a host callback, ~2x
   # faster on CPU; single CPU device only) | auto (torch on a single CPU device, else xla).
   config.model.conv_impl = 'auto'
+  # XLA's CPU thread pool: 0 chooses (1 when torch runs a ResNet's convolutions, so one OpenMP
+  # team serves them; else a thread per core; pcl_jax/host_threads.py), N > 0 sets N threads.
+  config.model.xla_cpu_threads = 0
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

@@ -136,6 +136,9 @@ def validate(config) -> None:
   _one_of(config.data.name, DATASETS, 'data.name')
   _one_of(config.model.arch, models.ARCHS, 'model.arch')
   _one_of(config.model.conv_impl, cpu_conv.CONV_IMPLS, 'model.conv_impl')
+  threads = config.model.xla_cpu_threads
+  _require(isinstance(threads, int) and threads >= 0,
+           f'model.xla_cpu_threads={threads!r} must be a whole number >= 0 (0: chosen for you)')
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
   _one_of(config.schedule.mode, SCHEDULE_MODES, 'schedule.mode')

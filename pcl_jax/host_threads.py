@@ -1,29 +1,33 @@
-"""One XLA CPU thread when PyTorch's oneDNN kernels run the convolutions (`cpu_conv`).
+"""XLA's CPU thread count: one thread when PyTorch's oneDNN kernels run a ResNet's convolutions.
 
-Why: the convolutions run inside XLA's thread pool, and PyTorch's OpenMP runtime (libgomp)
-gives every thread that calls it its own team of workers. With XLA's default pool (one thread
-per core) two XLA threads call torch in turn, so a 2-core machine carries two teams: four busy
-threads for two cores. libgomp then throttles its spin-waiting (it does so whenever it manages
-more threads than there are CPUs), so its workers sleep and are woken around every parallel
-region. Measured on the 2-core test machine, mini-ImageNet ResNet-18 step (84 px, batch 96):
-each XLA and OpenMP thread was descheduled ~200 times a step with 22-48 ms a step waiting for a
-core, and the process used 1.78 of its 2 cores, against 5-30 slices and 1.99 cores in PyTorch's
-own step. With one XLA thread there is one team: 8-38 slices a step, 1.94 cores, the oneDNN
-calls (copies included) took 1.15 s a step instead of 1.29-1.32 s, and XLA's own ops 0.19 s
-instead of 0.17-0.19 s on two threads (they are small; they gain little from a second core).
+Why: the convolutions run inside XLA's thread pool (`cpu_conv`), and PyTorch's OpenMP runtime
+(libgomp) gives every thread that calls it its own team of workers. With XLA's default pool (a
+thread per core) two XLA threads call torch in turn, so a 2-core machine carries two teams:
+four busy threads for two cores, and libgomp throttles its spin-waiting whenever it manages more
+threads than there are CPUs, so its workers sleep and are woken around every parallel region.
+Measured on the 2-core test machine, mini-ImageNet ResNet-18 step (84 px, batch 96): each XLA
+and OpenMP thread was descheduled ~200 times a step, and the process used 1.78 of its 2 cores,
+against 5-30 deschedules and 1.99 cores in PyTorch's own step. With one XLA thread there is one
+team: 8-40 deschedules, 1.94 cores; the oneDNN calls (copies included) took 1.15 s a step
+instead of 1.29-1.32 s, and XLA's own ops 0.19 s on one thread. Paired A/B (two processes
+taking turns, 8 rounds): that step 1.075x faster with one thread (every round 1.05-1.13x),
+ResNet-18 at 32 px even (0.99x), Conv4 at 84 px 0.89x slower -- its step spends far more of its
+time in XLA's own ops (BN + ReLU + pool over 115 MB activations), which need every core.
 
-So when the convolutions will run on torch, `limit_xla_threads` sets `PJRT_NPROC=1`, the size
-of XLA's CPU client pool, which must happen before JAX creates that client. It leaves alone
-runs where torch convolutions cannot run (several CPU devices, several processes, an
-accelerator) and a user's own PJRT_NPROC. One consequence: with torch convolutions nothing else
-in the process should run parallel torch ops on another thread (a second OpenMP team brings the
-throttling back), which is why `benchmarks/` time the PyTorch reference in its own process.
+So `choose_xla_threads` picks one thread when torch will run a ResNet's convolutions, and XLA's
+default otherwise; `model.xla_cpu_threads` > 0 sets the count outright. It must act before JAX
+creates its CPU client (`PJRT_NPROC`, read once by XLA), which is why `pcl_jax.main` calls
+`limit_xla_threads` first thing. A user's own PJRT_NPROC always wins. One consequence: with
+torch convolutions nothing else in the process should run parallel torch ops on another thread
+(a second OpenMP team brings the throttling back), which is why `benchmarks/` time the PyTorch
+reference in a process of its own.
 """
 
 import importlib.util
 import logging
 import os
 import re
+from typing import Tuple
 
 import jax
 
@@ -59,33 +63,49 @@ def _backends_started() -> bool:
     return True
 
 
-def why_not_limited(conv_impl: str) -> str:
-  """'' when `limit_xla_threads(conv_impl)` would set one XLA thread, else the reason not."""
-  if conv_impl == 'xla':
-    return "model.conv_impl='xla': XLA runs the convolutions and uses every core itself"
+def choose_xla_threads(conv_impl: str, arch: str, requested: int = 0) -> Tuple[int, str]:
+  """(XLA CPU threads to set, why); 0 threads: leave XLA's default (a thread per core).
+
+  Args:
+    conv_impl, arch: the `model.conv_impl` and `model.arch` settings.
+    requested: `model.xla_cpu_threads`; > 0 sets that many, 0 chooses (see the module doc).
+  """
   for name in (THREADS_VARIABLE, 'NPROC'):
     if name in os.environ:
-      return f'{name}={os.environ[name]} is set by the user'
+      return 0, f'{name}={os.environ[name]} is set by the user'
   if _backends_started():
-    return "JAX's backends are already running; the pool size is fixed"
+    return 0, "JAX's backends are already running; the pool size is fixed"
+  if requested > 0:
+    return requested, f'model.xla_cpu_threads={requested}'
+  if conv_impl == 'xla':
+    return 0, "model.conv_impl='xla': XLA runs the convolutions and uses every core itself"
   if _forced_cpu_device_count() > 1:
-    return 'several CPU devices are requested: convolutions run in XLA'
+    return 0, 'several CPU devices are requested: convolutions run in XLA'
   if jax.distributed.is_initialized():
-    return 'a multi-process run: convolutions run in XLA'
+    return 0, 'a multi-process run: convolutions run in XLA'
   if _accelerator_possible():
-    return 'an accelerator may run the step: convolutions run in XLA'
-  return ''
+    return 0, 'an accelerator may run the step: convolutions run in XLA'
+  if arch == 'conv4':
+    return 0, ("Conv4's step spends much of its time in XLA's own ops (BN over large "
+               'activations), which need every core')
+  return 1, 'PyTorch runs the convolutions: one OpenMP team, one XLA thread'
 
 
-def limit_xla_threads(conv_impl: str) -> bool:
-  """Before JAX starts: one XLA CPU thread if torch will run the convolutions (see module doc).
+def limit_xla_threads(conv_impl: str, arch: str, requested: int = 0) -> int:
+  """Before JAX starts: sets PJRT_NPROC as `choose_xla_threads` says; returns the thread count
+  it set (0: none, XLA's default). `log_choice` reports it once the run is under way."""
+  threads, why = choose_xla_threads(conv_impl, arch, requested)
+  if threads:
+    os.environ[THREADS_VARIABLE] = str(threads)
+    _choice.append(f'{threads} XLA CPU thread(s) ({THREADS_VARIABLE}={threads}): {why}')
+  return threads
 
-  `conv_impl` is the `model.conv_impl` setting ('auto', 'torch' or 'xla'). Returns whether it
-  set PJRT_NPROC=1.
-  """
-  if why_not_limited(conv_impl):
-    return False
-  os.environ[THREADS_VARIABLE] = '1'
-  log.info('one XLA CPU thread (%s=1): PyTorch runs the convolutions with all cores',
-           THREADS_VARIABLE)
-  return True
+
+_choice = []  # what limit_xla_threads set, for log_choice
+
+
+def log_choice() -> None:
+  """Logs the thread count `limit_xla_threads` set, if any (after start-up checks, which print
+  nothing but their error)."""
+  for line in _choice:
+    log.info('%s', line)

@@ -206,12 +206,18 @@ def main(argv):
   # meets its peers here.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  # Also before the backends start: the size of XLA's CPU thread pool (host_threads).
+  # Also before the backends start: the size of XLA's CPU thread pool (host_threads). A
+  # malformed config is left to the validation below, which names what is wrong.
   from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
-  host_threads.limit_xla_threads(FLAGS.config.get('model', {}).get('conv_impl', 'auto'))
+  try:
+    model = FLAGS.config.model
+    host_threads.limit_xla_threads(model.conv_impl, model.arch, model.xla_cpu_threads)
+  except (AttributeError, KeyError, TypeError):
+    pass
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
+    host_threads.log_choice()
     if FLAGS.mode == 'train':
       # Not the lock: in a multi-host run only process 0 takes it, once JAX knows which it is.
       run_files.prepare_workdir(FLAGS.workdir)

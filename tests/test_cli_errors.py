@@ -155,6 +155,8 @@ CASES = [
     Case('wrong_type_float', ('--config.optim.lr=abc',), '--config.optim.lr=abc'),
     Case('wrong_type_int', ('--config.train.batch_size=3.5',), '--config.train.batch_size=3.5'),
     Case('wrong_type_bool', ('--config.clustering.spherical=maybe',), 'not a boolean'),
+    Case('negative_xla_threads', ('--config.model.xla_cpu_threads=-1',),
+         'model.xla_cpu_threads=-1 must be a whole number >= 0'),
     Case('unknown_flag', ('--workdirr=/tmp/x',), "Unknown command line flag 'workdirr'"),
     Case('unknown_mode', ('--mode=predict',), '--mode=predict'),
     Case('positional_argument', ('train',), 'unexpected arguments'),
