@@ -163,8 +163,8 @@ def main():
                       help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
                       'channels-last steps, for a paired ratio')
   args = parser.parse_args()
-  # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
   config = _config(args)
+  # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
   host_threads.limit_xla_threads(config.model.conv_impl, config.model.arch,
                                  config.model.xla_cpu_threads)
   config.train.steps_per_epoch = args.epoch_steps

@@ -82,9 +82,10 @@ def _jax_step_images_per_s(steps, **kwargs):
 
 
 def _interleaved(args, case: str, rounds: int) -> str:
-  """JAX (`auto`) and PyTorch channels-last in one process, alternating rounds of 3 steps:
-  '<jax median> <torch median> <median paired ratio>'. Neighbouring rounds see the same machine
-  state, so the ratio does not drift with the machine as separately timed processes do."""
+  """JAX (`auto`, this process) and PyTorch channels-last (a second process, `TorchStepProcess`)
+  taking turns, rounds of 3 steps: '<jax median> <torch median> <median paired ratio>'.
+  Neighbouring rounds see the same machine state, so the ratio does not drift with the machine
+  as separately timed processes do."""
   arch, size, batch, width, small_stem = CASES[case]
   common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
                 num_negatives=batch * 10, warmup=args.warmup)
@@ -144,8 +145,8 @@ def main():
   parser.add_argument('--jax-only', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--case', choices=['resnet18', 'conv4'], help='run one case only')
   parser.add_argument('--interleaved', type=int, default=10, metavar='ROUNDS',
-                      help='then JAX vs PyTorch channels-last alternating in one process for '
-                      'ROUNDS rounds (0: skip); the median paired ratio is the steadier figure')
+                      help='then JAX vs PyTorch channels-last (in a second process) taking turns '
+                      'for ROUNDS rounds (0: skip); the median paired ratio is the steadier figure')
   parser.add_argument('--one', nargs=3, metavar=('CASE', 'SIDE', 'VARIANT'),
                       help='internal: one measurement in this process, prints its images/s')
   args = parser.parse_args()

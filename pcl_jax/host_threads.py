@@ -94,18 +94,19 @@ def choose_xla_threads(conv_impl: str, arch: str, requested: int = 0) -> Tuple[i
 def limit_xla_threads(conv_impl: str, arch: str, requested: int = 0) -> int:
   """Before JAX starts: sets PJRT_NPROC as `choose_xla_threads` says; returns the thread count
   it set (0: none, XLA's default). `log_choice` reports it once the run is under way."""
+  global _choice
   threads, why = choose_xla_threads(conv_impl, arch, requested)
   if threads:
     os.environ[THREADS_VARIABLE] = str(threads)
-    _choice.append(f'{threads} XLA CPU thread(s) ({THREADS_VARIABLE}={threads}): {why}')
+    _choice = f'{threads} XLA CPU thread(s) ({THREADS_VARIABLE}={threads}): {why}'
   return threads
 
 
-_choice = []  # what limit_xla_threads set, for log_choice
+_choice = ''  # what limit_xla_threads set, for log_choice
 
 
 def log_choice() -> None:
   """Logs the thread count `limit_xla_threads` set, if any (after start-up checks, which print
   nothing but their error)."""
-  for line in _choice:
-    log.info('%s', line)
+  if _choice:
+    log.info('%s', _choice)
