@@ -16,11 +16,13 @@ of --interleaved-rounds alternating rounds of JAX and PyTorch channels-last step
 processes taking turns (the figure to quote on a machine whose speed drifts). Each figure prints
 as soon as it is measured, the step comparison first, so a run cut short keeps what it measured.
 With the pure-JAX k-means (`--backend jax`, or `auto` on a GPU without faiss-gpu) one E-step
-runs before the timed epoch and is reported apart: it compiles the k-means for each cluster
-count, which a training run pays once per count.
+runs before the feature passes and the timed epoch and is reported apart: it compiles the
+k-means for each cluster count, which a training run pays once per count. --step-only stops
+after the step and its comparison.
 """
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -188,10 +190,16 @@ def main():
   parser.add_argument('--conv-impl', default='auto', choices=['auto', 'xla', 'torch'],
                       help='model.conv_impl (auto: PyTorch kernels on one CPU device)')
   parser.add_argument('--torch-reference', action='store_true')
+  parser.add_argument('--step-only', action='store_true',
+                      help='stop after the step (and with --torch-reference its comparison)')
   parser.add_argument('--interleaved-rounds', type=int, default=7,
                       help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
                       'channels-last steps, for a paired ratio')
   args = parser.parse_args()
+  # The E-step's log line gives each level's clustering seconds (compilation included, the first
+  # time a cluster count is met).
+  logging.basicConfig(format='%(message)s')
+  logging.getLogger('pcl_jax.train').setLevel(logging.INFO)
   config = _config(args)
   # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
   host_threads.limit_xla_threads(config.model.conv_impl, config.model.arch,
@@ -210,8 +218,15 @@ def main():
   # The step comparison first: it is the headline, and a run cut short by a time limit keeps it.
   if args.torch_reference:
     _compare_with_torch(config, jax_step, step_rate, args)
+  if args.step_only:
+    return
   state = jax_step.state
   _report('input pipeline img/s', _loader_images_per_s(trainer, args.steps))
+  # First, so that the feature passes timed below find everything compiled and the cache read
+  # once, as every E-step after the first does.
+  first_e_step = _first_e_step_s(trainer, state)
+  if first_e_step is not None:
+    _report('first E-step s (compiles k-means)', first_e_step)
   feature_input = [_feature_input_images_per_s(trainer, args.steps, on_device)
                    for on_device in (True, False)]
   _report('feature-pass input, on device img/s', feature_input[0])
@@ -230,9 +245,6 @@ def main():
   _report('feature pass, on device img/s', feature_pass[0])
   _report('feature pass, loader img/s', feature_pass[1])
   _report('feature pass, device / loader', feature_pass[0] / feature_pass[1])
-  first_e_step = _first_e_step_s(trainer, state)
-  if first_e_step is not None:
-    _report('first E-step s (compiles k-means)', first_e_step)
   state, record = trainer.run_epoch(state, 0)
   for name, value in (('epoch M-steps fed by loader img/s', record['images_per_s']),
                       ('E-step features s', record['estep_features_s']),
