@@ -53,6 +53,10 @@ def make_torch_step(arch, image_size, batch, width, small_stem, num_negatives, c
                     bf16, device='cpu'):
   """(one_step, synchronize): the eager PyTorch MoCo step on resident random batches."""
   torch.manual_seed(0)
+  if device == 'cuda':
+    # As the reference's main_pcl.py: cuDNN times its algorithms once per shape, then reuses the
+    # fastest (the warm-up steps pay for it).
+    torch.backends.cudnn.benchmark = True
   dim = 128
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   encoder_q = torch_encoder(arch, width, dim, image_size, small_stem).to(
