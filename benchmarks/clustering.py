@@ -11,7 +11,8 @@ Usage:
   python benchmarks/clustering.py --backends jax --sizes 60000 --ks 3200
 
 Times are wall-clock seconds of one call after a one-iteration warm-up at the same shapes (so
-JAX's compilation, paid once per shape in training, is excluded); on a shared machine they are
+JAX's compilation, paid once per shape in training, is excluded; the `jax compile` column is
+that warm-up's wall time); on a shared machine they are
 noisy, and faiss's OpenMP threads suffer most from other processes (see --single-thread).
 """
 
@@ -41,14 +42,17 @@ def synthetic_features(num_points, dim, num_modes, seed):
 
 
 def time_call(function, warm_up, repeats):
-  """(best wall time of `repeats` calls after `warm_up()`, the last call's output)."""
+  """(best wall time of `repeats` calls after `warm_up()`, the last call's output, the warm-up's
+  wall time: compilation for the jax backend, which training pays once per cluster count)."""
+  start = time.perf_counter()
   jax.block_until_ready(warm_up())
+  warm_up_s = time.perf_counter() - start
   best, output = float('inf'), None
   for _ in range(repeats):
     start = time.perf_counter()
     output = jax.block_until_ready(function())
     best = min(best, time.perf_counter() - start)
-  return best, output
+  return best, output, warm_up_s
 
 
 def kmeans_case(features, k, backend, niter, nredo):
@@ -111,23 +115,26 @@ def main():
   header = f'{"N":>6} {"case":>16} ' + ' '.join(f'{b:>10}' for b in backends)
   if 'jax' in backends and len(backends) > 1:
     header += f' {"jax/" + backends[0]:>14} {"obj jax/" + backends[0]:>16}'
+  if 'jax' in backends:
+    header += f' {"jax compile":>12}'
   print(header)
   for num_points in sizes:
     features = jax.numpy.asarray(synthetic_features(num_points, args.dim, args.modes, seed=0))
     cases = [(f'k={k}', k) for k in ks] + [('window ' + '/'.join(map(str, window)), window)]
     for name, case in cases:
-      times, objectives = {}, {}
+      times, objectives, warm_up_s = {}, {}, {}
       for backend in backends:
         # The warm-up (one iteration, one run) compiles everything the jax backend needs, since
         # niter and nredo are traced; faiss has nothing to warm up.
         if isinstance(case, list):
           timed = window_case(features, case, backend, args.niter, args.nredo, args)
           warm_up = window_case(features, case, backend, 1, 1, args)
-          times[backend], _ = time_call(timed, warm_up, args.repeats)
+          times[backend], _, warm_up_s[backend] = time_call(timed, warm_up, args.repeats)
         else:
           timed = kmeans_case(features, case, backend, args.niter, args.nredo)
           warm_up = kmeans_case(features, case, backend, 1, 1)
-          times[backend], (_, _, sq_dist) = time_call(timed, warm_up, args.repeats)
+          times[backend], (_, _, sq_dist), warm_up_s[backend] = time_call(timed, warm_up,
+                                                                          args.repeats)
           # k-means objective: sum of squared distances to the returned centroids.
           objectives[backend] = float(np.asarray(sq_dist, np.float64).sum())
       row = f'{num_points:>6} {name:>16} ' + ' '.join(f'{times[b]:>10.2f}' for b in backends)
@@ -135,6 +142,11 @@ def main():
         row += f' {times["jax"] / times[backends[0]]:>14.2f}'
         if objectives:
           row += f' {objectives["jax"] / objectives[backends[0]]:>16.4f}'
+        else:
+          row += f' {"":>16}'
+      if 'jax' in backends:
+        # The warm-up call (one iteration, one run) is compilation plus a negligible run.
+        row += f' {warm_up_s["jax"]:>12.2f}'
       print(row, flush=True)
 
 
