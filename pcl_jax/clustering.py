@@ -15,6 +15,15 @@ when spherical) and keep the run whose last-iteration objective (sum of squared 
 also when spherical: faiss's assignment index is an L2 index) is lowest; finally assign every
 sample to its nearest returned centroid. Its random streams are JAX's, not faiss's, so the two
 backends agree exactly only from the same `init_centroids`.
+
+Compilation: the jax k-means and the concentration compile once per cluster count (k fixes
+their shapes). On an accelerator that took 10-15 s per count (an H200, session 8), so there
+they compute with k rounded up to a multiple of `_ACCELERATOR_K_MULTIPLE` rows (`_padded_k`):
+the padding rows never win an assignment, are never split into, and are cut off before any
+result leaves; the random draws are JAX's counter-based ones, whose first k values do not depend
+on the padded length, so the result is the one unpadded k would give. Every count <= 128 of a
+schedule then shares one compilation. On the CPU k is not padded: a compilation costs ~2 s there
+and the padding's extra matmul work would cost more.
 """
 
 import fractions
@@ -33,6 +42,10 @@ _SPLIT_EPS = 1.0 / 1024.0
 _CPU_BLOCK_ELEMENTS = 1 << 20
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 25
 _MAX_CHUNK_ROWS = 8192
+# Cluster counts the jax k-means computes with: k rounded up to a multiple of this (module
+# docstring, "Compilation"); 1 = no padding.
+_CPU_K_MULTIPLE = 1
+_ACCELERATOR_K_MULTIPLE = 128
 # Cluster-count ratio between hierarchical levels below which the notes saw harm.
 _MIN_HIERARCHY_RATIO = 1.2
 
@@ -142,6 +155,13 @@ def _chunk_rows(num_points: int, k: int) -> int:
   return min(rows, -(-num_points // 8) * 8)
 
 
+def _padded_k(k: int, num_points: int) -> int:
+  """Centroid rows the jax k-means computes with for k clusters (the first k are the real ones):
+  k rounded up to the platform's multiple, never above the N points the initial draw takes from."""
+  multiple = _CPU_K_MULTIPLE if jax.default_backend() == 'cpu' else _ACCELERATOR_K_MULTIPLE
+  return max(k, min(num_points, -(-k // multiple) * multiple))
+
+
 def _pad_to_chunks(x, chunk: int):
   """Zero-pads the rows of x to a multiple of `chunk` (rows stay rows; traced under jit)."""
   pad = (-x.shape[0]) % chunk
@@ -172,9 +192,13 @@ def _assign_block(x_block, centroids, centroid_sq_norm):
   return im2cluster, sq_dist
 
 
-def _assign_chunks(padded_x, centroids, chunk):
-  """Assignment of padded rows, `chunk` at a time so memory stays chunk x k. Returns flat [N]."""
-  centroid_sq_norm = jnp.sum(centroids * centroids, axis=1)
+def _assign_chunks(padded_x, centroids, chunk, centroid_valid):
+  """Assignment of padded rows, `chunk` at a time so memory stays chunk x k. Returns flat [N].
+
+  Centroid rows where `centroid_valid` is False (padding up to `_padded_k`) get an infinite
+  norm, so their distance is infinite and they never win.
+  """
+  centroid_sq_norm = jnp.where(centroid_valid, jnp.sum(centroids * centroids, axis=1), jnp.inf)
   x_chunks = padded_x.reshape(-1, chunk, padded_x.shape[1])
   im2cluster, sq_dist = jax.lax.map(
       lambda block: _assign_block(block, centroids, centroid_sq_norm), x_chunks)
@@ -200,9 +224,11 @@ def sq_dist_to_assigned(x, centroids, im2cluster):
 
 
 @jax.jit(static_argnames=('chunk',))
-def _assign(x, centroids, *, chunk):
-  """Nearest centroid (int32) and direct squared distance for every row of x. Jitted."""
-  im2cluster, _ = _assign_chunks(_pad_to_chunks(x, chunk), centroids, chunk)
+def _assign(x, centroids, num_valid, *, chunk):
+  """Nearest of the first `num_valid` centroids (int32) and the direct squared distance to it,
+  for every row of x. Jitted; num_valid is traced (padded centroids: `_padded_k`)."""
+  centroid_valid = jnp.arange(centroids.shape[0]) < num_valid
+  im2cluster, _ = _assign_chunks(_pad_to_chunks(x, chunk), centroids, chunk, centroid_valid)
   im2cluster = im2cluster[:x.shape[0]]
   return im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
 
@@ -218,10 +244,11 @@ def assign_to_centroids(x, centroids):
   """
   x = jnp.asarray(x, jnp.float32)
   centroids = jnp.asarray(centroids, jnp.float32)
-  return _assign(x, centroids, chunk=_chunk_rows(x.shape[0], centroids.shape[0]))
+  k = centroids.shape[0]
+  return _assign(x, centroids, k, chunk=_chunk_rows(x.shape[0], k))
 
 
-def _split_empty_clusters(centroids, cluster_weight, uniform):
+def _split_empty_clusters(centroids, cluster_weight, uniform, centroid_valid=None):
   """faiss's split_clusters: every empty cluster takes over half of a non-empty one.
 
   Empty clusters are handled in index order. Each copies a donor centroid chosen with
@@ -235,20 +262,24 @@ def _split_empty_clusters(centroids, cluster_weight, uniform):
     cluster_weight: [k] summed member weights (0 = empty).
     uniform: [k] uniform [0, 1) draws, one per possible split (drawn outside the loop: a PRNG
       inside the while_loop would double the compile time for nothing).
+    centroid_valid: optional [k] bool, False for padding rows (`_padded_k`): never filled, and
+      with weight 0 never a donor either.
   Returns:
     (centroids, cluster_weight, number of splits).
   """
   dim = centroids.shape[1]
   perturbation = _SPLIT_EPS * jnp.where(jnp.arange(dim) % 2 == 0, 1.0, -1.0)
+  if centroid_valid is None:
+    centroid_valid = jnp.ones(centroids.shape[:1], bool)
 
   def has_work(state):
     _, weight, _ = state
     # A donor needs size > 1; without one faiss would loop forever, we stop.
-    return jnp.any(weight == 0) & jnp.any(weight > 1)
+    return jnp.any((weight == 0) & centroid_valid) & jnp.any(weight > 1)
 
   def split_one(state):
     centroids, weight, num_splits = state
-    empty = jnp.argmax(weight == 0)
+    empty = jnp.argmax((weight == 0) & centroid_valid)
     # Inverse-CDF draw of the donor, proportional to size - 1.
     cumulative = jnp.cumsum(jnp.maximum(weight - 1.0, 0.0))
     target = uniform[num_splits] * cumulative[-1]
@@ -265,7 +296,8 @@ def _split_empty_clusters(centroids, cluster_weight, uniform):
   return centroids, cluster_weight, num_splits
 
 
-def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, spherical):
+def _lloyd(padded_x, padded_weights, valid, centroids, centroid_valid, niter, key, *, chunk,
+           spherical):
   """One k-means run: `niter` Lloyd iterations from `centroids`, in faiss's order.
 
   Args:
@@ -273,6 +305,7 @@ def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, sph
     padded_weights: [M] point weights, 0 for padding.
     valid: [M] bool, False for padding.
     centroids: [k, D] initial centroids (already normalised when spherical).
+    centroid_valid: [k] bool, False for padding rows (`_padded_k`; zero, and kept so).
     niter: number of iterations (traced).
     key: PRNG key for the empty-cluster splits.
     chunk: rows per assignment block.
@@ -287,7 +320,7 @@ def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, sph
   def iteration(i, carry):
     centroids, _, num_splits = carry
     # Step 1: assign; faiss's objective is the plain sum of the distances of this assignment.
-    im2cluster, sq_dist = _assign_chunks(padded_x, centroids, chunk)
+    im2cluster, sq_dist = _assign_chunks(padded_x, centroids, chunk, centroid_valid)
     objective = jnp.sum(jnp.where(valid, sq_dist, 0.0))
     # Step 2: weighted means (padding has weight 0, so it moves nothing).
     cluster_weight = jax.ops.segment_sum(padded_weights, im2cluster, num_segments=k)
@@ -295,8 +328,9 @@ def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, sph
     safe_weight = jnp.where(cluster_weight > 0, cluster_weight, 1.0)
     updated = jnp.where(cluster_weight[:, None] > 0, cluster_sum / safe_weight[:, None], 0.0)
     # Step 3: empty clusters, then the spherical projection (faiss's post_process_centroids).
+    # JAX's counter-based draws: the first k of these do not depend on the padded length.
     uniform = jax.random.uniform(jax.random.fold_in(key, i), (k,))
-    updated, _, splits = _split_empty_clusters(updated, cluster_weight, uniform)
+    updated, _, splits = _split_empty_clusters(updated, cluster_weight, uniform, centroid_valid)
     if spherical:
       updated = _l2_normalize(updated)
     return updated, objective, num_splits + splits
@@ -306,13 +340,15 @@ def _lloyd(padded_x, padded_weights, valid, centroids, niter, key, *, chunk, sph
 
 
 @jax.jit(static_argnames=('k', 'chunk', 'spherical'))
-def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, *, k, chunk, spherical):
+def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, *, k, chunk,
+                  spherical):
   """`num_runs` k-means runs; keeps the one with the lowest last-iteration objective.
 
-  Run r initialises with k distinct random points drawn from fold_in(key, r + 1) (or with
-  `init_centroids`). Jitted once per (N, D, k) shape, `spherical` and whether
-  `init_centroids` is given; `niter`, `num_runs` and the key are traced, so no recompiles
-  across seeds or restarts, and the whole search stays on device.
+  Run r initialises with `num_valid` distinct random points drawn from fold_in(key, r + 1) (or
+  with `init_centroids`). Jitted once per (N, D, k) shape, `spherical` and whether
+  `init_centroids` is given; `niter`, `num_runs`, the key and `num_valid` are traced, so no
+  recompiles across seeds, restarts or the cluster counts that share a padded k, and the whole
+  search stays on device.
 
   Args:
     x: [N, D] training points.
@@ -321,31 +357,34 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, *, k, chunk,
     niter: Lloyd iterations per run.
     num_runs: number of runs.
     key: PRNG key.
-    k: number of clusters.
+    num_valid: the real number of clusters; rows from it to k are padding (`_padded_k`).
+    k: number of centroid rows (static).
     chunk: rows per assignment block.
     spherical: spherical k-means.
   Returns:
-    [k, D] centroids of the best run.
+    [k, D] centroids of the best run, zero from row num_valid on.
   """
   num_points, dim = x.shape
   padded_x = _pad_to_chunks(x, chunk)
   padded_weights = _pad_to_chunks(weights, chunk)
   valid = jnp.arange(padded_x.shape[0]) < num_points
+  centroid_valid = jnp.arange(k) < num_valid
 
   def one_run(redo, best):
     best_centroids, best_objective = best
     init_key, split_key = jax.random.split(jax.random.fold_in(key, redo + 1))
     if init_centroids is None:
       # k distinct points in random order: the first k of a random permutation (as faiss), drawn
-      # as the top k of N uniforms, which compiles and runs faster than a full shuffle.
+      # as the top k of N uniforms, which compiles and runs faster than a full shuffle (and
+      # whose first num_valid are the top num_valid).
       _, first_k = jax.lax.top_k(jax.random.uniform(init_key, (num_points,)), k)
-      start = x[first_k]
+      start = jnp.where(centroid_valid[:, None], x[first_k], 0.0)
     else:
       start = init_centroids
     if spherical:
       start = _l2_normalize(start)
-    centroids, objective, _ = _lloyd(padded_x, padded_weights, valid, start, niter, split_key,
-                                     chunk=chunk, spherical=spherical)
+    centroids, objective, _ = _lloyd(padded_x, padded_weights, valid, start, centroid_valid,
+                                     niter, split_key, chunk=chunk, spherical=spherical)
     # Strictly better only, as faiss: on a tie the earlier run stays.
     improved = objective < best_objective
     return (jnp.where(improved, centroids, best_centroids),
@@ -357,7 +396,8 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, *, k, chunk,
 
 def _kmeans_jax(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weights,
                 init_centroids):
-  """Pure-JAX k-means (see the module docstring); returns centroids [k, D]."""
+  """Pure-JAX k-means (see the module docstring); returns centroids [K, D], K = `_padded_k`,
+  whose first k rows are the centroids and the rest zero padding."""
   num_points = x.shape[0]
   base_key = jax.random.PRNGKey(seed)
   if weights is None:
@@ -372,13 +412,16 @@ def _kmeans_jax(x, k, *, niter, nredo, seed, spherical, max_points, min_points, 
   if x.shape[0] == k and init_centroids is None:
     # faiss's corner case: every point is its own centroid, no iteration.
     return _l2_normalize(x) if spherical else x
+  padded_k = _padded_k(k, x.shape[0])
   if init_centroids is not None:
     init_centroids = jnp.asarray(init_centroids, jnp.float32)
+    init_centroids = jnp.pad(init_centroids, ((0, padded_k - k), (0, 0)))
   # With given initial centroids there is one run: faiss starts every redo after the first from
   # the previous run's result, which is no restart at all.
   num_runs = 1 if init_centroids is not None else nredo
-  return _best_of_runs(x, weights, init_centroids, niter, num_runs, base_key, k=k,
-                       chunk=_chunk_rows(x.shape[0], k), spherical=spherical)
+  return _best_of_runs(x, weights, init_centroids, niter, num_runs, base_key, k,
+                       k=padded_k, chunk=_chunk_rows(x.shape[0], padded_k),
+                       spherical=spherical)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +568,9 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
 
   if resolved == 'jax':
     centroids = _kmeans_jax(x, k, **options)
-    return (centroids,) + assign_to_centroids(x, centroids)
+    im2cluster, sq_dist = _assign(x, centroids, k,
+                                  chunk=_chunk_rows(num_points, centroids.shape[0]))
+    return (centroids if centroids.shape[0] == k else centroids[:k]), im2cluster, sq_dist
   centroids, im2cluster = _kmeans_faiss(x, k, on_gpu=resolved == 'faiss-gpu',
                                         use_float16=use_float16, **options)
   return centroids, im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
@@ -553,16 +598,50 @@ def concentration(sq_dist, im2cluster, k, temperature):
   Returns:
     [k] float32 concentrations.
   """
+  return _concentration(sq_dist, im2cluster, k, temperature, num_segments=k)
+
+
+@jax.jit(static_argnames=('num_segments',))
+def _padded_concentration(sq_dist, im2cluster, k, temperature, *, num_segments):
+  """`concentration` computed over `num_segments` >= k clusters (`_padded_k`), k traced, so
+  the cluster counts sharing a padded k share one compilation; returns [num_segments], the
+  first k entries the concentrations."""
+  return _concentration(sq_dist, im2cluster, k, temperature, num_segments=num_segments)
+
+
+def _concentration(sq_dist, im2cluster, k, temperature, *, num_segments):
+  """`concentration`'s formula over `num_segments` clusters, of which the first k (an int or a
+  traced scalar) are real: the others have no members and take no part in the percentiles or
+  the mean."""
   sq_dist = jnp.asarray(sq_dist, jnp.float32)
-  size = jax.ops.segment_sum(jnp.ones_like(sq_dist), im2cluster, num_segments=k)
-  dist_sum = jax.ops.segment_sum(jnp.sqrt(sq_dist), im2cluster, num_segments=k)
+  real = jnp.arange(num_segments) < k
+  size = jax.ops.segment_sum(jnp.ones_like(sq_dist), im2cluster, num_segments=num_segments)
+  dist_sum = jax.ops.segment_sum(jnp.sqrt(sq_dist), im2cluster, num_segments=num_segments)
   populated = size > 1
+  # phi >= 0, and padding rows (never populated) hold 0, so they cannot raise the max.
   phi = jnp.where(populated, dist_sum / jnp.maximum(size, 1.0) / jnp.log(size + 10.0), 0.0)
   phi = jnp.where(populated, phi, jnp.max(phi))
-  phi = jnp.clip(phi, jnp.percentile(phi, 10.0), jnp.percentile(phi, 90.0))
-  mean = jnp.mean(phi)
+  # Padding sorts last, so the first k sorted values are the real ones.
+  ascending = jnp.sort(jnp.where(real, phi, jnp.inf))
+  phi = jnp.clip(phi, _linear_percentile(ascending, k, 10.0),
+                 _linear_percentile(ascending, k, 90.0))
+  mean = jnp.sum(jnp.where(real, phi, 0.0)) / jnp.asarray(k, jnp.float32)
   return jnp.where(mean > 0, temperature * phi / jnp.where(mean > 0, mean, 1.0),
                    jnp.full_like(phi, temperature))
+
+
+def _linear_percentile(ascending, count, percent: float):
+  """numpy's default ('linear') percentile of the first `count` entries of an ascending array,
+  `count` an int or a traced scalar; the float32 operations of `jnp.percentile`, so with
+  count = len(ascending) the same value bit for bit."""
+  position = jnp.float32(percent / 100) * (jnp.asarray(count, jnp.float32) - 1)
+  low, high = jnp.floor(position), jnp.ceil(position)
+  high_weight = position - low
+  low_weight = 1 - high_weight
+  last = jnp.asarray(count, jnp.float32) - 1
+  low = jnp.clip(low, 0, last).astype(jnp.int32)
+  high = jnp.clip(high, 0, last).astype(jnp.int32)
+  return ascending[low] * low_weight + ascending[high] * high_weight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,6 +659,14 @@ def _check_hierarchy(num_clusters):
                  f'{fine / coarse:.2f} < {_MIN_HIERARCHY_RATIO}; the notes found that ratio '
                  'harmful (coarse levels clustered from too few centroids)')
       warnings.warn(message, stacklevel=3)
+
+
+def _level_concentration(sq_dist, im2cluster, k: int, temperature):
+  """`concentration`, over `_padded_k` clusters where that pads (module docstring)."""
+  padded_k = _padded_k(k, sq_dist.shape[0])
+  if padded_k == k:
+    return concentration(sq_dist, im2cluster, k, temperature)
+  return _padded_concentration(sq_dist, im2cluster, k, temperature, num_segments=padded_k)[:k]
 
 
 def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
@@ -653,7 +740,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
       parent, _ = assign_to_centroids(fine_centroids, centroids)
       im2cluster = parent[fine_im2cluster]
       sq_dist = sq_dist_to_assigned(features, centroids, im2cluster)
-    phi = concentration(sq_dist, im2cluster, k, temperature)
+    phi = _level_concentration(sq_dist, im2cluster, k, temperature)
     if hierarchical:
       finer = (centroids, im2cluster)
     normalized = _l2_normalize(centroids)

@@ -252,6 +252,85 @@ def test_duplicate_init_is_split_and_leaves_no_empty_cluster(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# Padded cluster counts (what the jax k-means does on an accelerator).
+
+
+@pytest.fixture
+def pad_k(monkeypatch):
+  """pad_k(multiple): the jax k-means pads k on this CPU as it does on an accelerator."""
+  return lambda multiple: monkeypatch.setattr(clustering, '_CPU_K_MULTIPLE', multiple)
+
+
+def test_padded_k_rounds_up_to_the_multiple_but_never_past_n(pad_k):
+  assert [clustering._padded_k(k, 10_000) for k in (3, 120, 128, 129, 200, 3200)] == [3, 120, 128, 129, 200, 3200]
+  pad_k(128)
+  assert [clustering._padded_k(k, 10_000) for k in (3, 120, 128, 129, 200, 3200)] == [
+      128, 128, 128, 256, 256, 3200]
+  assert clustering._padded_k(10, 50) == 50  # the initial draw takes k rows of the N points
+
+
+@pytest.mark.parametrize('data', ['separated', 'overlapping'])
+def test_padding_k_gives_the_same_clustering_with_one_compilation(pad_k, data):
+  x = separated_blobs(num_per_blob=30, num_blobs=12, dim=16)[0] if data == 'separated' else (
+      overlapping_points(390))
+  weights = np.random.default_rng(0).uniform(0.5, 2.0, x.shape[0]).astype(np.float32)
+  ks = (5, 12, 40)
+
+  def run(k):
+    return [np.asarray(a) for a in clustering.kmeans(x, k, backend='jax', niter=6, nredo=3,
+                                                     seed=7, weights=weights)]
+  unpadded = [run(k) for k in ks]
+  pad_k(128)
+  compiled = clustering._best_of_runs._cache_size()
+  for k, (centroids, im2cluster, sq_dist) in zip(ks, unpadded):
+    got_centroids, got_im2cluster, got_sq_dist = run(k)
+    assert got_centroids.shape == (k, x.shape[1])
+    # The same random draws and assignments; matmuls of another width may round differently.
+    np.testing.assert_array_equal(got_im2cluster, im2cluster)
+    np.testing.assert_allclose(got_centroids, centroids, atol=1e-6)
+    np.testing.assert_allclose(got_sq_dist, sq_dist, atol=1e-6)
+  assert clustering._best_of_runs._cache_size() - compiled == 1  # one k-means for 5, 12 and 40
+
+
+def test_padded_rows_never_win_and_are_never_split_into(pad_k):
+  pad_k(128)
+  x, init = separated_blobs()
+  init[3] = init[2]  # cluster 3 starts empty and must be split into, not a padding row
+  k = init.shape[0]
+  _, im2cluster, _ = clustering.kmeans(x, k, backend='jax', niter=10, spherical=False,
+                                       init_centroids=init)
+  assert np.bincount(np.asarray(im2cluster), minlength=k).min() > 0
+  assert int(np.asarray(im2cluster).max()) < k
+
+
+def test_padded_concentration_equals_concentration():
+  rng = np.random.default_rng(3)
+  k = 37
+  im2cluster = rng.integers(0, k - 5, 400)  # the last clusters empty, some maybe singletons
+  im2cluster[:3] = k - 2  # a singleton-free small cluster
+  sq_dist = rng.uniform(0.0, 2.0, 400).astype(np.float32)
+  want = clustering.concentration(jnp.asarray(sq_dist), jnp.asarray(im2cluster), k, 0.2)
+  got = clustering._padded_concentration(jnp.asarray(sq_dist), jnp.asarray(im2cluster), k, 0.2,
+                                         num_segments=128)
+  np.testing.assert_allclose(np.asarray(got)[:k], np.asarray(want), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(want),
+                             reference_density(im2cluster, k, sq_dist, 0.2), rtol=1e-5)
+
+
+def test_levels_with_padding_match_the_numpy_concentration(pad_k):
+  pad_k(128)
+  x = overlapping_points(600)
+  for level in clustering.cluster_levels(x, [30, 10], **level_options()):
+    k = level['k']
+    assert level['centroids'].shape == (k, x.shape[1]) and level['concentration'].shape == (k,)
+    _, sq_dist = numpy_assignment(x, np.asarray(level['centroids']))
+    im2cluster = np.asarray(level['im2cluster'])
+    assert im2cluster.max() < k
+    want = reference_density(im2cluster, k, sq_dist[np.arange(x.shape[0]), im2cluster], 0.2)
+    np.testing.assert_allclose(np.asarray(level['concentration']), want, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
 # Levels.
 
 
