@@ -3,8 +3,9 @@
 # (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet size on FakeData,
 # with the PyTorch reference: all of it in bfloat16, the step in float32). Session 8 on an H200:
 # ~16 s of tests, ~90 s to build and compile before the first E-step, which compiles the jax
-# k-means for 3 cluster counts (over 85 s there); float32 step-only ~100 s. About 8 minutes
-# with the machine's start, which leaves a 15-minute lease room for one rerun.
+# k-means for 3 cluster counts (over 85 s there); float32 step-only ~100 s; the k-means alone
+# is new (limit 120 s). About 9 minutes with the machine's start; rerun a single stage, not
+# the whole script, if one fails.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #
@@ -32,6 +33,9 @@ timeout "${TESTS_S:-100}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu
 timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-images 38400 --batch 256 \
   --dtype bfloat16 --backend jax --workers "$WORKERS" --steps 30 --torch-reference \
   2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer | tee "$OUT/epoch_bfloat16.log"
+# The jax k-means alone at mini-ImageNet's size: compile and run seconds per cluster count.
+timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax --sizes 38400 \
+  --ks 100,3200 --window 3200,2400,1600 2>&1 | tee "$OUT/clustering.log"
 timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 3840 --batch 256 \
   --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
   2>&1 | grep -v cuda_timer | tee "$OUT/epoch_float32.log"
