@@ -193,8 +193,11 @@ def main():
   parser.add_argument('--step-only', action='store_true',
                       help='stop after the step (and with --torch-reference its comparison)')
   parser.add_argument('--interleaved-rounds', type=int, default=7,
-                      help='with --torch-reference: alternating rounds of 3 JAX and 3 PyTorch '
+                      help='with --torch-reference: alternating rounds of JAX and PyTorch '
                       'channels-last steps, for a paired ratio')
+  parser.add_argument('--round-steps', type=int, default=0,
+                      help='steps per interleaved round (0: 3 on a CPU, 30 on an accelerator, '
+                      'where 3 steps are too short to outweigh the turn-taking)')
   args = parser.parse_args()
   # The E-step's log line gives each level's clustering seconds (compilation included, the first
   # time a cluster count is met).
@@ -270,8 +273,9 @@ def _compare_with_torch(config, jax_step, step_rate, args):
     channels_last = channels_last_step(args.steps)
     _report('torch step channels-last img/s', channels_last)
     _report('JAX / best torch step', step_rate / max(nchw, channels_last))
+    round_steps = args.round_steps or (3 if jax.default_backend() == 'cpu' else 30)
     (jax_median, torch_median), ratio = torch_reference.interleaved_rates(
-        [jax_step, channels_last_step], args.interleaved_rounds, 3)
+        [jax_step, channels_last_step], args.interleaved_rounds, round_steps)
   _report(f'interleaved x{args.interleaved_rounds}: JAX step img/s', jax_median)
   _report(f'interleaved x{args.interleaved_rounds}: torch CL img/s', torch_median)
   _report('interleaved: median JAX / torch CL', ratio)

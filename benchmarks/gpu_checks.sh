@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks in one run (../shared/DEVICE.md): the `gpu`-marked tests, the issue-7 table
 # (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet size on FakeData,
-# with the PyTorch reference: all of it in bfloat16, the step in float32). Session 8 on an H200:
-# ~16 s of tests, ~90 s to build and compile before the first E-step, which compiles the jax
-# k-means for 3 cluster counts (over 85 s there); float32 step-only ~100 s; the k-means alone
-# is new (limit 120 s). About 9 minutes with the machine's start; rerun a single stage, not
-# the whole script, if one fails.
+# with the PyTorch reference: all of it in bfloat16, the step in float32), the jax k-means alone
+# and the digits job. Session 8 on an H200: ~16 s of tests; ~90 s to build and compile before
+# the first E-step, which compiled the jax k-means for 3 cluster counts (over 85 s there);
+# float32 step-only ~100 s. With the new k-means and digits stages, about 10 minutes with the
+# machine's start: rerun a single stage, not the whole script, if one fails.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #
@@ -39,3 +39,8 @@ timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax --siz
 timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 3840 --batch 256 \
   --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
   2>&1 | grep -v cuda_timer | tee "$OUT/epoch_float32.log"
+# The main job on the GPU: with k padded on an accelerator its 7 cluster counts share one k-means
+# compilation (session 8, before the padding: 10-15 s per count against 1.7 s epochs).
+timeout "${DIGITS_S:-90}" python3 -m pcl_jax.main --config=configs/digits.py \
+  --workdir=/tmp/digits_gpu 2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer | tail -40 \
+  | tee "$OUT/digits.log"
