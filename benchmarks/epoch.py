@@ -153,10 +153,10 @@ def _resident_step(trainer, state):
 
 
 def _first_e_step_s(trainer, state):
-  """Seconds of one E-step run before the timed epoch when the pure-JAX k-means clusters, or
-  None (faiss compiles nothing). Its k-means compiles once per cluster count (k is static), so
-  the first E-step that meets a count pays for that; the timed epoch then measures the E-step of
-  every later epoch with the same counts."""
+  """Seconds of one E-step run before the timed feature passes and epoch when the pure-JAX
+  k-means clusters, or None (faiss compiles nothing). That k-means compiles once per (padded,
+  on an accelerator) cluster count, which the first E-step meeting a count pays; the timed epoch
+  then measures the E-step of every later epoch with the same counts."""
   if clustering.resolve_backend(trainer.config.clustering.backend) != 'jax':
     return None
   start = time.perf_counter()
@@ -249,12 +249,13 @@ def main():
   _report('feature pass, loader img/s', feature_pass[1])
   _report('feature pass, device / loader', feature_pass[0] / feature_pass[1])
   state, record = trainer.run_epoch(state, 0)
+  epoch_share = 100 * record['estep_s'] / record['epoch_time_s']
   for name, value in (('epoch M-steps fed by loader img/s', record['images_per_s']),
                       ('E-step features s', record['estep_features_s']),
                       ('E-step clustering s', record['estep_clustering_s']),
                       ('E-step total s', record['estep_s']),
                       ('epoch s', record['epoch_time_s']),
-                      ('E-step share of epoch %', 100 * record['estep_s'] / record['epoch_time_s'])):
+                      ('E-step share of epoch %', epoch_share)):
     _report(name, value)
   if args.epoch_steps:
     full_epoch_s = (record['estep_s'] + trainer.datasets.num_train
