@@ -2,10 +2,11 @@
 # The GPU checks in one run (../shared/DEVICE.md): the `gpu`-marked tests, the issue-7 table
 # (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet size on FakeData,
 # with the PyTorch reference: all of it in bfloat16, the step in float32), the jax k-means alone
-# and the digits job. Session 8 on an H200: ~16 s of tests; ~90 s to build and compile before
-# the first E-step, which compiled the jax k-means for 3 cluster counts (over 85 s there);
-# float32 step-only ~100 s. With the new k-means and digits stages, about 10 minutes with the
-# machine's start: rerun a single stage, not the whole script, if one fails.
+# and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then (2 more since,
+# each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile before the first
+# E-step, which compiled the jax k-means for 3 cluster counts (over 85 s there); float32
+# step-only ~100 s. With the new stages, about 11 minutes with the machine's start: rerun a
+# single stage, not the whole script, if one fails.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #
@@ -27,7 +28,7 @@ python3 -c 'import jax, flax, optax, orbax.checkpoint as ocp, torch, torchvision
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "orbax", ocp.__version__, "torch", torch.__version__, "torchvision",
       torchvision.__version__, "faiss", faiss.__version__, jax.devices())'
-timeout "${TESTS_S:-100}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${TESTS_S:-180}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
 # bfloat16: the whole table (step and PyTorch reference, input, feature pass, E-step, epoch);
 # float32: the step and its PyTorch reference.
 timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-images 38400 --batch 256 \
