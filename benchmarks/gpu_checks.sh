@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (../shared/DEVICE.md): the `gpu`-marked tests, the issue-7 table
-# (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet size on FakeData,
-# with the PyTorch reference: all of it in bfloat16, the step in float32), the jax k-means alone
-# and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then (2 more since,
+# The GPU checks in one or two device calls (../shared/DEVICE.md): the `gpu`-marked tests, the
+# issue-7 table (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet
+# size on FakeData, with the PyTorch reference: all of it in bfloat16, the step in float32), the
+# jax k-means alone and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then (2 more since,
 # each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile before the first
 # E-step, which compiled the jax k-means for 3 cluster counts (over 85 s there); float32
 # step-only ~100 s. With the new stages, about 11 minutes with the machine's start: rerun a
 # single stage, not the whole script, if one fails.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
+#   bash benchmarks/gpu_checks.sh tests epoch              # only these stages
+#
+# Stages, in order: tests, epoch (bfloat16 table), kmeans, step (float32), digits. A device call
+# runs at most 600 s, so on a lent machine run `tests epoch` in one call (<= 510 s) and
+# `kmeans step digits` in the next (<= 330 s), right after, while the machine is still warm.
 #
 # Wheels in .whl/ (faiss-cpu, ml-collections: DEVICE.md) are installed into /tmp/site first.
 # Each stage has its own time limit so a stage that hangs cannot take the later ones with it;
@@ -23,25 +28,28 @@ if compgen -G '.whl/*.whl' >/dev/null; then
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6} PYTHONUNBUFFERED=1
 WORKERS=${WORKERS:-$(( $(nproc) > 12 ? 12 : $(nproc) ))}
+STAGES=" ${*:-tests epoch kmeans step digits} "
+stage() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi -L
 python3 -c 'import jax, flax, optax, orbax.checkpoint as ocp, torch, torchvision, faiss
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "orbax", ocp.__version__, "torch", torch.__version__, "torchvision",
       torchvision.__version__, "faiss", faiss.__version__, jax.devices())'
-timeout "${TESTS_S:-180}" python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+stage tests && timeout "${TESTS_S:-180}" python3 -m pytest -q -m gpu tests 2>&1 \
+  | tee "$OUT/gpu_tests.log"
 # bfloat16: the whole table (step and PyTorch reference, input, feature pass, E-step, epoch);
 # float32: the step and its PyTorch reference.
-timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-images 38400 --batch 256 \
-  --dtype bfloat16 --backend jax --workers "$WORKERS" --steps 30 --torch-reference \
+stage epoch && timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-images 38400 \
+  --batch 256 --dtype bfloat16 --backend jax --workers "$WORKERS" --steps 30 --torch-reference \
   2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer | tee "$OUT/epoch_bfloat16.log"
 # The jax k-means alone at mini-ImageNet's size: compile and run seconds per cluster count.
-timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax --sizes 38400 \
-  --ks 100,3200 --window 3200,2400,1600 2>&1 | tee "$OUT/clustering.log"
-timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 3840 --batch 256 \
-  --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
+stage kmeans && timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax \
+  --sizes 38400 --ks 100,3200 --window 3200,2400,1600 2>&1 | tee "$OUT/clustering.log"
+stage step && timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 3840 \
+  --batch 256 --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
   2>&1 | grep -v cuda_timer | tee "$OUT/epoch_float32.log"
 # The main job on the GPU: with k padded on an accelerator its 7 cluster counts share one k-means
 # compilation (session 8, before the padding: 10-15 s per count against 1.7 s epochs).
-timeout "${DIGITS_S:-90}" python3 -m pcl_jax.main --config=configs/digits.py \
+stage digits && timeout "${DIGITS_S:-90}" python3 -m pcl_jax.main --config=configs/digits.py \
   --workdir=/tmp/digits_gpu 2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer | tail -40 \
   | tee "$OUT/digits.log"
