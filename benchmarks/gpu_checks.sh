@@ -2,11 +2,11 @@
 # The GPU checks in one or two device calls (../shared/DEVICE.md): the `gpu`-marked tests, the
 # issue-7 table (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet
 # size on FakeData, with the PyTorch reference: all of it in bfloat16, the step in float32), the
-# jax k-means alone and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then (2 more since,
-# each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile before the first
-# E-step, which compiled the jax k-means for 3 cluster counts (over 85 s there); float32
-# step-only ~100 s. With the new stages, about 11 minutes with the machine's start: rerun a
-# single stage, not the whole script, if one fails.
+# jax k-means alone and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then
+# (2 more since, each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile
+# before the first E-step, which compiled the jax k-means for 3 cluster counts (over 85 s
+# there); float32 step-only ~100 s. With the new stages, about 11 minutes with the machine's
+# start: rerun a single stage, not the whole script, if one fails.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #   bash benchmarks/gpu_checks.sh tests epoch              # only these stages
