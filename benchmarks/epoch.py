@@ -285,5 +285,6 @@ def _compare_with_torch(config, jax_step, step_rate, args):
 def _report(name, value):
   print(f'{name:<38}{value:>12.2f}', flush=True)
 
+
 if __name__ == '__main__':
   main()

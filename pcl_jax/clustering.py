@@ -233,19 +233,22 @@ def _assign(x, centroids, num_valid, *, chunk):
   return im2cluster, sq_dist_to_assigned(x, centroids, im2cluster)
 
 
-def assign_to_centroids(x, centroids):
+def assign_to_centroids(x, centroids, num_valid=None):
   """Each row's nearest centroid and squared L2 distance to it (chunked, jitted search).
 
   Args:
     x: [N, D] float32 samples.
     centroids: [k, D] float32.
+    num_valid: only the first num_valid centroids compete (padded centroids, `_padded_k`);
+      default all k.
   Returns:
     (im2cluster [N] int32, sq_dist [N] float32).
   """
   x = jnp.asarray(x, jnp.float32)
   centroids = jnp.asarray(centroids, jnp.float32)
   k = centroids.shape[0]
-  return _assign(x, centroids, k, chunk=_chunk_rows(x.shape[0], k))
+  return _assign(x, centroids, k if num_valid is None else num_valid,
+                 chunk=_chunk_rows(x.shape[0], k))
 
 
 def _split_empty_clusters(centroids, cluster_weight, uniform, centroid_valid=None):
@@ -568,8 +571,7 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
 
   if resolved == 'jax':
     centroids = _kmeans_jax(x, k, **options)
-    im2cluster, sq_dist = _assign(x, centroids, k,
-                                  chunk=_chunk_rows(num_points, centroids.shape[0]))
+    im2cluster, sq_dist = assign_to_centroids(x, centroids, num_valid=k)
     return (centroids if centroids.shape[0] == k else centroids[:k]), im2cluster, sq_dist
   centroids, im2cluster = _kmeans_faiss(x, k, on_gpu=resolved == 'faiss-gpu',
                                         use_float16=use_float16, **options)

@@ -242,7 +242,8 @@ CASES = [
          setup=_copy_trained(), needs_trained=True),
     Case('eval_results_exist', ('--mode=eval',), 'pass --overwrite',
          setup=_copy_trained(results=True), needs_trained=True),
-    # Not quiet: a ResNet's XLA thread choice (host_threads) is logged before the checkpoint is read.
+    # Not quiet: a ResNet's XLA thread choice (host_threads) is logged before the checkpoint
+    # is read.
     Case('eval_checkpoint_other_arch', ('--mode=eval', '--config.model.arch=resnet18'),
          "model.arch='conv4'", setup=_copy_trained(), needs_trained=True, quiet=False),
     Case('resume_checkpoint_other_arch', ('--config.model.arch=resnet18',),

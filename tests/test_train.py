@@ -216,9 +216,11 @@ def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
     assert resumed[0][key] == resumed[1][key], key
 
 
-def _warm_up_and_protonce_epochs(tmp_path, dtype):
-  """The test config's warm-up epoch, then its first E-step (the jax k-means) and ProtoNCE
-  epoch; returns (state, the two records)."""
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_protonce_epoch_runs_on_the_gpu(tmp_path, dtype):
+  """The warm-up epoch, then the first E-step (the jax k-means) and a ProtoNCE epoch: session 8's
+  GPU runs reached the E-step but never a ProtoNCE epoch."""
   config = test_config.get_config()
   config.train.dtype = dtype
   config.clustering.backend = 'jax'
@@ -228,14 +230,6 @@ def _warm_up_and_protonce_epochs(tmp_path, dtype):
   for epoch in range(2):
     state, record = trainer.run_epoch(state, epoch)
     records.append(record)
-  return state, records
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_a_protonce_epoch_runs_on_the_gpu(tmp_path, dtype):
-  """Session 8's GPU runs reached the E-step but never a ProtoNCE epoch: this one runs it."""
-  state, records = _warm_up_and_protonce_epochs(tmp_path, dtype)
   assert {device.platform for device in state.queue.devices()} == {'gpu'}
   assert records[0]['loss_proto'] is None
   for key in ('loss_inst', 'loss_proto'):
