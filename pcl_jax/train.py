@@ -27,6 +27,7 @@ import optax
 import tqdm
 
 from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import color_augment
 from pcl_jax import configuration
 from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
@@ -142,6 +143,15 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing):
   return loss, acc
 
 
+def _network_view(batch: Dict[str, jnp.ndarray], name: str) -> jnp.ndarray:
+  """View `name` ('q' or 'k') as the network takes it; its colour ops run here when the loader
+  sent their parameters ('color_q' / 'color_k': `data.color_on_device`)."""
+  images = batch[f'im_{name}']
+  if f'color_{name}' in batch:
+    return device_transforms.normalize(color_augment.color_augment(images, batch[f'color_{name}']))
+  return device_transforms.network_input(images)
+
+
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
                hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
                moco_m: float, num_negatives: int):
@@ -150,7 +160,8 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   Args:
     state: the training state.
     batch: 'im_q', 'im_k' [B, H, W, 3] (uint8 pixels, normalised here; or float32 already
-      normalised) and 'index' [B].
+      normalised) and 'index' [B]; optionally 'color_q', 'color_k' [B, P] colour parameters
+      (`data.color_on_device`, applied here by `color_augment`).
     bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
     hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
     model: the encoder (with grouped BN); used for both query and key networks.
@@ -167,13 +178,13 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
   keys, key_batch_stats = _shuffled_keys(
       model, {'params': key_params, 'batch_stats': state.key_batch_stats},
-      device_transforms.network_input(batch['im_k']), shuffle_rng)
+      _network_view(batch, 'k'), shuffle_rng)
   keys = jax.lax.stop_gradient(keys)
 
   # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
   def loss_fn(params):
     queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    device_transforms.network_input(batch['im_q']), train=True,
+                                    _network_view(batch, 'q'), train=True,
                                     mutable=['batch_stats'])
     loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
     loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
