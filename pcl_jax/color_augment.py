@@ -233,8 +233,10 @@ def color_augment(pixels: jnp.ndarray, params: jnp.ndarray) -> jnp.ndarray:
   x = jnp.where(_per_image(field['grayscale'] > 0), gray, x)
   factors = [field['brightness'], field['contrast'], field['saturation']]
   shift = _per_image(field['hue_shift'].astype(jnp.int32), 3)
-  for position in range(4):
-    op = field[f'op_{position}'].astype(jnp.int32)
+  order = params[:, input_pipeline.COLOR_PARAMS.index('op_0'):][:, :4].astype(jnp.int32)
+
+  def apply_one(position, x):
+    op = jax.lax.dynamic_index_in_dim(order, position, axis=1, keepdims=False)
     # One blend serves brightness, contrast and saturation: only the degenerate image differs.
     degenerate = jnp.select(
         [_per_image(op == _BRIGHTNESS), _per_image(op == _CONTRAST)],
@@ -242,5 +244,8 @@ def color_augment(pixels: jnp.ndarray, params: jnp.ndarray) -> jnp.ndarray:
         luminance(x)[..., None])
     factor = jnp.select([op == _BRIGHTNESS, op == _CONTRAST], factors[:2], factors[2])
     blended = blend(degenerate, x, _per_image(factor))
-    x = jnp.where(_per_image(op == _HUE), adjust_hue(x, shift), blended)
-  return x
+    return jnp.where(_per_image(op == _HUE), adjust_hue(x, shift), blended)
+
+  # A loop, not four unrolled steps: each step's image is then materialised once, where XLA
+  # fused the unrolled chain into one loop that recomputed earlier steps per use (5x slower).
+  return jax.lax.fori_loop(0, 4, apply_one, x)
