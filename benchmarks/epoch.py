@@ -4,7 +4,7 @@ r"""One full PCL epoch of configs/mini_imagenet.py: step, input pipeline, E-step
   python benchmarks/epoch.py --num-images 38400 --torch-reference   # the whole mini-ImageNet size
   python benchmarks/epoch.py --data-root /data/mini-imagenet        # the real data
   python benchmarks/epoch.py --batch 256 --dtype bfloat16 --torch-reference   # the GPU table
-  python benchmarks/epoch.py --batch 256 --color-on-device    # colour ops in the jitted step
+  python benchmarks/epoch.py --batch 256 --augment-on-device  # augmentation in the jitted step
 
 Reports images/s of the jitted step alone (resident batch), of the input pipeline alone, of
 the feature pass's input and of the whole feature pass (uint8 cache rows + the on-device eval
@@ -60,7 +60,7 @@ def _config(args):
   config.data.num_workers = args.workers
   config.clustering.backend = args.backend
   config.model.conv_impl = args.conv_impl
-  config.data.color_on_device = args.color_on_device
+  config.data.augment_on_device = args.augment_on_device
   num_images = args.num_images
   # Keep the listed window but never ask for more clusters than images.
   config.schedule.all_clusters = ','.join(str(k) for k in (3200, 2400, 1600, 800, 400, 200, 100)
@@ -133,9 +133,9 @@ def _resident_step(trainer, state):
   rng = np.random.default_rng(0)
   sharding = parallel.batch_sharding(trainer.mesh)
   # uint8 views, as the loader delivers them: the step normalises on the device, and the timed
-  # epoch below reuses this compilation. With data.color_on_device, a loader batch: its views
-  # come with the colour parameters that the step then applies.
-  if trainer.config.data.color_on_device:
+  # epoch below reuses this compilation. With data.augment_on_device, a loader batch: cached
+  # images and the views' draws, which the step then applies.
+  if trainer.config.data.augment_on_device:
     views = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
         trainer.datasets.train, batch, seed=0, epoch=0, num_workers=0)))
   else:
@@ -196,9 +196,9 @@ def main():
                       help='cap on M-steps in the timed epoch (0: the full epoch)')
   parser.add_argument('--conv-impl', default='auto', choices=['auto', 'xla', 'torch'],
                       help='model.conv_impl (auto: PyTorch kernels on one CPU device)')
-  parser.add_argument('--color-on-device', action='store_true',
-                      help="data.color_on_device: MoCo v1's colour ops in the jitted step, the "
-                      'loader keeps crop and flip')
+  parser.add_argument('--augment-on-device', action='store_true',
+                      help="data.augment_on_device: MoCo v1's augmentation in the jitted step, "
+                      'the loader only draws the random choices')
   parser.add_argument('--torch-reference', action='store_true')
   parser.add_argument('--step-only', action='store_true',
                       help='stop after the step (and with --torch-reference its comparison)')

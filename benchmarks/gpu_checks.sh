@@ -6,16 +6,16 @@
 # (2 more since, each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile
 # before the first E-step, which compiled the jax k-means for 3 cluster counts (over 85 s
 # there); float32 step-only ~100 s. With the new stages, about 11 minutes with the machine's
-# start: rerun a single stage, not the whole script, if one fails. Session 9 added `color`:
-# the epoch with data.color_on_device (colour ops in the step; the loader keeps crop and flip),
-# untimed on a GPU so far.
+# start: rerun a single stage, not the whole script, if one fails. Session 9 added `augment`:
+# the epoch with data.augment_on_device (the step augments; the loader only draws), untimed on a
+# GPU so far.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #   bash benchmarks/gpu_checks.sh tests epoch              # only these stages
 #
-# Stages, in order: tests, epoch (bfloat16 table), kmeans, color, step (float32), digits. A
+# Stages, in order: tests, epoch (bfloat16 table), kmeans, augment, step (float32), digits. A
 # device call runs at most 600 s, so on a lent machine run `tests epoch` in one call (<= 510 s)
-# and `kmeans color digits` in the next (<= 410 s), right after, while the machine is still
+# and `kmeans augment digits` in the next (<= 410 s), right after, while the machine is still
 # warm; `step` (<= 120 s) only if time is left.
 #
 # Wheels in .whl/ (faiss-cpu, ml-collections: DEVICE.md) are installed into /tmp/site first.
@@ -31,7 +31,7 @@ if compgen -G '.whl/*.whl' >/dev/null; then
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6} PYTHONUNBUFFERED=1
 WORKERS=${WORKERS:-$(( $(nproc) > 12 ? 12 : $(nproc) ))}
-STAGES=" ${*:-tests epoch kmeans color step digits} "
+STAGES=" ${*:-tests epoch kmeans augment step digits} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi -L
 python3 -c 'import jax, flax, optax, orbax.checkpoint as ocp, torch, torchvision, faiss
@@ -48,13 +48,13 @@ stage epoch && timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-image
 # The jax k-means alone at mini-ImageNet's size: compile and run seconds per cluster count.
 stage kmeans && timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax \
   --sizes 38400 --ks 100,3200 --window 3200,2400,1600 2>&1 | tee "$OUT/clustering.log"
-# data.color_on_device against the `epoch` stage's loader-bound epoch: the loader's rate, the
-# step with the colour ops in it, and M-steps fed by the loader (faiss-cpu clusters: nothing to
-# compile; 100 M-steps).
-stage color && timeout "${COLOR_S:-200}" python3 benchmarks/epoch.py --num-images 38400 \
+# data.augment_on_device against the `epoch` stage's loader-bound epoch: the loader's rate, the
+# step with the augmentation in it, and M-steps fed by the loader (faiss-cpu clusters: nothing
+# to compile; 100 M-steps).
+stage augment && timeout "${AUGMENT_S:-200}" python3 benchmarks/epoch.py --num-images 38400 \
   --batch 256 --dtype bfloat16 --backend faiss --workers "$WORKERS" --steps 30 \
-  --epoch-steps 100 --color-on-device 2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer \
-  | tee "$OUT/epoch_color_on_device.log"
+  --epoch-steps 100 --augment-on-device 2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer \
+  | tee "$OUT/epoch_augment_on_device.log"
 stage step && timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 3840 \
   --batch 256 --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
   2>&1 | grep -v cuda_timer | tee "$OUT/epoch_float32.log"

@@ -6,12 +6,12 @@ normalises on the device) against views ending in host-normalised float32; (2) i
 the real jitted PCL training step fed from a resident synthetic batch; (3) the same step fed by
 the loader; and the ratio fed / synthetic (target >= 0.90). An "image" is one training sample,
 i.e. one (im_q, im_k) pair of augmented views. With --aug_plus=0 it also compares the loader
-with MoCo v1's colour ops in its PIL workers against `data.color_on_device` (crop + flip in the
-workers, the colour ops in the jitted step), and times those device colour ops alone.
+running MoCo v1's recipe in its PIL workers against `data.augment_on_device` (the workers only
+draw the random choices; the jitted step augments), and times that device augmentation alone.
 
   python benchmarks/input_pipeline.py                    # Conv4, 84 px, batch 64, JPEG folder
   python benchmarks/input_pipeline.py --data=fake --workers=0,1,2,4 --fed_workers=2
-  python benchmarks/input_pipeline.py --aug_plus=0 --loader_only   # colour ops: PIL vs device
+  python benchmarks/input_pipeline.py --aug_plus=0 --loader_only   # augmentation: PIL vs device
 
 --data=jpeg writes --num_images 84x84 JPEGs (mini-ImageNet's size; 10 classes) into a temp dir and
 reads them as data.name=mini_imagenet (folder layout), so the one-time decode into the memory-mapped
@@ -40,7 +40,7 @@ from PIL import Image
 from torchvision import transforms
 
 from configs import default
-from pcl_jax import color_augment
+from pcl_jax import device_augment
 from pcl_jax import input_pipeline
 from pcl_jax import models
 from pcl_jax import state as state_lib
@@ -107,34 +107,34 @@ def loader_alone(dataset, batch_size: int, num_workers: int, epoch: int):
   return images / wall, images / cpu
 
 
-def _compare_colour_on_device(datasets, batch_size: int, workers: int, args) -> None:
-  """Loader images/s and per-core work with MoCo v1's colour ops in PIL against
-  data.color_on_device, then the jitted device colour ops' own time per batch of pairs."""
-  on_device = input_pipeline.TwoCropDataset(datasets.train.source, input_pipeline.train_transform(
-      args.image_size, aug_plus=False, color_on_device=True))
+def _compare_augment_on_device(datasets, batch_size: int, workers: int, args) -> None:
+  """Loader images/s and per-core work with MoCo v1's recipe in PIL workers against
+  data.augment_on_device, then the jitted device augmentation's own time per batch of pairs."""
+  on_device = input_pipeline.DrawsOnlyDataset(
+      datasets.train.source, input_pipeline.AugmentationDraws(args.image_size))
   runs = {'pil': [], 'device': []}
   for epoch in range(args.repeats):  # alternate, so load changes hit both alike
     runs['pil'].append(loader_alone(datasets.train, batch_size, workers, epoch))
     runs['device'].append(loader_alone(on_device, batch_size, workers, epoch))
   (pil_rate, pil_core), (device_rate, device_core) = (
       [statistics.median(r[i] for r in runs[name]) for i in (0, 1)] for name in ('pil', 'device'))
-  print(f'\ncolour ops, num_workers={workers}: in the PIL workers {pil_rate:7.0f} images/s '
-        f'({pil_core:.0f} per core); on the device (data.color_on_device) {device_rate:7.0f} '
-        f'images/s ({device_core:.0f} per core): {device_core / pil_core:.2f}x less loader work per '
-        'pair')
+  print(f'\naugmentation, num_workers={workers}: in the PIL workers {pil_rate:7.0f} images/s '
+        f'({pil_core:.0f} per core); on the device (data.augment_on_device) {device_rate:7.0f} '
+        f'images/s ({device_core:.0f} per core): {device_core / pil_core:.1f}x less loader work '
+        'per pair')
   batch = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
       on_device, batch_size, seed=0, epoch=0, num_workers=0)))
-  views, params = jax.device_put((batch['im_q'], batch['color_q']))
-  augment = jax.jit(color_augment.color_augment)
-  jax.block_until_ready(augment(views, params))  # compile
+  images, draws = jax.device_put((batch['image'], batch['augment_q']))
+  augment = jax.jit(device_augment.augment, static_argnums=2)
+  jax.block_until_ready(augment(images, draws, args.image_size))  # compile
   repeats = 10
   start = time.perf_counter()
   for _ in range(repeats):
-    out = augment(views, params)
-  jax.block_until_ready(out)
+    views = augment(images, draws, args.image_size)
+  jax.block_until_ready(views)
   seconds = 2 * (time.perf_counter() - start) / repeats  # two views a pair
-  print(f'device colour ops alone ({jax.default_backend()}): {1e3 * seconds:.1f} ms per batch of '
-        f'{batch_size} pairs ({batch_size / seconds:.0f} pairs/s)')
+  print(f'device augmentation alone ({jax.default_backend()}): {1e3 * seconds:.1f} ms per batch '
+        f'of {batch_size} pairs ({batch_size / seconds:.0f} pairs/s)')
 
 
 def main():
@@ -180,7 +180,7 @@ def main():
           f'(bytes per pair {2 * 3 * args.image_size ** 2} vs {8 * 3 * args.image_size ** 2})')
 
     if not args.aug_plus:
-      _compare_colour_on_device(datasets, batch_size, workers, args)
+      _compare_augment_on_device(datasets, batch_size, workers, args)
 
     if args.loader_only:
       return

@@ -23,10 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'test'  # split used by --mode=eval
   config.data.val_split = 'val'  # split of the over-fitting monitor (eval.val_every)
   config.data.aug_plus = True  # MoCo v2 augmentation (False: MoCo v1)
-  # MoCo v1's grayscale + colour jitter inside the jitted step (Pillow-exact, pcl_jax/color_augment)
-  # instead of in the loader's PIL workers: ~4x less loader work, for a GPU run that waits on
-  # its loader. Needs aug_plus=False.
-  config.data.color_on_device = False
+  # MoCo v1's whole augmentation inside the jitted step (Pillow-exact, pcl_jax/device_augment):
+  # the loader only draws the random choices. For a GPU run that waits on its loader; costs
+  # step time on a CPU. Needs aug_plus=False.
+  config.data.augment_on_device = False
   config.data.num_workers = 2  # torch DataLoader worker processes
   config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)
   config.data.cache_size = 0  # side of the decoded-image cache (0: 84 for mini_imagenet, else 8/7 crop)

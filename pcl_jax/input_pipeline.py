@@ -5,9 +5,10 @@ split (mini-ImageNet in its CSV or folder layout, any torchvision ImageFolder tr
 torchvision FakeData), decoding them once into a memory-mapped uint8 cache, the transforms,
 samplers and collation. It never touches JAX arrays or model state. Training batches are dicts
 `{'im_q', 'im_k': [B, H, W, 3] uint8 NHWC, 'index': [B] int64}` (the jitted step normalises
-them: `device_transforms.normalize`; with `data.color_on_device` also 'color_q', 'color_k':
-[B, len(COLOR_PARAMS)] float32, the colour ops' parameters, applied by `color_augment`); evaluation batches `{'image', 'label', 'index'}` (float32,
-normalised; the feature pass itself reads uint8 rows, `eval_image_batches`). Augmentation
+them: `device_transforms.normalize`), or with `data.augment_on_device` `{'image': [B, H, W, 3]
+uint8 cached images, 'augment_q', 'augment_k': [B, len(AUGMENT_PARAMS)] float32 draws, 'index'}`
+(the step augments: `device_augment`); evaluation batches `{'image', 'label', 'index'}`
+(float32, normalised; the feature pass itself reads uint8 rows, `eval_image_batches`). Augmentation
 randomness is a function of (seed, epoch, index) only, so a resumed run replays the same order
 and the same augmentations whatever `num_workers` is.
 
@@ -162,11 +163,13 @@ class ToUint8HWC:
     return _uint8_pixels(image)
 
 
-# The colour parameters of one view under `data.augment_on_device`, in this order (float32):
-# whether RandomGrayscale fired, ColorJitter's op order (fn_idx: 0 brightness, 1 contrast,
-# 2 saturation, 3 hue), its three blend factors, and the hue byte shift int32(hue * 255) mod 256.
-COLOR_PARAMS = ('grayscale', 'op_0', 'op_1', 'op_2', 'op_3', 'brightness', 'contrast',
-                'saturation', 'hue_shift')
+# One view's augmentation under `data.augment_on_device`, as float32 values in this order:
+# RandomResizedCrop's box in the cached image (top, left, height, width), whether the flip
+# fired, whether RandomGrayscale fired, ColorJitter's op order (fn_idx: 0 brightness,
+# 1 contrast, 2 saturation, 3 hue), its three blend factors and the hue byte shift
+# int32(hue * 255) mod 256. `pcl_jax.device_augment` applies them.
+AUGMENT_PARAMS = ('top', 'left', 'height', 'width', 'flip', 'grayscale', 'op_0', 'op_1', 'op_2',
+                  'op_3', 'brightness', 'contrast', 'saturation', 'hue_shift')
 
 
 def hue_shift(hue_factor: float) -> int:
@@ -174,13 +177,12 @@ def hue_shift(hue_factor: float) -> int:
   return int(np.int32(hue_factor * 255).astype(np.uint8))
 
 
-class CropFlipAndColorParams:
-  """MoCo v1's recipe with its colour ops left to the device (`pcl_jax.color_augment`).
+class AugmentationDraws:
+  """MoCo v1's random choices for one view, without applying them (`data.augment_on_device`).
 
-  Draws from torch's generator exactly what `train_transform(size, aug_plus=False)` draws, in
-  the same order (crop, grayscale, jitter, flip), so a seeded view gets the same crop, flip and
-  colour parameters as on the PIL path; applies the crop and the flip here. Returns
-  (uint8 HWC view, float32 [len(COLOR_PARAMS)] parameters).
+  Calls torch's generator exactly as `train_transform(size, aug_plus=False)` does, in the same
+  order (crop box, grayscale, jitter order and factors, flip), so a seeded view gets the very
+  crop, flip and colours that the PIL path would give it. Returns float32 [len(AUGMENT_PARAMS)].
   """
 
   def __init__(self, image_size: int):
@@ -189,16 +191,30 @@ class CropFlipAndColorParams:
     self.jitter = transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)
     self.flip = transforms.RandomHorizontalFlip()
 
-  def __call__(self, image):
-    image = self.crop(image)
+  def __call__(self, image) -> torch.Tensor:
+    box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
     grayscale = bool(torch.rand(1) < self.grayscale.p)
     order, brightness, contrast, saturation, hue = self.jitter.get_params(
         self.jitter.brightness, self.jitter.contrast, self.jitter.saturation, self.jitter.hue)
-    if torch.rand(1) < self.flip.p:
-      image = tv_functional.hflip(image)
-    params = [float(grayscale)] + [float(op) for op in order] + [brightness, contrast,
-                                                                 saturation, hue_shift(hue)]
-    return _uint8_pixels(image), torch.tensor(params, dtype=torch.float32)
+    flip = bool(torch.rand(1) < self.flip.p)
+    values = list(box) + [flip, grayscale] + [int(op) for op in order] + [
+        brightness, contrast, saturation, hue_shift(hue)]
+    return torch.tensor([float(value) for value in values], dtype=torch.float32)
+
+
+class DrawsOnlyDataset(torch_data.Dataset):
+  """For `data.augment_on_device`: the cached image once, with the draws of its two views:
+  (uint8 HWC pixels, params_q, params_k, index). The jitted step crops, flips and colours."""
+
+  def __init__(self, source, draws):
+    self.source, self.draws = source, draws
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    image = self.source.image(index)
+    return _uint8_pixels(image), self.draws(image), self.draws(image), index
 
 
 def eval_resize_size(image_size: int) -> int:
@@ -206,21 +222,15 @@ def eval_resize_size(image_size: int) -> int:
   return int(round(image_size * 8 / 7))
 
 
-def train_transform(image_size: int, aug_plus: bool, color_on_device: bool = False) -> Callable:
+def train_transform(image_size: int, aug_plus: bool) -> Callable:
   """The reference's augmentation: MoCo v2 when aug_plus else MoCo v1 (salesforce/PCL).
-
-  With `color_on_device` (MoCo v1 only: v2's PIL blur follows its colour ops) the loader keeps
-  the crop and flip and the jitted step applies the colour ops (`CropFlipAndColorParams`).
 
   The PIL implementations are kept: on 84 px images they are faster than
   torchvision.transforms.v2 on uint8 tensors (0.74 vs 1.23 ms a view, measured here), and they
   are the reference's own ops, so the distribution is exactly the reference's. Views end as
   uint8 HWC; the jitted step normalises them (ToNormalizedHWC's arithmetic, on the device).
+  `data.augment_on_device` replaces this with `AugmentationDraws` (MoCo v1).
   """
-  if color_on_device:
-    if aug_plus:  # configuration.validate tells the user; this guards direct callers
-      raise ValueError('color_on_device implements the MoCo v1 recipe only (aug_plus=False)')
-    return CropFlipAndColorParams(image_size)
   if aug_plus:
     augment = [
         transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
@@ -306,17 +316,16 @@ class _SeededSamples(torch_data.Dataset):
 
 
 def _collate_train(samples):
-  """{'im_q', 'im_k', 'index'}, plus 'color_q' and 'color_k' when the views come with colour
-  parameters (`CropFlipAndColorParams`)."""
-  view_q, view_k, index = zip(*samples)
-  batch = {'index': torch.as_tensor(index, dtype=torch.int64)}
-  for name, views in (('q', view_q), ('k', view_k)):
-    if isinstance(views[0], tuple):
-      batch[f'im_{name}'] = torch.stack([view[0] for view in views])
-      batch[f'color_{name}'] = torch.stack([view[1] for view in views])
-    else:
-      batch[f'im_{name}'] = torch.stack(views)
-  return batch
+  """{'im_q', 'im_k', 'index'}, or from `DrawsOnlyDataset` {'image', 'augment_q', 'augment_k',
+  'index'}."""
+  if len(samples[0]) == 4:
+    image, augment_q, augment_k, index = zip(*samples)
+    return {'image': torch.stack(image), 'augment_q': torch.stack(augment_q),
+            'augment_k': torch.stack(augment_k),
+            'index': torch.as_tensor(index, dtype=torch.int64)}
+  im_q, im_k, index = zip(*samples)
+  return {'im_q': torch.stack(im_q), 'im_k': torch.stack(im_k),
+          'index': torch.as_tensor(index, dtype=torch.int64)}
 
 
 def _collate_eval(samples):
@@ -1019,9 +1028,13 @@ def build_train_datasets(config) -> Datasets:
   source = load_source(config.data, config.data.train_split, setting='data.train_split')
   check_split_fits_batch(len(source), config.train.batch_size, config.data.train_split)
   _log_pretraining_split(config, source)
-  augment = train_transform(config.data.image_size, config.data.aug_plus,
-                            config.data.color_on_device)
-  return Datasets(train=TwoCropDataset(source, augment),
+  if config.data.augment_on_device:
+    if config.data.aug_plus:  # configuration.validate says so to the user; this guards callers
+      raise ValueError('data.augment_on_device implements MoCo v1 only (data.aug_plus=False)')
+    train = DrawsOnlyDataset(source, AugmentationDraws(config.data.image_size))
+  else:
+    train = TwoCropDataset(source, train_transform(config.data.image_size, config.data.aug_plus))
+  return Datasets(train=train,
                   train_eval=eval_dataset(source, config.data.image_size),
                   num_train=len(source))
 

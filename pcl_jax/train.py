@@ -27,8 +27,8 @@ import optax
 import tqdm
 
 from pcl_jax import checkpoint as checkpoint_lib
-from pcl_jax import color_augment
 from pcl_jax import configuration
+from pcl_jax import device_augment
 from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
 from pcl_jax import losses
@@ -143,30 +143,33 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing):
   return loss, acc
 
 
-def _network_view(batch: Dict[str, jnp.ndarray], name: str) -> jnp.ndarray:
-  """View `name` ('q' or 'k') as the network takes it; its colour ops run here when the loader
-  sent their parameters ('color_q' / 'color_k': `data.color_on_device`)."""
-  images = batch[f'im_{name}']
-  if f'color_{name}' in batch:
-    return device_transforms.normalize(color_augment.color_augment(images, batch[f'color_{name}']))
-  return device_transforms.network_input(images)
+def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int) -> jnp.ndarray:
+  """View `name` ('q' or 'k') as the network takes it. With `data.augment_on_device` the batch
+  holds the cached images and each view's draws ('augment_q' / 'augment_k'): augmented here."""
+  if f'augment_{name}' in batch:
+    if not view_size:
+      raise ValueError('a batch with augmentation draws needs train_step(view_size=...)')
+    return device_transforms.normalize(
+        device_augment.augment(batch['image'], batch[f'augment_{name}'], view_size))
+  return device_transforms.network_input(batch[f'im_{name}'])
 
 
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
                hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
-               moco_m: float, num_negatives: int):
+               moco_m: float, num_negatives: int, view_size: int = 0):
   """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
 
   Args:
     state: the training state.
     batch: 'im_q', 'im_k' [B, H, W, 3] (uint8 pixels, normalised here; or float32 already
-      normalised) and 'index' [B]; optionally 'color_q', 'color_k' [B, P] colour parameters
-      (`data.color_on_device`, applied here by `color_augment`).
+      normalised) and 'index' [B]; or with `data.augment_on_device` 'image' [B, H, W, 3] uint8
+      and the views' draws 'augment_q', 'augment_k' [B, P] (`device_augment`) instead of views.
     bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
     hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
     model: the encoder (with grouped BN); used for both query and key networks.
     tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
     temperature, moco_m, num_negatives: PCL constants.
+    view_size: the side of an augmented view (`data.image_size`), for batches of draws.
   Returns:
     (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
   """
@@ -178,13 +181,13 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
   keys, key_batch_stats = _shuffled_keys(
       model, {'params': key_params, 'batch_stats': state.key_batch_stats},
-      _network_view(batch, 'k'), shuffle_rng)
+      _network_view(batch, 'k', view_size), shuffle_rng)
   keys = jax.lax.stop_gradient(keys)
 
   # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
   def loss_fn(params):
     queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    _network_view(batch, 'q'), train=True,
+                                    _network_view(batch, 'q', view_size), train=True,
                                     mutable=['batch_stats'])
     loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
     loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
@@ -219,7 +222,8 @@ def make_train_step(config, model, tx, lr_schedule, mesh=None):
   replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
                            temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
-                           num_negatives=config.pcl.num_negatives)
+                           num_negatives=config.pcl.num_negatives,
+                           view_size=config.data.image_size)
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(replicated, split, replicated, replicated),
                  out_shardings=(replicated, replicated))

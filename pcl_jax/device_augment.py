@@ -1,15 +1,19 @@
-"""MoCo v1's colour augmentation on the device, equal to Pillow's pixel for pixel.
+"""MoCo v1's augmentation inside the jitted step, equal to torchvision's PIL path pixel for pixel.
 
-Why this exists: on a GPU the training epoch is bound by the loader's PIL work, and most of that
-work is colour (per 84 px view, measured on the 2-core machine: ColorJitter 0.52 ms, hue alone
-0.36, of ~0.7 ms; RandomResizedCrop 0.10). With `data.augment_on_device` the loader workers keep
-the crop and the flip, draw the colour parameters exactly as torchvision would (same RNG calls,
-same order: `input_pipeline.CropFlipAndColorParams`) and ship them with the uint8 view; this
-module applies RandomGrayscale(p=0.2) then ColorJitter(0.4, 0.4, 0.4, 0.4) inside the jitted
-step. The flip commutes with both (every op is per pixel except contrast's image mean).
+Why this exists: on a GPU the training epoch is bound by the loader's PIL work (session 8 on an
+H200: 4.3-4.9k pairs/s from 12 workers against a 42-52k img/s step). With
+`data.augment_on_device` the loader workers only draw each view's random choices, exactly as
+torchvision would (same RNG calls, same order: `input_pipeline.AugmentationDraws`), and ship
+them with the cached uint8 image, once per pair; `augment` here applies RandomResizedCrop,
+RandomHorizontalFlip, RandomGrayscale(p=0.2) and ColorJitter(0.4, 0.4, 0.4, 0.4) per image.
+(torchvision's order is crop, grayscale, jitter, flip; the flip commutes with the colour ops,
+which are per pixel except contrast's image mean.)
 
-Equal to torchvision's PIL path, not approximately (each step is checked against Pillow over
-all 2^24 colours, `tests/test_color_augment.py`):
+Equal to the PIL path, not approximately (checked against Pillow over all 2^24 colours and view
+for view against torchvision, `tests/test_device_augment.py`):
+- the crop: Pillow's bilinear resize of the box, two passes each rounded to uint8, in the order
+  Pillow picks for the box's size (`pillow_orders_passes_by_size`), with Pillow's fixed-point
+  taps (`device_transforms.bilinear_taps`, one table per box side) in exact int32 arithmetic;
 - grayscale and the saturation/contrast degenerates: Pillow's L = (19595 R + 38470 G + 7471 B
   + 2^15) >> 16, in integers;
 - brightness, contrast, saturation: `Image.blend(degenerate, image, factor)`, i.e. float32
@@ -19,10 +23,9 @@ all 2^24 colours, `tests/test_color_augment.py`):
   `int32(hue_factor * 255)` mod 256 (torchvision's `adjust_hue`). Pillow mixes float and double
   arithmetic there; float32 reproduces it with an exact three-term sum (TwoSum) for the hue
   angle, threshold tables for the double-precision steps of the hue byte, and host-computed
-  tables for the HSV -> RGB coefficients.
-The results are identical where XLA computes float32 by IEEE rules without contracting a
-multiply and an add into one fused op (checked on the CPU; `tests` also run the check on a GPU
-when one is present).
+  tables and exact rounding for the HSV -> RGB coefficients.
+XLA fuses multiplies and adds into single-rounding FMAs (on the CPU always, on GPUs by default),
+so every product that Pillow rounds before an add is formed here from exact partial products.
 """
 
 import functools
@@ -30,7 +33,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from pcl_jax import device_transforms
 from pcl_jax import input_pipeline
 
 # Pillow's ITU-R 601-2 luma (Convert.c, L24), in 16-bit fixed point.
@@ -212,28 +217,89 @@ def adjust_hue(pixels: jnp.ndarray, shift: jnp.ndarray) -> jnp.ndarray:
   return hsv_to_rgb(jnp.concatenate([moved[..., None], hsv[..., 1:]], axis=-1))
 
 
-# --- the augmentation ----------------------------------------------------------------------------
-
 def _per_image(values, ndim: int = 4):
+  """[B] per-image values shaped to broadcast against [B, ...] (ndim axes)."""
   return values.reshape(values.shape[:1] + (1,) * (ndim - 1))
 
 
-def color_augment(pixels: jnp.ndarray, params: jnp.ndarray) -> jnp.ndarray:
-  """RandomGrayscale then ColorJitter, per image, with the loader's drawn parameters.
+# --- the crop and the flip ---------------------------------------------------------------------
 
-  Args:
-    pixels: uint8 [B, H, W, 3] views (cropped and flipped by the loader).
-    params: float32 [B, len(input_pipeline.COLOR_PARAMS)], laid out as that tuple names.
-  Returns:
-    int32 [B, H, W, 3] pixels in [0, 255], as the PIL path's uint8 output.
-  """
-  field = {name: params[:, i] for i, name in enumerate(input_pipeline.COLOR_PARAMS)}
-  x = pixels.astype(jnp.int32)
-  gray = jnp.broadcast_to(luminance(x)[..., None], x.shape)
-  x = jnp.where(_per_image(field['grayscale'] > 0), gray, x)
+@functools.lru_cache(maxsize=None)
+def _crop_taps(max_side: int, out_size: int):
+  """Pillow's bilinear taps for a box side of every length 1..max_side resized to out_size:
+  (first [max_side + 1, out_size] int32: offsets in the box; weights [max_side + 1, out_size,
+  taps] int32, zero-padded; row 0 unused)."""
+  tables = [device_transforms.bilinear_taps(side, out_size) for side in range(1, max_side + 1)]
+  taps = max(weights.shape[1] for _, weights in tables)
+  first = np.zeros((max_side + 1, out_size), np.int32)
+  weights = np.zeros((max_side + 1, out_size, taps), np.int32)
+  for side, (side_first, side_weights) in enumerate(tables, start=1):
+    first[side] = side_first
+    weights[side, :, :side_weights.shape[1]] = side_weights
+  return first, weights
+
+
+def _resample_boxes(pixels, start, length, out_size: int, axis: int):
+  """One Pillow bilinear pass along `axis` (1 rows, 2 columns) of int32 pixels [B, H, W, 3]:
+  image b's box [start[b], start[b] + length[b]) -> out_size, rounded and clipped to bytes."""
+  in_size = pixels.shape[axis]
+  first_table, weight_table = _crop_taps(in_size, out_size)
+  first = jnp.asarray(first_table)[length] + start[:, None]  # [B, out]
+  weights = jnp.asarray(weight_table)[length]  # [B, out, taps]
+  total = jnp.int32(1 << (device_transforms.PRECISION_BITS - 1))
+  shape = (pixels.shape[0], out_size, 1, 1) if axis == 1 else (pixels.shape[0], 1, out_size, 1)
+  for tap in range(weights.shape[2]):
+    index = jnp.minimum(first + tap, in_size - 1).reshape(shape)  # weight 0 past a box's end
+    total = total + jnp.take_along_axis(pixels, index, axis=axis) * weights[:, :, tap].reshape(
+        shape)
+  return jnp.clip(total >> device_transforms.PRECISION_BITS, 0, 255)
+
+
+@functools.lru_cache(maxsize=None)
+def pillow_orders_passes_by_size() -> bool:
+  """Whether the installed Pillow runs a resize's vertical pass first for some sizes.
+
+  Pillow used to resample horizontally first, always. The Pillow here (13) goes vertical first
+  when the height shrinks and 2 (w - out_w) < h - out_h, h x w being the input (fitted on
+  4,332 sizes and checked on 1,478 random ones up to 250 px). One probe where the two rules
+  differ (40 x 17 -> 16 x 16) tells which Pillow this is."""
+  probe = np.random.default_rng(0).integers(0, 256, (40, 17, 3)).astype(np.uint8)
+  resized = np.asarray(Image.fromarray(probe).resize((16, 16), Image.BILINEAR))
+  with jax.ensure_compile_time_eval():  # also when first asked while tracing
+    pixels = jnp.asarray(probe[None].astype(np.int32))
+    start = jnp.zeros((1,), jnp.int32)
+    horizontal_first = _resample_boxes(_resample_boxes(pixels, start, start + 17, 16, axis=2),
+                                       start, start + 40, 16, axis=1)
+    return not np.array_equal(np.asarray(horizontal_first)[0], resized)
+
+
+def _vertical_first(height, width, out_size: int):
+  """Pillow's pass order for boxes of these sizes resized to out_size (see above)."""
+  if not pillow_orders_passes_by_size():
+    return jnp.zeros(height.shape, bool)
+  return (height > out_size) & (2 * (width - out_size) < height - out_size)
+
+
+def resized_crop(pixels: jnp.ndarray, boxes: jnp.ndarray, out_size: int) -> jnp.ndarray:
+  """torchvision's PIL `resized_crop` per image: int32 [B, H, W, 3], int32 boxes [B, 4] (top,
+  left, height, width) -> int32 [B, out_size, out_size, 3], each pass rounded to bytes and the
+  passes in Pillow's order for the box's size (both orders are computed; each image keeps its
+  own)."""
+  top, left, height, width = (boxes[:, i] for i in range(4))
+  columns_first = _resample_boxes(_resample_boxes(pixels, left, width, out_size, axis=2),
+                                  top, height, out_size, axis=1)
+  rows_first = _resample_boxes(_resample_boxes(pixels, top, height, out_size, axis=1),
+                               left, width, out_size, axis=2)
+  return jnp.where(_per_image(_vertical_first(height, width, out_size)), rows_first,
+                   columns_first)
+
+
+# --- the augmentation ----------------------------------------------------------------------------
+
+def _jitter(x, field, order):
+  """ColorJitter's four ops on int32 pixels [B, H, W, 3] in each image's drawn order."""
   factors = [field['brightness'], field['contrast'], field['saturation']]
   shift = _per_image(field['hue_shift'].astype(jnp.int32), 3)
-  order = params[:, input_pipeline.COLOR_PARAMS.index('op_0'):][:, :4].astype(jnp.int32)
 
   def apply_one(position, x):
     op = jax.lax.dynamic_index_in_dim(order, position, axis=1, keepdims=False)
@@ -247,5 +313,26 @@ def color_augment(pixels: jnp.ndarray, params: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(_per_image(op == _HUE), adjust_hue(x, shift), blended)
 
   # A loop, not four unrolled steps: each step's image is then materialised once, where XLA
-  # fused the unrolled chain into one loop that recomputed earlier steps per use (5x slower).
+  # fused the unrolled chain into one loop that recomputed earlier steps per use (3x slower).
   return jax.lax.fori_loop(0, 4, apply_one, x)
+
+
+def augment(images: jnp.ndarray, params: jnp.ndarray, out_size: int) -> jnp.ndarray:
+  """One view per image: crop + resize, flip, grayscale, colour jitter, with the loader's draws.
+
+  Args:
+    images: uint8 [B, H, W, 3] cached images.
+    params: float32 [B, len(input_pipeline.AUGMENT_PARAMS)], laid out as that tuple names.
+    out_size: the view's side (`data.image_size`).
+  Returns:
+    int32 [B, out_size, out_size, 3] pixels in [0, 255]: the PIL recipe's uint8 view.
+  """
+  names = input_pipeline.AUGMENT_PARAMS
+  field = {name: params[:, i] for i, name in enumerate(names)}
+  boxes = params[:, names.index('top'):names.index('width') + 1].astype(jnp.int32)
+  x = resized_crop(images.astype(jnp.int32), boxes, out_size)
+  x = jnp.where(_per_image(field['flip'] > 0), x[:, :, ::-1], x)
+  gray = jnp.broadcast_to(luminance(x)[..., None], x.shape)
+  x = jnp.where(_per_image(field['grayscale'] > 0), gray, x)
+  order = params[:, names.index('op_0'):names.index('op_3') + 1].astype(jnp.int32)
+  return _jitter(x, field, order)
