@@ -79,11 +79,11 @@ def test_resized_crop_equals_pillow_for_any_box():
   """Boxes of every kind: whole image, one pixel, thin strips, larger than the output (Pillow's
   antialiasing taps), and ones touching each border."""
   rng = np.random.default_rng(4)
-  images = rng.integers(0, 256, (24, 30, 26, 3)).astype(np.uint8)
   boxes = [(0, 0, 30, 26), (5, 7, 1, 1), (0, 0, 30, 1), (3, 0, 1, 26), (29, 25, 1, 1),
            (10, 4, 20, 22), (0, 0, 30, 10), (2, 3, 28, 18)] + [tuple(box) for box in zip(
                *(rng.integers(0, limit, 18) for limit in (15, 13)),
                rng.integers(1, 16, 18), rng.integers(1, 14, 18))]
+  images = rng.integers(0, 256, (len(boxes), 30, 26, 3)).astype(np.uint8)
   heights, widths = np.array(boxes)[:, 2], np.array(boxes)[:, 3]
   vertical_first = np.asarray(device_augment._vertical_first(heights, widths, 16))
   assert device_augment.pillow_orders_passes_by_size() == vertical_first.any()
