@@ -13,10 +13,11 @@
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #   bash benchmarks/gpu_checks.sh tests epoch              # only these stages
 #
-# Stages, in order: tests, epoch (bfloat16 table), kmeans, augment, step (float32), digits. A
+# Stages, in order: tests, epoch (bfloat16 table), kmeans, kmeans0, augment, step (float32), digits. A
 # device call runs at most 600 s, so on a lent machine run `tests epoch` in one call (<= 510 s)
 # and `kmeans augment digits` in the next (<= 410 s), right after, while the machine is still
-# warm; `step` (<= 120 s) only if time is left.
+# warm; `step` (<= 120 s) and `kmeans0` (the k-means without XLA's autotuning, <= 120 s) only
+# if time is left.
 #
 # Wheels in .whl/ (faiss-cpu, ml-collections: DEVICE.md) are installed into /tmp/site first.
 # Each stage has its own time limit so a stage that hangs cannot take the later ones with it;
@@ -31,7 +32,7 @@ if compgen -G '.whl/*.whl' >/dev/null; then
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6} PYTHONUNBUFFERED=1
 WORKERS=${WORKERS:-$(( $(nproc) > 12 ? 12 : $(nproc) ))}
-STAGES=" ${*:-tests epoch kmeans augment step digits} "
+STAGES=" ${*:-tests epoch kmeans kmeans0 augment step digits} "
 stage() { [[ "$STAGES" == *" $1 "* ]]; }
 nvidia-smi -L
 python3 -c 'import jax, flax, optax, orbax.checkpoint as ocp, torch, torchvision, faiss
@@ -48,6 +49,12 @@ stage epoch && timeout "${EPOCH_S:-330}" python3 benchmarks/epoch.py --num-image
 # The jax k-means alone at mini-ImageNet's size: compile and run seconds per cluster count.
 stage kmeans && timeout "${KMEANS_S:-120}" python3 benchmarks/clustering.py --backends jax \
   --sizes 38400 --ks 100,3200 --window 3200,2400,1600 2>&1 | tee "$OUT/clustering.log"
+# The same with XLA's GPU autotuning off: if the compile column drops by most of its seconds,
+# the k-means' jits should pass compiler_options={'xla_gpu_autotune_level': 0} on a GPU
+# (clustering.py's module doc, "Compilation").
+stage kmeans0 && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout "${KMEANS_S:-120}" \
+  python3 benchmarks/clustering.py --backends jax --sizes 38400 --ks 100,3200 \
+  --window 3200,2400,1600 2>&1 | tee "$OUT/clustering_autotune0.log"
 # data.augment_on_device against the `epoch` stage's loader-bound epoch: the loader's rate, the
 # step with the augmentation in it, and M-steps fed by the loader (faiss-cpu clusters: nothing
 # to compile; 100 M-steps).
