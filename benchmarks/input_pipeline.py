@@ -5,13 +5,13 @@ loader work ("per core"), and the loader with views ending in uint8 (what it shi
 normalises on the device) against views ending in host-normalised float32; (2) images/s of
 the real jitted PCL training step fed from a resident synthetic batch; (3) the same step fed by
 the loader; and the ratio fed / synthetic (target >= 0.90). An "image" is one training sample,
-i.e. one (im_q, im_k) pair of augmented views. With --aug_plus=0 it also compares the loader
-running MoCo v1's recipe in its PIL workers against `data.augment_on_device` (the workers only
-draw the random choices; the jitted step augments), and times that device augmentation alone.
+i.e. one (im_q, im_k) pair of augmented views. It also compares the loader running the recipe
+in its PIL workers against `data.augment_on_device` (the workers only draw the random choices;
+the jitted step augments), and times that device augmentation alone.
 
   python benchmarks/input_pipeline.py                    # Conv4, 84 px, batch 64, JPEG folder
   python benchmarks/input_pipeline.py --data=fake --workers=0,1,2,4 --fed_workers=2
-  python benchmarks/input_pipeline.py --aug_plus=0 --loader_only   # augmentation: PIL vs device
+  python benchmarks/input_pipeline.py --aug_plus=0 --loader_only   # MoCo v1, the loader alone
 
 --data=jpeg writes --num_images 84x84 JPEGs (mini-ImageNet's size; 10 classes) into a temp dir and
 reads them as data.name=mini_imagenet (folder layout), so the one-time decode into the memory-mapped
@@ -108,10 +108,11 @@ def loader_alone(dataset, batch_size: int, num_workers: int, epoch: int):
 
 
 def _compare_augment_on_device(datasets, batch_size: int, workers: int, args) -> None:
-  """Loader images/s and per-core work with MoCo v1's recipe in PIL workers against
+  """Loader images/s and per-core work with the recipe in PIL workers against
   data.augment_on_device, then the jitted device augmentation's own time per batch of pairs."""
   on_device = input_pipeline.DrawsOnlyDataset(
-      datasets.train.source, input_pipeline.AugmentationDraws(args.image_size))
+      datasets.train.source,
+      input_pipeline.AugmentationDraws(args.image_size, bool(args.aug_plus)))
   runs = {'pil': [], 'device': []}
   for epoch in range(args.repeats):  # alternate, so load changes hit both alike
     runs['pil'].append(loader_alone(datasets.train, batch_size, workers, epoch))
@@ -125,12 +126,13 @@ def _compare_augment_on_device(datasets, batch_size: int, workers: int, args) ->
   batch = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
       on_device, batch_size, seed=0, epoch=0, num_workers=0)))
   images, draws = jax.device_put((batch['image'], batch['augment_q']))
-  augment = jax.jit(device_augment.augment, static_argnums=2)
-  jax.block_until_ready(augment(images, draws, args.image_size))  # compile
+  augment = jax.jit(device_augment.augment, static_argnums=(2, 3))
+  recipe = (args.image_size, bool(args.aug_plus))
+  jax.block_until_ready(augment(images, draws, *recipe))  # compile
   repeats = 10
   start = time.perf_counter()
   for _ in range(repeats):
-    views = augment(images, draws, args.image_size)
+    views = augment(images, draws, *recipe)
   jax.block_until_ready(views)
   seconds = 2 * (time.perf_counter() - start) / repeats  # two views a pair
   print(f'device augmentation alone ({jax.default_backend()}): {1e3 * seconds:.1f} ms per batch '
@@ -179,8 +181,7 @@ def main():
           f'normalised float32 {float_rate:7.0f} images/s, ratio {uint8_rate / float_rate:.2f} '
           f'(bytes per pair {2 * 3 * args.image_size ** 2} vs {8 * 3 * args.image_size ** 2})')
 
-    if not args.aug_plus:
-      _compare_augment_on_device(datasets, batch_size, workers, args)
+    _compare_augment_on_device(datasets, batch_size, workers, args)
 
     if args.loader_only:
       return

@@ -23,9 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'test'  # split used by --mode=eval
   config.data.val_split = 'val'  # split of the over-fitting monitor (eval.val_every)
   config.data.aug_plus = True  # MoCo v2 augmentation (False: MoCo v1)
-  # MoCo v1's whole augmentation inside the jitted step (Pillow-exact, pcl_jax/device_augment):
+  # The augmentation (either recipe) inside the jitted step, Pillow-exact (pcl_jax/device_augment):
   # the loader only draws the random choices. For a GPU run that waits on its loader; costs
-  # step time on a CPU. Needs aug_plus=False.
+  # step time on a CPU.
   config.data.augment_on_device = False
   config.data.num_workers = 2  # torch DataLoader worker processes
   config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)

@@ -134,10 +134,6 @@ def validate(config) -> None:
   """Checks every field that can be checked without loading data. Raises UserError."""
   check_fields(config)
   _one_of(config.data.name, DATASETS, 'data.name')
-  _require(not (config.data.augment_on_device and config.data.aug_plus),
-           'data.augment_on_device=True implements the MoCo v1 recipe only (data.aug_plus=False): '
-           "MoCo v2's blur has no device version yet. Set data.aug_plus=False or "
-           'data.augment_on_device=False.')
   _one_of(config.model.arch, models.ARCHS, 'model.arch')
   _one_of(config.model.conv_impl, cpu_conv.CONV_IMPLS, 'model.conv_impl')
   threads = config.model.xla_cpu_threads

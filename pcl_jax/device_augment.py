@@ -1,13 +1,15 @@
-"""MoCo v1's augmentation inside the jitted step, equal to torchvision's PIL path pixel for pixel.
+"""The training augmentation in the jitted step, equal to torchvision's PIL path pixel for pixel.
 
 Why this exists: on a GPU the training epoch is bound by the loader's PIL work (session 8 on an
 H200: 4.3-4.9k pairs/s from 12 workers against a 42-52k img/s step). With
 `data.augment_on_device` the loader workers only draw each view's random choices, exactly as
 torchvision would (same RNG calls, same order: `input_pipeline.AugmentationDraws`), and ship
-them with the cached uint8 image, once per pair; `augment` here applies RandomResizedCrop,
-RandomHorizontalFlip, RandomGrayscale(p=0.2) and ColorJitter(0.4, 0.4, 0.4, 0.4) per image.
-(torchvision's order is crop, grayscale, jitter, flip; the flip commutes with the colour ops,
-which are per pixel except contrast's image mean.)
+them with the cached uint8 image, once per pair; `augment` here applies them per image: MoCo
+v1 (RandomResizedCrop, RandomGrayscale(p=0.2), ColorJitter(0.4, 0.4, 0.4, 0.4),
+RandomHorizontalFlip) or v2 (RandomResizedCrop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8,
+RandomGrayscale(p=0.2), GaussianBlur with p=0.5, RandomHorizontalFlip). The flip runs right
+after the crop: it commutes with the colour ops (per pixel, but for contrast's image mean) and
+with the blur (a symmetric kernel with repeated edges).
 
 Equal to the PIL path, not approximately (checked against Pillow over all 2^24 colours and view
 for view against torchvision, `tests/test_device_augment.py`):
@@ -19,6 +21,8 @@ for view against torchvision, `tests/test_device_augment.py`):
 - brightness, contrast, saturation: `Image.blend(degenerate, image, factor)`, i.e. float32
   `d + factor * (x - d)`, clipped and truncated to uint8; contrast's degenerate is the image's
   mean L rounded as `int(mean + 0.5)`;
+- the blur: Pillow's GaussianBlur, three box-blur passes along rows then three along columns,
+  with the line weights Pillow computes (`input_pipeline.pillow_box_blur`), in uint32;
 - hue: Pillow's RGB -> HSV (uint8 channels) round trip with the hue channel shifted by
   `int32(hue_factor * 255)` mod 256 (torchvision's `adjust_hue`). Pillow mixes float and double
   arithmetic there; float32 reproduces it with an exact three-term sum (TwoSum) for the hue
@@ -317,22 +321,57 @@ def _jitter(x, field, order):
   return jax.lax.fori_loop(0, 4, apply_one, x)
 
 
-def augment(images: jnp.ndarray, params: jnp.ndarray, out_size: int) -> jnp.ndarray:
-  """One view per image: crop + resize, flip, grayscale, colour jitter, with the loader's draws.
+def _box_blur_pass(x, radius, inner, far, axis: int, max_radius: int):
+  """One of Pillow's box-blur line passes along `axis` (2: rows of pixels, 1: columns) of int32
+  pixels [B, H, W, 3], per image (radius, inner and far weights from `pillow_box_blur`):
+  (inner * the 2r + 1 nearest + far * the next two + 2^23) >> 24, edges repeated, in uint32 as
+  BoxBlur.c (the sum stays below 2^32)."""
+  size = x.shape[axis]
+  pixels = x.astype(jnp.uint32)
+  total = jnp.uint32(1 << 23)
+  for offset in range(-max_radius - 1, max_radius + 2):
+    distance = abs(offset)
+    weight = jnp.where(distance <= radius, inner, jnp.where(distance == radius + 1, far, 0))
+    index = np.clip(np.arange(size) + offset, 0, size - 1)
+    total = total + jnp.take(pixels, index, axis=axis) * _per_image(weight.astype(jnp.uint32))
+  return (total >> 24).astype(jnp.int32)
+
+
+def gaussian_blur(x, radius, inner, far, max_radius: int):
+  """Pillow's `ImageFilter.GaussianBlur`: three box-blur passes along rows, then three along
+  columns, each rounded to bytes. Per image: radius, inner, far [B] int32
+  (`input_pipeline.pillow_box_blur`); max_radius bounds the radii (static)."""
+  for axis in (2,) * input_pipeline.BLUR_PASSES + (1,) * input_pipeline.BLUR_PASSES:
+    x = _box_blur_pass(x, radius, inner, far, axis, max_radius)
+  return x
+
+
+def augment(images: jnp.ndarray, params: jnp.ndarray, out_size: int,
+            aug_plus: bool = False) -> jnp.ndarray:
+  """One view per image, with the loader's draws: MoCo v1 (crop + resize, grayscale, jitter,
+  flip) or with `aug_plus` MoCo v2 (crop + resize, jitter with p=0.8, grayscale, blur with
+  p=0.5, flip). The flip is applied right after the crop: it commutes with the rest.
 
   Args:
     images: uint8 [B, H, W, 3] cached images.
     params: float32 [B, len(input_pipeline.AUGMENT_PARAMS)], laid out as that tuple names.
     out_size: the view's side (`data.image_size`).
+    aug_plus: the recipe (`data.aug_plus`).
   Returns:
     int32 [B, out_size, out_size, 3] pixels in [0, 255]: the PIL recipe's uint8 view.
   """
   names = input_pipeline.AUGMENT_PARAMS
   field = {name: params[:, i] for i, name in enumerate(names)}
+  fired = {name: _per_image(field[name] > 0) for name in ('flip', 'jitter', 'grayscale', 'blur')}
   boxes = params[:, names.index('top'):names.index('width') + 1].astype(jnp.int32)
   x = resized_crop(images.astype(jnp.int32), boxes, out_size)
-  x = jnp.where(_per_image(field['flip'] > 0), x[:, :, ::-1], x)
-  gray = jnp.broadcast_to(luminance(x)[..., None], x.shape)
-  x = jnp.where(_per_image(field['grayscale'] > 0), gray, x)
+  x = jnp.where(fired['flip'], x[:, :, ::-1], x)
   order = params[:, names.index('op_0'):names.index('op_3') + 1].astype(jnp.int32)
-  return _jitter(x, field, order)
+  grayscale = lambda x: jnp.where(fired['grayscale'],
+                                  jnp.broadcast_to(luminance(x)[..., None], x.shape), x)
+  if not aug_plus:
+    return _jitter(grayscale(x), field, order)
+  x = grayscale(jnp.where(fired['jitter'], _jitter(x, field, order), x))
+  blur = [field[name].astype(jnp.int32) for name in ('blur_radius', 'blur_inner', 'blur_far')]
+  max_radius = input_pipeline.pillow_box_blur(input_pipeline.BLUR_SIGMA[1])[0]
+  return jnp.where(fired['blur'], gaussian_blur(x, *blur, max_radius), x)

@@ -164,12 +164,17 @@ class ToUint8HWC:
 
 
 # One view's augmentation under `data.augment_on_device`, as float32 values in this order:
-# RandomResizedCrop's box in the cached image (top, left, height, width), whether the flip
-# fired, whether RandomGrayscale fired, ColorJitter's op order (fn_idx: 0 brightness,
-# 1 contrast, 2 saturation, 3 hue), its three blend factors and the hue byte shift
-# int32(hue * 255) mod 256. `pcl_jax.device_augment` applies them.
-AUGMENT_PARAMS = ('top', 'left', 'height', 'width', 'flip', 'grayscale', 'op_0', 'op_1', 'op_2',
-                  'op_3', 'brightness', 'contrast', 'saturation', 'hue_shift')
+# RandomResizedCrop's box in the cached image (top, left, height, width); whether the flip, the
+# colour jitter (always in MoCo v1, p=0.8 in v2), grayscale and blur (v2, p=0.5) fired;
+# ColorJitter's op order (fn_idx: 0 brightness, 1 contrast, 2 saturation, 3 hue), its three
+# blend factors and the hue byte shift int32(hue * 255) mod 256; the blur's Pillow box-blur
+# line weights (integer radius and the 24-bit weights of the inner and the two far taps,
+# `pillow_box_blur`). `pcl_jax.device_augment` applies them.
+AUGMENT_PARAMS = ('top', 'left', 'height', 'width', 'flip', 'jitter', 'grayscale', 'blur', 'op_0',
+                  'op_1', 'op_2', 'op_3', 'brightness', 'contrast', 'saturation', 'hue_shift',
+                  'blur_radius', 'blur_inner', 'blur_far')
+BLUR_PASSES = 3  # Pillow's GaussianBlur: three box blurs a direction
+BLUR_SIGMA = (0.1, 2.0)  # MoCo v2's blur: sigma ~ U(0.1, 2.0)
 
 
 def hue_shift(hue_factor: float) -> int:
@@ -177,28 +182,67 @@ def hue_shift(hue_factor: float) -> int:
   return int(np.int32(hue_factor * 255).astype(np.uint8))
 
 
-class AugmentationDraws:
-  """MoCo v1's random choices for one view, without applying them (`data.augment_on_device`).
+def pillow_box_blur(sigma: float) -> Tuple[int, int, int]:
+  """(integer radius r, inner weight, far weight) of the box blur by which Pillow's
+  `ImageFilter.GaussianBlur(sigma)` approximates a Gaussian (BoxBlur.c, three passes a
+  direction): each pass maps a line to (inner * sum of the 2r + 1 nearest pixels + far * the
+  two next ones + 2^23) >> 24, edges repeated. Computed with Pillow's float and double steps
+  (_gaussian_blur_radius, ImagingHorizontalBoxBlur)."""
+  f32 = np.float32
+  radius = f32(sigma)  # the C float Pillow parses
+  variance = f32(radius * radius) / f32(BLUR_PASSES)
+  length = f32(np.sqrt(12.0 * np.float64(variance) + 1.0))
+  whole = f32(np.floor((np.float64(length) - 1.0) / 2.0))
+  fraction = (f32(2) * whole + f32(1)) * (whole * (whole + f32(1)) - f32(3) * variance)
+  fraction = fraction / (f32(6) * (variance - (whole + f32(1)) * (whole + f32(1))))
+  box_radius = f32(whole + fraction)
+  inner = int(f32(1 << 24) / (box_radius * f32(2) + f32(1)))
+  integer_radius = int(box_radius)
+  return integer_radius, inner, ((1 << 24) - (2 * integer_radius + 1) * inner) // 2
 
-  Calls torch's generator exactly as `train_transform(size, aug_plus=False)` does, in the same
-  order (crop box, grayscale, jitter order and factors, flip), so a seeded view gets the very
-  crop, flip and colours that the PIL path would give it. Returns float32 [len(AUGMENT_PARAMS)].
+
+class AugmentationDraws:
+  """One view's random choices under `data.augment_on_device`, without applying them.
+
+  Calls torch's generator (and, for the blur's sigma, Python's `random`) exactly as
+  `train_transform(size, aug_plus)` does, in the same order and only when it does (RandomApply
+  draws its coin first, and the wrapped op's draws only when the coin says so), so a seeded
+  view gets the very crop, flip, colours and blur that the PIL path would give it. Returns
+  float32 [len(AUGMENT_PARAMS)].
   """
 
-  def __init__(self, image_size: int):
-    self.crop = transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0))
-    self.grayscale = transforms.RandomGrayscale(p=0.2)
-    self.jitter = transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)
-    self.flip = transforms.RandomHorizontalFlip()
+  def __init__(self, image_size: int, aug_plus: bool):
+    recipe = train_transform(image_size, aug_plus).transforms
+    self.aug_plus = aug_plus
+    self.crop, self.flip = recipe[0], recipe[-2]
+    if aug_plus:  # crop, RandomApply(jitter), grayscale, RandomApply(blur), flip, to uint8
+      self.jitter_apply, self.grayscale, self.blur_apply = recipe[1], recipe[2], recipe[3]
+      self.jitter, self.blur = recipe[1].transforms[0], recipe[3].transforms[0]
+    else:  # crop, grayscale, jitter, flip, to uint8
+      self.grayscale, self.jitter = recipe[1], recipe[2]
 
-  def __call__(self, image) -> torch.Tensor:
-    box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
-    grayscale = bool(torch.rand(1) < self.grayscale.p)
+  def _jitter_draws(self):
     order, brightness, contrast, saturation, hue = self.jitter.get_params(
         self.jitter.brightness, self.jitter.contrast, self.jitter.saturation, self.jitter.hue)
+    return [int(op) for op in order] + [brightness, contrast, saturation, hue_shift(hue)]
+
+  def __call__(self, image) -> torch.Tensor:
+    box = list(self.crop.get_params(image, self.crop.scale, self.crop.ratio))
+    jitter, blur = [0] * 8, [0] * 3  # for ops that did not fire (their draws never happen)
+    if self.aug_plus:
+      jittered = not self.jitter_apply.p < torch.rand(1)  # RandomApply's coin
+      if jittered:
+        jitter = self._jitter_draws()
+      grayscale = bool(torch.rand(1) < self.grayscale.p)
+      blurred = not self.blur_apply.p < torch.rand(1)
+      if blurred:
+        blur = list(pillow_box_blur(random.uniform(*self.blur.sigma)))
+    else:
+      jittered, blurred = True, False
+      grayscale = bool(torch.rand(1) < self.grayscale.p)
+      jitter = self._jitter_draws()
     flip = bool(torch.rand(1) < self.flip.p)
-    values = list(box) + [flip, grayscale] + [int(op) for op in order] + [
-        brightness, contrast, saturation, hue_shift(hue)]
+    values = box + [flip, jittered, grayscale, blurred] + jitter + blur
     return torch.tensor([float(value) for value in values], dtype=torch.float32)
 
 
@@ -229,14 +273,14 @@ def train_transform(image_size: int, aug_plus: bool) -> Callable:
   torchvision.transforms.v2 on uint8 tensors (0.74 vs 1.23 ms a view, measured here), and they
   are the reference's own ops, so the distribution is exactly the reference's. Views end as
   uint8 HWC; the jitted step normalises them (ToNormalizedHWC's arithmetic, on the device).
-  `data.augment_on_device` replaces this with `AugmentationDraws` (MoCo v1).
+  `data.augment_on_device` replaces this with `AugmentationDraws` (the same draws).
   """
   if aug_plus:
     augment = [
         transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        transforms.RandomApply([GaussianBlur(BLUR_SIGMA)], p=0.5),
         transforms.RandomHorizontalFlip(),
     ]
   else:
@@ -1029,9 +1073,8 @@ def build_train_datasets(config) -> Datasets:
   check_split_fits_batch(len(source), config.train.batch_size, config.data.train_split)
   _log_pretraining_split(config, source)
   if config.data.augment_on_device:
-    if config.data.aug_plus:  # configuration.validate says so to the user; this guards callers
-      raise ValueError('data.augment_on_device implements MoCo v1 only (data.aug_plus=False)')
-    train = DrawsOnlyDataset(source, AugmentationDraws(config.data.image_size))
+    train = DrawsOnlyDataset(source, AugmentationDraws(config.data.image_size,
+                                                       config.data.aug_plus))
   else:
     train = TwoCropDataset(source, train_transform(config.data.image_size, config.data.aug_plus))
   return Datasets(train=train,

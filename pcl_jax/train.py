@@ -143,20 +143,21 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing):
   return loss, acc
 
 
-def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int) -> jnp.ndarray:
+def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
+                  aug_plus: bool) -> jnp.ndarray:
   """View `name` ('q' or 'k') as the network takes it. With `data.augment_on_device` the batch
   holds the cached images and each view's draws ('augment_q' / 'augment_k'): augmented here."""
   if f'augment_{name}' in batch:
     if not view_size:
       raise ValueError('a batch with augmentation draws needs train_step(view_size=...)')
     return device_transforms.normalize(
-        device_augment.augment(batch['image'], batch[f'augment_{name}'], view_size))
+        device_augment.augment(batch['image'], batch[f'augment_{name}'], view_size, aug_plus))
   return device_transforms.network_input(batch[f'im_{name}'])
 
 
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
                hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
-               moco_m: float, num_negatives: int, view_size: int = 0):
+               moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False):
   """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
 
   Args:
@@ -169,7 +170,8 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
     model: the encoder (with grouped BN); used for both query and key networks.
     tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
     temperature, moco_m, num_negatives: PCL constants.
-    view_size: the side of an augmented view (`data.image_size`), for batches of draws.
+    view_size, aug_plus: for batches of draws, the side of a view (`data.image_size`) and the
+      recipe (`data.aug_plus`).
   Returns:
     (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
   """
@@ -181,14 +183,14 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
   keys, key_batch_stats = _shuffled_keys(
       model, {'params': key_params, 'batch_stats': state.key_batch_stats},
-      _network_view(batch, 'k', view_size), shuffle_rng)
+      _network_view(batch, 'k', view_size, aug_plus), shuffle_rng)
   keys = jax.lax.stop_gradient(keys)
 
   # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
   def loss_fn(params):
     queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    _network_view(batch, 'q', view_size), train=True,
-                                    mutable=['batch_stats'])
+                                    _network_view(batch, 'q', view_size, aug_plus),
+                                    train=True, mutable=['batch_stats'])
     loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
     loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
                                           num_negatives, hparams['smoothing'])
@@ -223,7 +225,7 @@ def make_train_step(config, model, tx, lr_schedule, mesh=None):
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
                            temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
                            num_negatives=config.pcl.num_negatives,
-                           view_size=config.data.image_size)
+                           view_size=config.data.image_size, aug_plus=config.data.aug_plus)
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(replicated, split, replicated, replicated),
                  out_shardings=(replicated, replicated))

@@ -1,16 +1,17 @@
 """Augmentation on the device (`data.augment_on_device`) against Pillow and torchvision."""
 
+import random
+
 import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageStat
+from PIL import Image, ImageFilter, ImageStat
 from torchvision.transforms import _functional_pil as pil_functional
 from torchvision.transforms import functional as tv_functional
 
 from configs import test as test_config
 from pcl_jax import device_augment
-from pcl_jax import configuration
 from pcl_jax import input_pipeline
 from pcl_jax import train
 
@@ -90,20 +91,23 @@ def test_resized_crop_equals_pillow_for_any_box():
   assert not vertical_first.all()  # Pillow's two pass orders both occur
   ours = np.asarray(jax.jit(device_augment.resized_crop, static_argnums=2)(
       images.astype(np.int32), np.array(boxes, np.int32), 16))
-  for image, view, (top, left, height, width) in zip(images, ours, boxes):
-    expected = tv_functional.resized_crop(Image.fromarray(image), top, left, height, width, [16, 16])
-    np.testing.assert_array_equal(view, np.asarray(expected), err_msg=str((top, left, height, width)))
+  for image, view, box in zip(images, ours, boxes):
+    expected = tv_functional.resized_crop(Image.fromarray(image), *box, [16, 16])
+    np.testing.assert_array_equal(view, np.asarray(expected), err_msg=str(box))
 
 
-def _views_both_ways(images, image_size):
-  """(the PIL recipe's uint8 views, the device path's draws), each view seeded alike."""
-  pil_path = input_pipeline.train_transform(image_size, aug_plus=False)
-  draws = input_pipeline.AugmentationDraws(image_size)
+def _views_both_ways(images, image_size, aug_plus=False):
+  """(the PIL recipe's uint8 views, the device path's draws), each view seeded alike (torch's
+  generator, and Python's `random` for MoCo v2's blur)."""
+  pil_path = input_pipeline.train_transform(image_size, aug_plus)
+  draws = input_pipeline.AugmentationDraws(image_size, aug_plus)
   expected, params = [], []
   for seed, image in enumerate(images):
     torch.manual_seed(seed)
+    random.seed(seed)
     expected.append(pil_path(image).numpy())
     torch.manual_seed(seed)
+    random.seed(seed)
     params.append(draws(image).numpy())
   return np.stack(expected), np.stack(params)
 
@@ -116,16 +120,37 @@ def _recipe_images(rng, count, shape=(30, 26, 3)):
   return np.stack(images).astype(np.uint8)
 
 
-def test_device_augmentation_equals_the_pil_recipe_view_for_view():
-  """Same seed, same view: the loader's draws applied on the device equal torchvision's MoCo v1
-  recipe in PIL (crop, grayscale, jitter, flip), on noisy, flat and saturated images."""
+@pytest.mark.parametrize('aug_plus', [False, True])
+def test_device_augmentation_equals_the_pil_recipe_view_for_view(aug_plus):
+  """Same seed, same view: the loader's draws applied on the device equal torchvision's recipe
+  in PIL -- MoCo v1 (crop, grayscale, jitter, flip) and v2 (crop, jitter with p=0.8,
+  grayscale, blur with p=0.5, flip) -- on noisy, flat and saturated images."""
   images = _recipe_images(np.random.default_rng(2), 40)
-  expected, params = _views_both_ways([Image.fromarray(image) for image in images], 16)
+  expected, params = _views_both_ways([Image.fromarray(image) for image in images], 16,
+                                      aug_plus)
   names = input_pipeline.AUGMENT_PARAMS
-  for flag in ('grayscale', 'flip'):  # both branches of each coin were drawn
-    assert 0 < params[:, names.index(flag)].sum() < len(params)
-  ours = np.asarray(jax.jit(device_augment.augment, static_argnums=2)(images, params, 16))
+  coins = ('grayscale', 'flip') + (('jitter', 'blur') if aug_plus else ())
+  for coin in coins:  # both sides of every coin were drawn
+    assert 0 < params[:, names.index(coin)].sum() < len(params), coin
+  ours = np.asarray(jax.jit(device_augment.augment, static_argnums=(2, 3))(
+      images, params, 16, aug_plus))
   np.testing.assert_array_equal(ours, expected)
+
+
+def test_gaussian_blur_equals_pillow_for_any_sigma():
+  """Pillow's GaussianBlur (its box-blur approximation) over MoCo v2's sigma range, ends
+  included, on images narrower than the box in one direction too."""
+  rng = np.random.default_rng(5)
+  sigmas = np.concatenate([[0.1, 2.0, 1.0, 1.5], rng.uniform(0.1, 2.0, 28)])
+  images = rng.integers(0, 256, (len(sigmas), 16, 14, 3)).astype(np.uint8)
+  images[:4, :, 1:] = images[:4, :, :1]  # a 1-pixel-wide pattern, repeated
+  expected = np.stack([np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(float(s))))
+                       for image, s in zip(images, sigmas)])
+  radius, inner, far = np.array([input_pipeline.pillow_box_blur(float(s)) for s in sigmas]).T
+  max_radius = input_pipeline.pillow_box_blur(input_pipeline.BLUR_SIGMA[1])[0]
+  ours = jax.jit(device_augment.gaussian_blur, static_argnums=4)(
+      images.astype(np.int32), radius, inner, far, max_radius)
+  np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
 def test_loader_batches_carry_the_draws():
@@ -152,18 +177,12 @@ def test_loader_batches_carry_the_draws():
   assert not np.array_equal(batch['augment_q'], batch['augment_k'])  # two views, two draws
 
 
-def test_augment_on_device_with_aug_plus_is_refused():
-  config = test_config.get_config()
-  config.data.augment_on_device, config.data.aug_plus = True, True
-  with pytest.raises(configuration.UserError, match='data.aug_plus=False'):
-    configuration.validate(config)
-
-
 def test_training_with_augment_on_device_equals_the_pil_path(tmp_path):
   """Same views, so the same run: the trainer's loader, collation, sharding and step plumbing
   of the draws change no result."""
   config = test_config.get_config()
   config.train.epochs, config.train.steps_per_epoch = 1, 2
+  config.data.aug_plus = True  # MoCo v2: the coins, the blur and Python's reseeded `random` too
   states = []
   for on_device in (False, True):
     config.data.augment_on_device = on_device
@@ -182,6 +201,8 @@ def test_device_augmentation_equals_pillow_on_the_gpu():
                                                        input_pipeline.hue_shift(0.3)))
   np.testing.assert_array_equal(ours, expected)
   images = _recipe_images(np.random.default_rng(3), 64)
-  expected, params = _views_both_ways([Image.fromarray(image) for image in images], 16)
-  np.testing.assert_array_equal(
-      np.asarray(jax.jit(device_augment.augment, static_argnums=2)(images, params, 16)), expected)
+  for aug_plus in (False, True):
+    expected, params = _views_both_ways([Image.fromarray(image) for image in images], 16,
+                                        aug_plus)
+    np.testing.assert_array_equal(np.asarray(jax.jit(
+        device_augment.augment, static_argnums=(2, 3))(images, params, 16, aug_plus)), expected)
