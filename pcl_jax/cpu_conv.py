@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from pcl_jax import configuration
+
 try:  # experimental API (jax >= 0.6); without it model.conv_impl=auto means xla
   from jax.experimental import buffer_callback as _buffer_callback
 except ImportError:  # pragma: no cover - depends on the installed jax
   _buffer_callback = None
 
-CONV_IMPLS = ('auto', 'xla', 'torch')
+CONV_IMPLS = configuration.CONV_IMPLS
 
 # The kernel layouts that the fast path takes (dimension letters in memory order).
 _KERNEL_LAYOUTS = ('HWIO', 'OHWI')

@@ -46,12 +46,13 @@ from torchvision import transforms
 from torchvision.transforms import functional as tv_functional
 import tqdm
 
+from pcl_jax import configuration
 from pcl_jax.configuration import UserError
 
 # ImageNet statistics, as the reference normalises every dataset with them.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-DATASETS = ('digits', 'fake', 'image_folder', 'mini_imagenet')
+DATASETS = configuration.DATASETS
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 MINI_IMAGENET_SIZE = 84

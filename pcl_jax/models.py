@@ -17,11 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pcl_jax import configuration
 from pcl_jax import cpu_conv
 from pcl_jax import fused_batch_norm
 from pcl_jax import max_pool
 
-ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
+ARCHS = configuration.ARCHS
 
 # torchvision's initialisers, so parameter statistics match the PyTorch reference.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -290,7 +291,6 @@ def create_encoder(arch: str, *, dim: int = 128, mlp: bool = False, small_stem: 
 
 def encoder_from_config(config, bn_groups: int = 1) -> Encoder:
   """Builds the encoder of a full config (`model` and `train.dtype` sections)."""
-  from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.train.dtype]
   try:  # depends on the devices, so it is checked here rather than in configuration.validate
     conv_impl = cpu_conv.resolve_conv_impl(config.model.conv_impl)
