@@ -253,13 +253,20 @@ class DrawsOnlyDataset(torch_data.Dataset):
 
   def __init__(self, source, draws):
     self.source, self.draws = source, draws
+    self._stand_in = None  # a blank PIL image of the images' size (see __getitem__)
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
-    image = self.source.image(index)
-    return _uint8_pixels(image), self.draws(image), self.draws(image), index
+    pixels = np.array(self.source.images[index], dtype=np.uint8)
+    # The draws read only the image's size: a blank stand-in of that size, made once, saves
+    # building a PIL image from the pixels per sample.
+    size = pixels.shape[1::-1]
+    if self._stand_in is None or self._stand_in.size != size:
+      self._stand_in = Image.new('RGB', size)
+    views = (self.draws(self._stand_in), self.draws(self._stand_in))
+    return (torch.from_numpy(pixels),) + views + (index,)
 
 
 def eval_resize_size(image_size: int) -> int:
