@@ -231,11 +231,11 @@ class AugmentationDraws:
     box = list(self.crop.get_params(image, self.crop.scale, self.crop.ratio))
     jitter, blur = [0] * 8, [0] * 3  # for ops that did not fire (their draws never happen)
     if self.aug_plus:
-      jittered = not self.jitter_apply.p < torch.rand(1)  # RandomApply's coin
+      jittered = bool(torch.rand(1) <= self.jitter_apply.p)  # RandomApply: p < u skips
       if jittered:
         jitter = self._jitter_draws()
       grayscale = bool(torch.rand(1) < self.grayscale.p)
-      blurred = not self.blur_apply.p < torch.rand(1)
+      blurred = bool(torch.rand(1) <= self.blur_apply.p)
       if blurred:
         blur = list(pillow_box_blur(random.uniform(*self.blur.sigma)))
     else:
