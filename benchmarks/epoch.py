@@ -197,8 +197,8 @@ def main():
   parser.add_argument('--conv-impl', default='auto', choices=['auto', 'xla', 'torch'],
                       help='model.conv_impl (auto: PyTorch kernels on one CPU device)')
   parser.add_argument('--augment-on-device', action='store_true',
-                      help="data.augment_on_device: MoCo v1's augmentation in the jitted step, "
-                      'the loader only draws the random choices')
+                      help='data.augment_on_device: the augmentation in the jitted step, the '
+                      'loader only draws the random choices')
   parser.add_argument('--torch-reference', action='store_true')
   parser.add_argument('--step-only', action='store_true',
                       help='stop after the step (and with --torch-reference its comparison)')

@@ -300,13 +300,14 @@ def resized_crop(pixels: jnp.ndarray, boxes: jnp.ndarray, out_size: int) -> jnp.
 
 # --- the augmentation ----------------------------------------------------------------------------
 
-def _jitter(x, field, order):
+def _jitter(x, field):
   """ColorJitter's four ops on int32 pixels [B, H, W, 3] in each image's drawn order.
 
   The hue op, ~8x a blend's cost, runs once: the blends drawn before it, then the hue, then the
   blends drawn after it (8 blend passes in which the other half are identities) instead of
   every op at every position (4 hue passes)."""
   factors = [field['brightness'], field['contrast'], field['saturation']]
+  order = jnp.stack([field[f'op_{position}'] for position in range(4)], axis=1).astype(jnp.int32)
   hue_position = jnp.argmax(order == _HUE, axis=1)
 
   def blend_one(position, x, after_hue: bool):
@@ -372,12 +373,11 @@ def augment(images: jnp.ndarray, params: jnp.ndarray, out_size: int,
   boxes = params[:, names.index('top'):names.index('width') + 1].astype(jnp.int32)
   x = resized_crop(images.astype(jnp.int32), boxes, out_size)
   x = jnp.where(fired['flip'], x[:, :, ::-1], x)
-  order = params[:, names.index('op_0'):names.index('op_3') + 1].astype(jnp.int32)
   grayscale = lambda x: jnp.where(fired['grayscale'],
                                   jnp.broadcast_to(luminance(x)[..., None], x.shape), x)
   if not aug_plus:
-    return _jitter(grayscale(x), field, order)
-  x = grayscale(jnp.where(fired['jitter'], _jitter(x, field, order), x))
+    return _jitter(grayscale(x), field)
+  x = grayscale(jnp.where(fired['jitter'], _jitter(x, field), x))
   blur = [field[name].astype(jnp.int32) for name in ('blur_radius', 'blur_inner', 'blur_far')]
   max_radius = input_pipeline.pillow_box_blur(input_pipeline.BLUR_SIGMA[1])[0]
   return jnp.where(fired['blur'], gaussian_blur(x, *blur, max_radius), x)

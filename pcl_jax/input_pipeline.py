@@ -253,18 +253,16 @@ class DrawsOnlyDataset(torch_data.Dataset):
 
   def __init__(self, source, draws):
     self.source, self.draws = source, draws
-    self._stand_in = None  # a blank PIL image of the images' size (see __getitem__)
+    # The draws read only the image size (all cached images share it): a blank stand-in of
+    # that size saves building a PIL image from the pixels per sample.
+    height, width = source.images.shape[1:3]
+    self._stand_in = Image.new('RGB', (width, height))
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, index):
     pixels = np.array(self.source.images[index], dtype=np.uint8)
-    # The draws read only the image's size: a blank stand-in of that size, made once, saves
-    # building a PIL image from the pixels per sample.
-    size = pixels.shape[1::-1]
-    if self._stand_in is None or self._stand_in.size != size:
-      self._stand_in = Image.new('RGB', size)
     views = (self.draws(self._stand_in), self.draws(self._stand_in))
     return (torch.from_numpy(pixels),) + views + (index,)
 
