@@ -1,0 +1,139 @@
+// XLA FFI custom calls for 2-D convolutions on oneDNN, prototype for `model.conv_impl` (see
+// ffi_step.py): NHWC float32 images, OHWI float32 kernels, symmetric padding; every result is
+// written straight into XLA's output buffer, which cpu_conv's torch calls cannot do.
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include <oneapi/dnnl/dnnl.hpp>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using namespace dnnl;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+// Primitives for one convolution shape; weights go through oneDNN's preferred layout (a plain
+// OHWI weight makes oneDNN 3.2 pick a reference kernel).
+struct Conv {
+  memory::desc src, dst, plain_weights;
+  convolution_forward forward;
+  convolution_backward_data backward_data;
+  convolution_backward_weights backward_weights;
+  memory forward_weights, backward_weights_in, diff_weights;
+  bool reorder_forward, reorder_backward, reorder_diff;
+};
+
+engine& cpu() { static engine e(engine::kind::cpu, 0); return e; }
+std::mutex& lock() { static std::mutex m; return m; }
+
+using Dims = ffi::Buffer<ffi::F32>::Dimensions;
+
+Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
+  char key[256];
+  std::snprintf(key, sizeof key, "%ld %ld %ld %ld|%ld %ld %ld %ld|%ld %ld %ld %ld", x[0], x[1], x[2],
+                x[3], w[0], w[1], w[2], w[3], sh, sw, ph, pw);
+  auto& slot = cache[key];
+  if (slot) return *slot;
+  auto c = std::make_unique<Conv>();
+  const int64_t n = x[0], h = x[1], wd = x[2], ci = x[3], co = w[0], kh = w[1], kw = w[2];
+  const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (wd + 2 * pw - kw) / sw + 1;
+  memory::dims strides{sh, sw}, pads{ph, pw}, wdims{co, ci, kh, kw};
+  c->src = memory::desc({n, ci, h, wd}, dt::f32, tag::nhwc);
+  c->dst = memory::desc({n, co, oh, ow}, dt::f32, tag::nhwc);
+  c->plain_weights = memory::desc(wdims, dt::f32, tag::ohwi);
+  auto any = memory::desc(wdims, dt::f32, tag::any);
+  auto fpd = convolution_forward::primitive_desc(cpu(), prop_kind::forward_training,
+      algorithm::convolution_direct, c->src, any, c->dst, strides, pads, pads);
+  auto dpd = convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct,
+      c->src, any, c->dst, strides, pads, pads, fpd);
+  auto wpd = convolution_backward_weights::primitive_desc(cpu(), algorithm::convolution_direct,
+      c->src, any, c->dst, strides, pads, pads, fpd);
+  c->forward = convolution_forward(fpd);
+  c->backward_data = convolution_backward_data(dpd);
+  c->backward_weights = convolution_backward_weights(wpd);
+  c->reorder_forward = fpd.weights_desc() != c->plain_weights;
+  c->reorder_backward = dpd.weights_desc() != c->plain_weights;
+  c->reorder_diff = wpd.diff_weights_desc() != c->plain_weights;
+  if (c->reorder_forward) c->forward_weights = memory(fpd.weights_desc(), cpu());
+  if (c->reorder_backward) c->backward_weights_in = memory(dpd.weights_desc(), cpu());
+  if (c->reorder_diff) c->diff_weights = memory(wpd.diff_weights_desc(), cpu());
+  slot = std::move(c);
+  return *slot;
+}
+
+memory view(const memory::desc& md, void* data) { return memory(md, cpu(), data); }
+
+memory prepared(bool needed, memory& scratch, const memory& plain, stream& s) {
+  if (!needed) return plain;
+  reorder(plain, scratch).execute(s, const_cast<memory&>(plain), scratch);
+  return scratch;
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  std::lock_guard<std::mutex> guard(lock());
+  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+  stream s(cpu());
+  memory weights = prepared(c.reorder_forward, c.forward_weights,
+                            view(c.plain_weights, w.typed_data()), s);
+  c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
+                        {DNNL_ARG_DST, view(c.dst, y->typed_data())}});
+  s.wait();
+  return ffi::Error::Success();
+}
+
+void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
+  memory plain = view(c.plain_weights, dw);
+  memory target = c.reorder_diff ? c.diff_weights : plain;
+  c.backward_weights.execute(s, {{DNNL_ARG_SRC, view(c.src, x)}, {DNNL_ARG_DIFF_DST, view(c.dst, g)},
+                                 {DNNL_ARG_DIFF_WEIGHTS, target}});
+  if (c.reorder_diff) reorder(c.diff_weights, plain).execute(s, c.diff_weights, plain);
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  std::lock_guard<std::mutex> guard(lock());
+  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+  stream s(cpu());
+  memory weights = prepared(c.reorder_backward, c.backward_weights_in,
+                            view(c.plain_weights, w.typed_data()), s);
+  c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
+                              {DNNL_ARG_WEIGHTS, weights},
+                              {DNNL_ARG_DIFF_SRC, view(c.src, dx->typed_data())}});
+  kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
+  s.wait();
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
+                          int64_t pw) {
+  std::lock_guard<std::mutex> guard(lock());
+  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+  stream s(cpu());
+  kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
+  s.wait();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define CONV_ATTRS .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h").Attr<int64_t>("pad_w")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PclConvForward, Forward,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PclConvBackward, Backward,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+        CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PclConvBackwardKernel, BackwardKernel,
+    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
