@@ -5,9 +5,9 @@ r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo
 
 Both sides do the same work per step: momentum update of the key encoder, key forward (train-mode
 BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (momentum, weight
-decay), enqueue. The JAX step is timed with both convolution kernels (`model.conv_impl`): xla
-(XLA's own) and torch (PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`, what `auto` picks
-on one CPU device). The PyTorch side is what a PyTorch user would run on this machine: eager
+decay), enqueue. The JAX step is timed with `model.conv_impl=auto` (on one CPU device: oneDNN
+custom calls, `pcl_jax.onednn_conv`, where they build) and with each host or XLA kernel: torch
+(PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`) and xla (XLA's own). The PyTorch side is what a PyTorch user would run on this machine: eager
 mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
 runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
@@ -101,7 +101,8 @@ def _interleaved(args, case: str, rounds: int) -> str:
 CASES = {'resnet18': ('resnet18', 32, 64, 64, True), 'conv4': ('conv4', 84, 64, 64, False),
          'quick': ('conv4', 32, 16, 16, False)}
 # Each measurement: ('jax', conv_impl) or ('torch', channels_last).
-MEASUREMENTS = [('jax', 'torch'), ('jax', 'xla'), ('torch', False), ('torch', True)]
+MEASUREMENTS = [('jax', 'auto'), ('jax', 'torch'), ('jax', 'xla'), ('torch', False),
+                ('torch', True)]
 
 
 def _measure(args, case: str, side: str, variant):
@@ -156,19 +157,21 @@ def main():
     print(_measure(args, case, side, variant))
     return
   cases = ['quick'] if args.quick else [args.case] if args.case else ['resnet18', 'conv4']
-  measurements = MEASUREMENTS[:2] if args.jax_only else MEASUREMENTS
+  measurements = MEASUREMENTS[:3] if args.jax_only else MEASUREMENTS
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}, '
         f'one fresh process per measurement')
-  print(f"{'case':<22}{'jax torch-conv':>15}{'jax xla-conv':>13}{'torch NCHW':>12}"
-        f"{'torch CL':>10}{'ratio':>7}")
+  from pcl_jax import cpu_conv  # pylint: disable=g-import-not-at-top
+  auto = cpu_conv.resolve_conv_impl('auto')
+  print(f"{'case':<22}{f'jax auto={auto}':>18}{'jax torch-conv':>15}{'jax xla-conv':>13}"
+        f"{'torch NCHW':>12}{'torch CL':>10}{'ratio':>7}")
   for case in cases:
     arch, size, batch, _, _ = CASES[case]
     rates = [float(_measure_in_subprocess(args, case, side, variant))
              for side, variant in measurements]
-    row = f'{f"{arch} {size}px b{batch}":<22}{rates[0]:>15.1f}{rates[1]:>13.1f}'
+    row = f'{f"{arch} {size}px b{batch}":<22}{rates[0]:>18.1f}{rates[1]:>15.1f}{rates[2]:>13.1f}'
     if not args.jax_only:
-      row += f'{rates[2]:>12.1f}{rates[3]:>10.1f}{rates[0] / max(rates[2], rates[3]):>7.2f}'
+      row += f'{rates[3]:>12.1f}{rates[4]:>10.1f}{rates[0] / max(rates[3], rates[4]):>7.2f}'
     print(row, flush=True)
   if args.interleaved and not args.jax_only:
     print(f'interleaved (PyTorch in a second process, taking turns), {args.interleaved} rounds '

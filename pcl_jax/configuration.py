@@ -13,7 +13,7 @@ import ml_collections
 # (models, cpu_conv, input_pipeline import them), so that checking a config imports neither
 # torch nor flax: a bad value fails in about a second.
 ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
-CONV_IMPLS = ('auto', 'xla', 'torch')
+CONV_IMPLS = ('auto', 'xla', 'torch', 'onednn')
 DTYPES = ('float32', 'bfloat16')
 # 'faiss-cpu' / 'faiss-gpu' force a faiss build (clustering.resolve_backend); checked at start-up.
 BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')

@@ -60,13 +60,24 @@ def torch_conv_available() -> Tuple[bool, str]:
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-  """'xla' or 'torch' for `model.conv_impl`; 'auto' picks torch wherever it can run."""
+  """'xla', 'torch' or 'onednn' for `model.conv_impl`. 'auto' picks onednn on a single CPU device
+  when oneDNN and a compiler are there (its custom calls build), else torch there, else xla."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'model.conv_impl={conv_impl!r} is unknown; use one of '
                      f'{", ".join(CONV_IMPLS)}')
+  if conv_impl == 'onednn':
+    from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top  (it imports this module)
+    available, reason = onednn_conv.onednn_conv_available()
+    if not available:
+      raise ValueError(f'model.conv_impl=onednn cannot run here: {reason}. Install it with '
+                       f'{onednn_conv.INSTALL_HINT}, or use model.conv_impl=auto.')
+    return conv_impl
   available, reason = torch_conv_available()
   if conv_impl == 'auto':
-    return 'torch' if available else 'xla'
+    if not available:
+      return 'xla'
+    from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return 'onednn' if onednn_conv.onednn_conv_available(build=True)[0] else 'torch'
   if conv_impl == 'torch' and not available:
     raise ValueError(f'model.conv_impl=torch cannot run here: {reason}. Use model.conv_impl=auto '
                      '(or xla).')
@@ -123,7 +134,7 @@ def _spatial_and_features(kernel_shape, layout: str) -> Tuple[int, int, int]:
   return tuple(kernel_shape[layout.index(axis)] for axis in 'HWO')
 
 
-def _output_shape(images_shape, kernel_shape, stride, padding, layout):
+def output_shape(images_shape, kernel_shape, stride, padding, layout):
   batch, height, width, _ = images_shape
   kernel_h, kernel_w, features = _spatial_and_features(kernel_shape, layout)
   out_h = (height + 2 * padding[0] - kernel_h) // stride[0] + 1
@@ -133,7 +144,7 @@ def _output_shape(images_shape, kernel_shape, stride, padding, layout):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _torch_conv(images, kernel, stride: Tuple[int, int], padding: Tuple[int, int], layout: str):
-  shape = _output_shape(images.shape, kernel.shape, stride, padding, layout)
+  shape = output_shape(images.shape, kernel.shape, stride, padding, layout)
   host = functools.partial(_forward_host, stride=stride, padding=padding, layout=layout)
   return _host_call(host, jax.ShapeDtypeStruct(shape, images.dtype), images, kernel)
 
@@ -183,10 +194,12 @@ def _kernel_layout(dimension_numbers, images_shape, kernel_shape) -> Optional[st
   return None
 
 
-def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                         precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated` that runs plain 2-D NHWC convolutions on PyTorch's CPU kernels."""
+def plain_conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+               rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+               preferred_element_type=None) -> Optional[Tuple[Tuple[int, int], Tuple[int, int], str]]:
+  """(stride, (pad_h, pad_w), kernel layout) when a `lax.conv_general_dilated` call is a plain
+  2-D NHWC convolution that the host kernels take (no dilation or groups, symmetric padding,
+  float32 or bfloat16, HWIO or OHWI kernel); None for anything else."""
   stride = tuple(int(s) for s in window_strides)
   plain = (lhs.ndim == 4 and feature_group_count == 1 and preferred_element_type is None
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -195,14 +208,26 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   layout = _kernel_layout(dimension_numbers, lhs.shape, rhs.shape) if plain else None
   pads = (_symmetric_padding(padding, lhs.shape, rhs.shape, stride, layout)
           if layout is not None else None)
-  if pads is None:
+  return None if pads is None else (stride, pads, layout)
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` that runs plain 2-D NHWC convolutions on PyTorch's CPU kernels."""
+  plain = plain_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                     dimension_numbers, feature_group_count, preferred_element_type)
+  if plain is None:
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
-  return _torch_conv(lhs, rhs, stride, pads, layout)
+  return _torch_conv(lhs, rhs, *plain)
 
 
 def conv_function(conv_impl: str):
   """What `flax.linen.Conv(conv_general_dilated=...)` gets for a resolved impl (None: lax's)."""
+  if conv_impl == 'onednn':
+    from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return onednn_conv.conv_general_dilated
   return conv_general_dilated if conv_impl == 'torch' else None

@@ -166,7 +166,12 @@ def test_the_first_layers_image_gradient_is_not_computed(monkeypatch):
                                  + [(True, (2, size, size, 4)) for size in (8, 4, 2)])
 
 
-def test_auto_resolves_to_torch_on_one_cpu_device():
+def test_auto_resolves_to_host_kernels_on_one_cpu_device(monkeypatch):
+  """auto: oneDNN's custom calls where they build, else PyTorch's kernels."""
+  from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+  expected = 'onednn' if onednn_conv.onednn_conv_available(build=True)[0] else 'torch'
+  assert cpu_conv.resolve_conv_impl('auto') == expected
+  monkeypatch.setattr(onednn_conv, '_compiler', lambda: None)
   assert cpu_conv.resolve_conv_impl('auto') == 'torch'
   assert cpu_conv.resolve_conv_impl('xla') == 'xla'
   with pytest.raises(ValueError, match='model.conv_impl=.*unknown'):
@@ -175,7 +180,7 @@ def test_auto_resolves_to_torch_on_one_cpu_device():
 
 def test_config_rejects_unknown_conv_impl():
   config = test_config.get_config()
-  config.model.conv_impl = 'onednn'
+  config.model.conv_impl = 'cudnn'
   with pytest.raises(configuration.UserError, match='model.conv_impl'):
     configuration.validate(config)
 

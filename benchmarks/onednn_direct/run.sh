@@ -5,11 +5,16 @@
 # is installed (the wheels are unpacked under $ONEDNN_DIRECT_DIR, default /tmp/onednn_direct).
 #   bash benchmarks/onednn_direct/run.sh [--rounds N]          # the convolutions alone
 #   bash benchmarks/onednn_direct/run.sh step [--case resnet18|resnet18_84] [--rounds N]
-#       # the whole jitted step with FFI custom calls (conv_ffi.cc) against cpu_conv
+#       # the whole jitted step, model.conv_impl=onednn against torch
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${ONEDNN_DIRECT_DIR:-/tmp/onednn_direct}"
 data="$work/unpacked"
+if [ "${1:-}" = step ]; then
+  # model.conv_impl=onednn builds its own library against the installed oneDNN (requirements.txt).
+  shift
+  exec python "$here/ffi_step.py" "$@"
+fi
 if [ ! -e "$data/lib/libdnnl.so.3" ]; then
   pip download --quiet --no-deps -d "$work/wheels" \
       onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0
@@ -21,15 +26,6 @@ if [ ! -e "$data/lib/libdnnl.so.3" ]; then
   # The wheels keep their files under <name>.data/data/{include,lib}: merge them.
   cp -r "$work"/extracted/*.data/data/* "$data/"
 fi
-if [ "${1:-}" = step ]; then
-  shift
-  g++ -O2 -std=c++17 -shared -fPIC "$here/conv_ffi.cc" -I"$data/include" \
-      -I"$(python -c 'import jax.ffi; print(jax.ffi.include_dir())')" -L"$data/lib" -ldnnl \
-      -Wl,-rpath,"$data/lib" -o "$work/conv_ffi.so"
-  # One XLA thread, as pcl_jax.main sets for a ResNet with host convolutions (host_threads).
-  PJRT_NPROC=1 python "$here/ffi_step.py" --library "$work/conv_ffi.so" "$@"
-else
-  g++ -O2 -std=c++17 "$here/convolutions.cpp" -I"$data/include" -L"$data/lib" -ldnnl \
-      -Wl,-rpath,"$data/lib" -o "$work/convolutions"
-  python "$here/compare.py" --binary "$work/convolutions" "$@"
-fi
+g++ -O2 -std=c++17 "$here/convolutions.cpp" -I"$data/include" -L"$data/lib" -ldnnl \
+    -Wl,-rpath,"$data/lib" -o "$work/convolutions"
+python "$here/compare.py" --binary "$work/convolutions" "$@"

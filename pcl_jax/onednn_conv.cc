@@ -1,6 +1,11 @@
-// XLA FFI custom calls for 2-D convolutions on oneDNN, prototype for `model.conv_impl` (see
-// ffi_step.py): NHWC float32 images, OHWI float32 kernels, symmetric padding; every result is
-// written straight into XLA's output buffer, which cpu_conv's torch calls cannot do.
+// XLA FFI custom calls for 2-D convolutions on oneDNN (`model.conv_impl=onednn`, built and
+// registered by onednn_conv.py): NHWC float32 images, OHWI float32 kernels, symmetric padding.
+// Every result is written straight into XLA's output buffer, which cpu_conv's torch calls cannot
+// do (torch allocates its own result, then cpu_conv copies it).
+//
+// One mutex serialises the calls: XLA may run independent ops concurrently, and two all-core
+// OpenMP regions at once on the same cores are slower than one after the other (as cpu_conv's
+// _TORCH_LOCK). Primitives are created once per shape and cached for the process.
 #include <cstdio>
 #include <memory>
 #include <mutex>

@@ -1,0 +1,102 @@
+"""model.conv_impl=onednn: oneDNN convolutions as XLA custom calls, against XLA's convolutions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcl_jax import cpu_conv
+from pcl_jax import models
+from pcl_jax import onednn_conv
+
+AVAILABLE, WHY_NOT = onednn_conv.onednn_conv_available()
+needs_onednn = pytest.mark.skipif(not AVAILABLE, reason=f'onednn conv unavailable: {WHY_NOT}')
+
+
+def _xla(images, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(images, kernel, (stride, stride), [(padding, padding)] * 2,
+                                      dimension_numbers=('NHWC', 'OHWI', 'NHWC'),
+                                      precision='highest')
+
+
+def _loss(conv, images, kernel):
+  out = conv(images, kernel)
+  return jnp.sum(out * jnp.sin(out))  # a non-constant output gradient
+
+
+@needs_onednn
+@pytest.mark.parametrize('shape,features,kernel,stride,padding', [
+    ((2, 9, 9, 3), 8, 3, 1, 1),     # odd size, 3 input channels (a first layer)
+    ((2, 10, 10, 8), 16, 3, 2, 1),  # strided 3x3
+    ((2, 10, 10, 8), 16, 1, 2, 0),  # ResNet's 1x1 downsample
+    ((2, 16, 16, 3), 8, 7, 2, 3),   # ResNet's 7x7 stem
+])
+def test_forward_and_both_gradients_match_xla(shape, features, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(features, kernel, kernel, shape[-1])), jnp.float32)
+  ours = lambda x, w: onednn_conv.onednn_conv(x, w, (stride, stride), (padding, padding))
+  xla = lambda x, w: _xla(x, w, stride, padding)
+  np.testing.assert_allclose(jax.jit(ours)(images, weights), xla(images, weights),
+                             rtol=1e-5, atol=1e-4)
+  got = jax.jit(jax.value_and_grad(lambda x, w: _loss(ours, x, w), (0, 1)))(images, weights)
+  want = jax.value_and_grad(lambda x, w: _loss(xla, x, w), (0, 1))(images, weights)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3 * float(jnp.max(jnp.abs(w))))
+
+
+@needs_onednn
+def test_kernel_gradient_alone_when_the_images_are_data():
+  """jax.grad over the kernel only takes the d-kernel-only custom call; it equals XLA's."""
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(2, 12, 12, 4)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(6, 3, 3, 4)), jnp.float32)
+  ours = lambda w: _loss(lambda x, k: onednn_conv.onednn_conv(x, k, (1, 1), (1, 1)), images, w)
+  grad = jax.jit(jax.grad(ours))
+  assert 'pcl_onednn_backward_kernel' in grad.lower(weights).as_text()
+  np.testing.assert_allclose(grad(weights),
+                             jax.grad(lambda w: _loss(lambda x, k: _xla(x, k, 1, 1), images, w))(
+                                 weights), rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
+def test_encoder_train_step_matches_xla():
+  """A whole ResNet-18 encoder: embeddings, BN statistics and parameter gradients agree."""
+  rng = np.random.default_rng(4)
+  images = jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32)
+  results = {}
+  for impl in ('xla', 'onednn'):
+    model = models.create_encoder('resnet18', dim=8, small_stem=True, width=8, bn_groups=2,
+                                  conv_impl=impl)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+    def loss(params, model=model, variables=variables):
+      out, new_vars = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                  images, train=True, mutable=['batch_stats'])
+      return jnp.sum(out[:, 0] - out[:, 1] ** 2), new_vars
+    results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  (xla_loss, xla_vars), xla_grads = results['xla']
+  (ours_loss, ours_vars), ours_grads = results['onednn']
+  np.testing.assert_allclose(ours_loss, xla_loss, rtol=1e-4)
+  for want, got in zip(jax.tree_util.tree_leaves((xla_vars, xla_grads)),
+                       jax.tree_util.tree_leaves((ours_vars, ours_grads))):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+
+
+@needs_onednn
+def test_bfloat16_goes_to_the_torch_path():
+  images = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+  weights = jnp.ones((4, 3, 3, 4), jnp.bfloat16)
+  conv = lambda x, w: onednn_conv.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'OHWI', 'NHWC'))
+  text = jax.jit(conv).lower(images, weights).as_text()
+  assert 'pcl_onednn' not in text
+  np.testing.assert_allclose(np.asarray(jax.jit(conv)(images, weights), np.float32),
+                             np.asarray(_xla(images, weights, 1, 1), np.float32))
+
+
+def test_missing_onednn_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(onednn_conv, '_onednn_prefix', lambda: None)
+  with pytest.raises(ValueError, match=r'model.conv_impl=onednn cannot run here.*pip install '
+                                       r'onednn-cpu-gomp'):
+    cpu_conv.resolve_conv_impl('onednn')
