@@ -38,6 +38,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -194,8 +195,9 @@ def main():
   parser.add_argument('--steps', type=int, default=10, help='steps for the step/loader rates')
   parser.add_argument('--epoch-steps', type=int, default=0,
                       help='cap on M-steps in the timed epoch (0: the full epoch)')
-  parser.add_argument('--conv-impl', default='auto', choices=['auto', 'xla', 'torch'],
-                      help='model.conv_impl (auto: PyTorch kernels on one CPU device)')
+  parser.add_argument('--conv-impl', default='auto', choices=list(configuration.CONV_IMPLS),
+                      help='model.conv_impl (auto: oneDNN custom calls, else PyTorch kernels, on '
+                      'one CPU device)')
   parser.add_argument('--augment-on-device', action='store_true',
                       help='data.augment_on_device: the augmentation in the jitted step, the '
                       'loader only draws the random choices')
