@@ -8,6 +8,7 @@
 // _TORCH_LOCK). Primitives are created once per shape and cached for the process.
 #include <cstdio>
 #include <memory>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -80,17 +81,31 @@ memory prepared(bool needed, memory& scratch, const memory& plain, stream& s) {
   return scratch;
 }
 
+// oneDNN reports failures as C++ exceptions, which must not cross the C boundary into XLA: each
+// handler runs its body here and returns them as FFI errors (the step then fails with the text).
+template <typename Body>
+ffi::Error guarded(const char* what, Body body) {
+  try {
+    std::lock_guard<std::mutex> guard(lock());
+    body();
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN convolution ") + what + ": " + e.what());
+  }
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                    int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  std::lock_guard<std::mutex> guard(lock());
-  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-  stream s(cpu());
-  memory weights = prepared(c.reorder_forward, c.forward_weights,
-                            view(c.plain_weights, w.typed_data()), s);
-  c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
-                        {DNNL_ARG_DST, view(c.dst, y->typed_data())}});
-  s.wait();
-  return ffi::Error::Success();
+  return guarded("forward", [&] {
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+    stream s(cpu());
+    memory weights = prepared(c.reorder_forward, c.forward_weights,
+                              view(c.plain_weights, w.typed_data()), s);
+    c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
+                          {DNNL_ARG_DST, view(c.dst, y->typed_data())}});
+    s.wait();
+  });
 }
 
 void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
@@ -104,28 +119,28 @@ void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
 ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                     int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  std::lock_guard<std::mutex> guard(lock());
-  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-  stream s(cpu());
-  memory weights = prepared(c.reorder_backward, c.backward_weights_in,
-                            view(c.plain_weights, w.typed_data()), s);
-  c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
-                              {DNNL_ARG_WEIGHTS, weights},
-                              {DNNL_ARG_DIFF_SRC, view(c.src, dx->typed_data())}});
-  kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
-  s.wait();
-  return ffi::Error::Success();
+  return guarded("backward", [&] {
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+    stream s(cpu());
+    memory weights = prepared(c.reorder_backward, c.backward_weights_in,
+                              view(c.plain_weights, w.typed_data()), s);
+    c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
+                                {DNNL_ARG_WEIGHTS, weights},
+                                {DNNL_ARG_DIFF_SRC, view(c.src, dx->typed_data())}});
+    kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
+    s.wait();
+  });
 }
 
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw) {
-  std::lock_guard<std::mutex> guard(lock());
-  Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-  stream s(cpu());
-  kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
-  s.wait();
-  return ffi::Error::Success();
+  return guarded("d kernel", [&] {
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+    stream s(cpu());
+    kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
+    s.wait();
+  });
 }
 
 }  // namespace
