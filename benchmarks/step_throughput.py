@@ -7,8 +7,8 @@ Both sides do the same work per step: momentum update of the key encoder, key fo
 BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (momentum, weight
 decay), enqueue. The JAX step is timed with `model.conv_impl=auto` (on one CPU device: oneDNN
 custom calls, `pcl_jax.onednn_conv`, where they build) and with each host or XLA kernel: torch
-(PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`) and xla (XLA's own). The PyTorch side is what a PyTorch user would run on this machine: eager
-mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
+(PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`) and xla (XLA's own). The PyTorch side is
+what a PyTorch user would run on this machine: eager mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
 runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
 faster PyTorch one (>= 1.0 means JAX is at least as fast). Then (--interleaved ROUNDS, default

@@ -5,10 +5,11 @@
 //
 // One mutex serialises the calls: XLA may run independent ops concurrently, and two all-core
 // OpenMP regions at once on the same cores are slower than one after the other (as cpu_conv's
-// _TORCH_LOCK). Primitives are created once per shape and cached for the process.
+// _TORCH_LOCK). Primitives and weight reorders are created once per shape and cached for the
+// process.
 #include <cstdio>
-#include <memory>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -23,21 +24,33 @@ using dt = memory::data_type;
 
 namespace {
 
-// Primitives for one convolution shape; weights go through oneDNN's preferred layout (a plain
-// OHWI weight makes oneDNN 3.2 pick a reference kernel).
+// Primitives for one convolution shape. Weights go through the layout each primitive prefers
+// (a plain OHWI weight makes oneDNN 3.2 pick a reference kernel): the scratch memories hold
+// them there, and the reorders, made once here too, copy into or out of them. An empty reorder
+// means the preferred layout is plain OHWI and no copy is needed.
 struct Conv {
   memory::desc src, dst, plain_weights;
   convolution_forward forward;
   convolution_backward_data backward_data;
   convolution_backward_weights backward_weights;
   memory forward_weights, backward_weights_in, diff_weights;
-  bool reorder_forward, reorder_backward, reorder_diff;
+  reorder to_forward, to_backward, from_diff;
 };
 
 engine& cpu() { static engine e(engine::kind::cpu, 0); return e; }
 std::mutex& lock() { static std::mutex m; return m; }
 
 using Dims = ffi::Buffer<ffi::F32>::Dimensions;
+
+// Sets `scratch` (memory in `layout`) and `copy` (the reorder from plain OHWI into `layout`, or
+// out of it); leaves both empty when `layout` is plain OHWI already.
+void stage(const memory::desc& layout, const memory::desc& plain, bool into_layout,
+           memory& scratch, reorder& copy) {
+  if (layout == plain) return;
+  scratch = memory(layout, cpu());
+  copy = into_layout ? reorder(reorder::primitive_desc(cpu(), plain, cpu(), layout))
+                     : reorder(reorder::primitive_desc(cpu(), layout, cpu(), plain));
+}
 
 Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
@@ -63,31 +76,34 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   c->forward = convolution_forward(fpd);
   c->backward_data = convolution_backward_data(dpd);
   c->backward_weights = convolution_backward_weights(wpd);
-  c->reorder_forward = fpd.weights_desc() != c->plain_weights;
-  c->reorder_backward = dpd.weights_desc() != c->plain_weights;
-  c->reorder_diff = wpd.diff_weights_desc() != c->plain_weights;
-  if (c->reorder_forward) c->forward_weights = memory(fpd.weights_desc(), cpu());
-  if (c->reorder_backward) c->backward_weights_in = memory(dpd.weights_desc(), cpu());
-  if (c->reorder_diff) c->diff_weights = memory(wpd.diff_weights_desc(), cpu());
+  stage(fpd.weights_desc(), c->plain_weights, true, c->forward_weights, c->to_forward);
+  stage(dpd.weights_desc(), c->plain_weights, true, c->backward_weights_in, c->to_backward);
+  stage(wpd.diff_weights_desc(), c->plain_weights, false, c->diff_weights, c->from_diff);
   slot = std::move(c);
   return *slot;
 }
 
 memory view(const memory::desc& md, void* data) { return memory(md, cpu(), data); }
 
-memory prepared(bool needed, memory& scratch, const memory& plain, stream& s) {
-  if (!needed) return plain;
-  reorder(plain, scratch).execute(s, const_cast<memory&>(plain), scratch);
+// The weights `plain` in the layout a primitive wants: `plain` itself, or `scratch` after `copy`.
+memory prepared(const reorder& copy, memory& scratch, memory plain, stream& s) {
+  if (!copy) return plain;
+  copy.execute(s, plain, scratch);
   return scratch;
 }
 
-// oneDNN reports failures as C++ exceptions, which must not cross the C boundary into XLA: each
-// handler runs its body here and returns them as FFI errors (the step then fails with the text).
+// Runs a handler's body on the cached primitives of its shape, under the lock, and waits for
+// it. oneDNN reports failures as C++ exceptions, which must not cross the C boundary into XLA:
+// they come back as FFI errors (the step then fails with their text).
 template <typename Body>
-ffi::Error guarded(const char* what, Body body) {
+ffi::Error guarded(const char* what, Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph,
+                   int64_t pw, Body body) {
   try {
     std::lock_guard<std::mutex> guard(lock());
-    body();
+    Conv& c = conv_for(x, w, sh, sw, ph, pw);
+    stream s(cpu());
+    body(c, s);
+    s.wait();
     return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -97,49 +113,43 @@ ffi::Error guarded(const char* what, Body body) {
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                    int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  return guarded("forward", [&] {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-    stream s(cpu());
-    memory weights = prepared(c.reorder_forward, c.forward_weights,
+  return guarded("forward", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
+                 [&](Conv& c, stream& s) {
+    memory weights = prepared(c.to_forward, c.forward_weights,
                               view(c.plain_weights, w.typed_data()), s);
     c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
                           {DNNL_ARG_DST, view(c.dst, y->typed_data())}});
-    s.wait();
   });
 }
 
 void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
   memory plain = view(c.plain_weights, dw);
-  memory target = c.reorder_diff ? c.diff_weights : plain;
+  memory target = c.from_diff ? c.diff_weights : plain;
   c.backward_weights.execute(s, {{DNNL_ARG_SRC, view(c.src, x)}, {DNNL_ARG_DIFF_DST, view(c.dst, g)},
                                  {DNNL_ARG_DIFF_WEIGHTS, target}});
-  if (c.reorder_diff) reorder(c.diff_weights, plain).execute(s, c.diff_weights, plain);
+  if (c.from_diff) c.from_diff.execute(s, c.diff_weights, plain);
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                     int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  return guarded("backward", [&] {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-    stream s(cpu());
-    memory weights = prepared(c.reorder_backward, c.backward_weights_in,
+  return guarded("backward", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
+                 [&](Conv& c, stream& s) {
+    memory weights = prepared(c.to_backward, c.backward_weights_in,
                               view(c.plain_weights, w.typed_data()), s);
     c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
                                 {DNNL_ARG_WEIGHTS, weights},
                                 {DNNL_ARG_DIFF_SRC, view(c.src, dx->typed_data())}});
     kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
-    s.wait();
   });
 }
 
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw) {
-  return guarded("d kernel", [&] {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
-    stream s(cpu());
+  return guarded("d kernel", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
+                 [&](Conv& c, stream& s) {
     kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
-    s.wait();
   });
 }
 

@@ -12,6 +12,7 @@ import pytest
 from pcl_jax import configuration
 from pcl_jax import cpu_conv
 from pcl_jax import models
+from pcl_jax import onednn_conv
 
 from configs import test as test_config
 
@@ -124,13 +125,20 @@ def test_unsupported_cases_fall_back_to_xla():
             x, k, (1, 1), dimension_numbers=NHWC, **case))(x, kernel))
 
 
-@pytest.mark.parametrize('arch,size', [('conv4', 16), ('resnet18', 16)])
-def test_encoder_train_step_gradients_match_xla(arch, size):
-  """The whole encoder: embeddings, BN statistics and parameter gradients agree."""
+_ONEDNN_AVAILABLE, _ONEDNN_WHY_NOT = onednn_conv.onednn_conv_available()
+
+
+@pytest.mark.parametrize('arch,size,host_impl', [
+    ('conv4', 16, 'torch'), ('resnet18', 16, 'torch'),
+    pytest.param('resnet18', 16, 'onednn', marks=pytest.mark.skipif(
+        not _ONEDNN_AVAILABLE, reason=f'onednn conv unavailable: {_ONEDNN_WHY_NOT}'))])
+def test_encoder_train_step_gradients_match_xla(arch, size, host_impl):
+  """The whole encoder on host kernels (torch, or oneDNN's custom calls): embeddings, BN
+  statistics and parameter gradients agree with XLA's convolutions."""
   rng = np.random.default_rng(4)
   images = jnp.asarray(rng.normal(size=(4, size, size, 3)), jnp.float32)
   results = {}
-  for impl in ('xla', 'torch'):
+  for impl in ('xla', host_impl):
     model = models.create_encoder(arch, dim=8, small_stem=True, width=8, bn_groups=2,
                                   conv_impl=impl)
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
@@ -141,10 +149,10 @@ def test_encoder_train_step_gradients_match_xla(arch, size):
       return jnp.sum(out[:, 0] - out[:, 1] ** 2), new_vars
     results[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
   (xla_loss, xla_vars), xla_grads = results['xla']
-  (torch_loss, torch_vars), torch_grads = results['torch']
-  np.testing.assert_allclose(torch_loss, xla_loss, rtol=1e-4)
+  (host_loss, host_vars), host_grads = results[host_impl]
+  np.testing.assert_allclose(host_loss, xla_loss, rtol=1e-4)
   for want, got in zip(jax.tree_util.tree_leaves((xla_vars, xla_grads)),
-                       jax.tree_util.tree_leaves((torch_vars, torch_grads))):
+                       jax.tree_util.tree_leaves((host_vars, host_grads))):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
 
 
@@ -168,7 +176,6 @@ def test_the_first_layers_image_gradient_is_not_computed(monkeypatch):
 
 def test_auto_resolves_to_host_kernels_on_one_cpu_device(monkeypatch):
   """auto: oneDNN's custom calls where they build, else PyTorch's kernels."""
-  from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top
   expected = 'onednn' if onednn_conv.onednn_conv_available(build=True)[0] else 'torch'
   assert cpu_conv.resolve_conv_impl('auto') == expected
   monkeypatch.setattr(onednn_conv, '_compiler', lambda: None)

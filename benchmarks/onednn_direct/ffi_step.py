@@ -12,20 +12,14 @@ import os
 import statistics
 import sys
 
-# Before JAX starts: the thread count pcl_jax.main would pick (host_threads: one XLA thread for a
-# ResNet with host convolutions, XLA's default for Conv4).
-if 'conv4' not in sys.argv:
-  os.environ.setdefault('PJRT_NPROC', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top  (pcl_jax first)
+from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
 
-CASES = {'resnet18': dict(arch='resnet18', image_size=32, batch=64, width=64, small_stem=True,
-                          num_negatives=640),
-         'resnet18_84': dict(arch='resnet18', image_size=84, batch=96, width=64, small_stem=False,
-                             num_negatives=960),
-         'conv4': dict(arch='conv4', image_size=84, batch=64, width=64, small_stem=False,
-                       num_negatives=640)}
+# step_throughput's cases, plus the mini-ImageNet step: (arch, size, batch, width, small stem).
+CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput.CASES['conv4'],
+         'resnet18_84': ('resnet18', 84, 96, 64, False)}
 
 
 def main():
@@ -34,15 +28,20 @@ def main():
   parser.add_argument('--rounds', type=int, default=8)
   parser.add_argument('--steps', type=int, default=3, help='steps per side per round')
   args = parser.parse_args()
-  common = dict(CASES[args.case], warmup=4, dtype='float32', bn_groups=4)
+  arch, size, batch, width, small_stem = CASES[args.case]
+  # Before JAX starts its CPU client, as pcl_jax.main does: one XLA thread for a ResNet on host
+  # kernels, XLA's default for Conv4 (the same for both sides).
+  host_threads.limit_xla_threads('onednn', arch)
+  common = dict(arch=arch, image_size=size, batch=batch, width=width, small_stem=small_stem,
+                num_negatives=batch * 10, warmup=4, dtype='float32', bn_groups=4)
   runners = {impl: step_throughput._jax_step_runner(conv_impl=impl, **common)  # pylint: disable=protected-access
              for impl in ('torch', 'onednn')}
   rates = {impl: [] for impl in runners}
   for round_ in range(args.rounds):
     for impl in (list(runners) if round_ % 2 == 0 else list(runners)[::-1]):
       rates[impl].append(runners[impl](args.steps))
-  print(f'{args.case}: JAX step img/s, PJRT_NPROC={os.environ.get("PJRT_NPROC", "default")}, {args.rounds} '
-        f'alternating rounds of {args.steps} steps')
+  print(f'{args.case}: JAX step img/s, PJRT_NPROC={os.environ.get("PJRT_NPROC", "default")}, '
+        f'{args.rounds} alternating rounds of {args.steps} steps')
   for impl, values in rates.items():
     print(f'  conv_impl={impl:7} median {statistics.median(values):6.1f}  ('
           + ' '.join(f'{v:.1f}' for v in values) + ')')
