@@ -21,6 +21,7 @@ from pcl_jax import configuration
 from pcl_jax import cpu_conv
 from pcl_jax import fused_batch_norm
 from pcl_jax import max_pool
+from pcl_jax import onednn_batch_norm
 
 ARCHS = configuration.ARCHS
 
@@ -41,7 +42,9 @@ class GroupedBatchNorm(nn.Module):
   Running statistics follow PyTorch (momentum 0.1 on the new value, unbiased variance) so a
   converted reference checkpoint behaves the same. With `num_groups=1` this is plain BatchNorm.
   With `relu_max_pool` it returns max_pool_2x2(relu(BN(x))), in training as one fused op
-  (`fused_batch_norm`: a few passes over the activations instead of a dozen).
+  (`fused_batch_norm`: a few passes over the activations instead of a dozen); with `relu`,
+  relu(BN(x)). `impl='onednn'` runs float32 NHWC training on oneDNN's batch norm
+  (`onednn_batch_norm`; what `model.conv_impl=onednn` picks), else XLA's ops.
   """
   use_running_average: bool
   num_groups: int = 1
@@ -50,6 +53,8 @@ class GroupedBatchNorm(nn.Module):
   dtype: Any = jnp.float32
   zero_scale: bool = False
   relu_max_pool: bool = False
+  relu: bool = False
+  impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, input_bias=None):
@@ -67,16 +72,22 @@ class GroupedBatchNorm(nn.Module):
       inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
       shift = bias - (running_mean.value - input_bias) * inv
       out = (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(self.dtype)
-      return max_pool_2x2(nn.relu(out)) if self.relu_max_pool else out
+      if self.relu_max_pool:
+        return max_pool_2x2(nn.relu(out))
+      return nn.relu(out) if self.relu else out
 
     if self.relu_max_pool:
       out, mean, var = fused_batch_norm.batch_norm_relu_max_pool(x, scale, bias, self.num_groups,
                                                                  self.epsilon)
+    elif self.impl == 'onednn' and x.dtype == jnp.float32 and x.ndim == 4:
+      out, mean, var = onednn_batch_norm.batch_norm(x, scale, bias, self.num_groups,
+                                                    self.epsilon, self.relu)
     else:
       grouped, mean, var = fused_batch_norm.group_statistics(x, self.num_groups)
       inv = jax.lax.rsqrt(var + self.epsilon) * scale
       per_group = functools.partial(fused_batch_norm.per_group, ndim=grouped.ndim)
       out = (grouped * per_group(inv) + per_group(bias - mean * inv)).reshape(x.shape)
+      out = nn.relu(out) if self.relu else out
     if not self.is_initializing():
       count = x.size // (self.num_groups * features)
       unbiased = var.mean(0) * count / max(count - 1, 1)
@@ -126,7 +137,7 @@ class BasicBlock(_ResidualBlock):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(x)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
     return self._add_shortcut(x, self.norm()(y))
 
@@ -137,9 +148,9 @@ class Bottleneck(_ResidualBlock):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1), padding='VALID')(x)))
+    y = self.norm(relu=True)(self.conv(self.filters, (1, 1), padding='VALID')(x))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(y)
-    y = nn.relu(self.norm()(y))
+    y = self.norm(relu=True)(y)
     y = self.norm()(self.conv(self.filters * 4, (1, 1), padding='VALID')(y))
     return self._add_shortcut(x, y)
 
@@ -158,14 +169,15 @@ class ResNetBackbone(nn.Module):
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, dtype=self.dtype, conv_impl=self.conv_impl)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
-                             num_groups=self.bn_groups, dtype=self.dtype)
+                             num_groups=self.bn_groups, dtype=self.dtype,
+                             impl='onednn' if self.conv_impl == 'onednn' else 'xla')
     x = x.astype(self.dtype)
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=_pad(3), name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = norm(name='stem_bn', relu=True)(x)
     else:
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
-      x = nn.relu(norm(name='stem_bn')(x))
+      x = norm(name='stem_bn', relu=True)(x)
       x = max_pool.max_pool(x, window=3, stride=2, padding=1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):

@@ -3,22 +3,17 @@
 // Every result is written straight into XLA's output buffer, which cpu_conv's torch calls cannot
 // do (torch allocates its own result, then cpu_conv copies it).
 //
-// One mutex serialises the calls: XLA may run independent ops concurrently, and two all-core
-// OpenMP regions at once on the same cores are slower than one after the other (as cpu_conv's
-// _TORCH_LOCK). Primitives and weight reorders are created once per shape and cached for the
-// process.
+// Primitives and weight reorders are created once per shape and cached for the process; calls
+// run under onednn_runtime.h's lock.
 #include <cstdio>
-#include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 
-#include <oneapi/dnnl/dnnl.hpp>
-#include "xla/ffi/api/ffi.h"
+#include "onednn_runtime.h"
 
-namespace ffi = xla::ffi;
 using namespace dnnl;
+using namespace pcl_onednn;
 using tag = memory::format_tag;
 using dt = memory::data_type;
 
@@ -37,9 +32,6 @@ struct Conv {
   reorder to_forward, to_backward, from_diff;
 };
 
-engine& cpu() { static engine e(engine::kind::cpu, 0); return e; }
-std::mutex& lock() { static std::mutex m; return m; }
-
 using Dims = ffi::Buffer<ffi::F32>::Dimensions;
 
 // Sets `scratch` (memory in `layout`) and `copy` (the reorder from plain OHWI into `layout`, or
@@ -52,6 +44,7 @@ void stage(const memory::desc& layout, const memory::desc& plain, bool into_layo
                      : reorder(reorder::primitive_desc(cpu(), layout, cpu(), plain));
 }
 
+// The cached primitives of one shape (callers hold the lock).
 Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
   char key[256];
@@ -83,8 +76,6 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   return *slot;
 }
 
-memory view(const memory::desc& md, void* data) { return memory(md, cpu(), data); }
-
 // The weights `plain` in the layout a primitive wants: `plain` itself, or `scratch` after `copy`.
 memory prepared(const reorder& copy, memory& scratch, memory plain, stream& s) {
   if (!copy) return plain;
@@ -92,29 +83,10 @@ memory prepared(const reorder& copy, memory& scratch, memory plain, stream& s) {
   return scratch;
 }
 
-// Runs a handler's body on the cached primitives of its shape, under the lock, and waits for
-// it. oneDNN reports failures as C++ exceptions, which must not cross the C boundary into XLA:
-// they come back as FFI errors (the step then fails with their text).
-template <typename Body>
-ffi::Error guarded(const char* what, Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph,
-                   int64_t pw, Body body) {
-  try {
-    std::lock_guard<std::mutex> guard(lock());
-    Conv& c = conv_for(x, w, sh, sw, ph, pw);
-    stream s(cpu());
-    body(c, s);
-    s.wait();
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("oneDNN convolution ") + what + ": " + e.what());
-  }
-}
-
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                    int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  return guarded("forward", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
-                 [&](Conv& c, stream& s) {
+  return guarded("convolution forward", [&](stream& s) {
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
     memory weights = prepared(c.to_forward, c.forward_weights,
                               view(c.plain_weights, w.typed_data()), s);
     c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
@@ -133,8 +105,8 @@ void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
 ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                     int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
-  return guarded("backward", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
-                 [&](Conv& c, stream& s) {
+  return guarded("convolution backward", [&](stream& s) {
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
     memory weights = prepared(c.to_backward, c.backward_weights_in,
                               view(c.plain_weights, w.typed_data()), s);
     c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
@@ -147,9 +119,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffe
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw) {
-  return guarded("d kernel", x.dimensions(), w.dimensions(), sh, sw, ph, pw,
-                 [&](Conv& c, stream& s) {
-    kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
+  return guarded("convolution d kernel", [&](stream& s) {
+    kernel_grad(conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw), s, g.typed_data(),
+                x.typed_data(), dw->typed_data());
   });
 }
 

@@ -37,11 +37,17 @@ import numpy as np
 
 from pcl_jax import cpu_conv
 
-SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
+# The custom-call library: these convolutions and `onednn_batch_norm`'s, sharing one lock.
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / 'onednn_conv.cc', _HERE / 'onednn_batch_norm.cc')
+HEADERS = (_HERE / 'onednn_runtime.h',)
 INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 '
                 '(requirements.txt) and a C++ compiler (g++)')
+# Registered name (pcl_onednn_<name>) -> handler symbol.
 _TARGETS = {'forward': 'PclConvForward', 'backward': 'PclConvBackward',
-            'backward_kernel': 'PclConvBackwardKernel'}
+            'backward_kernel': 'PclConvBackwardKernel',
+            'batch_norm_forward': 'PclBatchNormForward',
+            'batch_norm_backward': 'PclBatchNormBackward'}
 
 
 def _onednn_prefix() -> Optional[pathlib.Path]:
@@ -90,7 +96,8 @@ def library_path() -> pathlib.Path:
   if prefix is None or _compiler() is None:
     raise RuntimeError(f'model.conv_impl=onednn needs oneDNN and a compiler: {INSTALL_HINT}')
   include = jax.ffi.include_dir()
-  digest = hashlib.sha256(SOURCE.read_bytes() + f'{jax.__version__} {include} {prefix}'.encode())
+  code = b''.join(path.read_bytes() for path in SOURCES + HEADERS)
+  digest = hashlib.sha256(code + f'{jax.__version__} {include} {prefix}'.encode())
   target = _cache_dir() / f'onednn_conv-{digest.hexdigest()[:16]}.so'
   if target.exists():
     return target
@@ -98,31 +105,37 @@ def library_path() -> pathlib.Path:
   # Build beside the target and rename: concurrent processes never load a half-written file.
   with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
     built = pathlib.Path(scratch) / target.name
-    command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', str(SOURCE),
+    command = [_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', *map(str, SOURCES),
                f'-I{prefix / "include"}', f'-I{include}', f'-L{prefix / "lib"}', '-ldnnl',
                f'-Wl,-rpath,{prefix / "lib"}', '-o', str(built)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
-      raise RuntimeError(f'building {SOURCE.name} failed ({" ".join(command)}):\n'
+      raise RuntimeError(f'building {", ".join(path.name for path in SOURCES)} failed ({" ".join(command)}):\n'
                          f'{result.stderr[-3000:]}')
     os.replace(built, target)
   return target
 
 
 @functools.lru_cache(maxsize=None)
-def register() -> None:
+def register() -> ctypes.CDLL:
   """Loads the library and registers its custom calls with XLA (once per process)."""
   library = ctypes.cdll.LoadLibrary(str(library_path()))
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(f'pcl_onednn_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
+  return library
+
+
+def call(name: str, results, *operands, **attributes):
+  """The custom call `pcl_onednn_<name>` (registering the library first)."""
+  register()
+  return jax.ffi.ffi_call(f'pcl_onednn_{name}', results)(*operands, **attributes)
 
 
 def _call(name: str, results, *operands, stride, padding):
-  register()
-  return jax.ffi.ffi_call(f'pcl_onednn_{name}', results)(
-      *operands, stride_h=np.int64(stride[0]), stride_w=np.int64(stride[1]),
-      pad_h=np.int64(padding[0]), pad_w=np.int64(padding[1]))
+  return call(name, results, *operands, stride_h=np.int64(stride[0]),
+              stride_w=np.int64(stride[1]), pad_h=np.int64(padding[0]),
+              pad_w=np.int64(padding[1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
