@@ -22,6 +22,7 @@ from pcl_jax import cpu_conv
 from pcl_jax import fused_batch_norm
 from pcl_jax import max_pool
 from pcl_jax import onednn_batch_norm
+from pcl_jax import onednn_max_pool
 
 ARCHS = configuration.ARCHS
 
@@ -178,12 +179,19 @@ class ResNetBackbone(nn.Module):
     else:
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
       x = norm(name='stem_bn', relu=True)(x)
-      x = max_pool.max_pool(x, window=3, stride=2, padding=1)
+      x = _max_pool(x, 3, 2, 1, self.conv_impl)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
         x = self.block(self.width * 2**stage, strides, conv, norm)(x)
     return x.mean(axis=(1, 2))
+
+
+def _max_pool(x, window: int, stride: int, padding: int, conv_impl: str):
+  """`max_pool.max_pool`, on oneDNN's pooling where conv_impl is onednn and it takes `x`."""
+  if conv_impl == 'onednn' and onednn_max_pool.supported(x, window, stride, padding):
+    return onednn_max_pool.max_pool(x, window, stride, padding)
+  return max_pool.max_pool(x, window=window, stride=stride, padding=padding)
 
 
 def ohwi_conv_init(key, shape, dtype=jnp.float32):

@@ -37,9 +37,10 @@ import numpy as np
 
 from pcl_jax import cpu_conv
 
-# The custom-call library: these convolutions and `onednn_batch_norm`'s, sharing one lock.
+# The custom-call library: these convolutions, `onednn_batch_norm`'s and `onednn_max_pool`'s,
+# sharing one lock.
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / 'onednn_conv.cc', _HERE / 'onednn_batch_norm.cc')
+SOURCES = (_HERE / 'onednn_conv.cc', _HERE / 'onednn_batch_norm.cc', _HERE / 'onednn_max_pool.cc')
 HEADERS = (_HERE / 'onednn_runtime.h',)
 INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 '
                 '(requirements.txt) and a C++ compiler (g++)')
@@ -47,7 +48,8 @@ INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==20
 _TARGETS = {'forward': 'PclConvForward', 'backward': 'PclConvBackward',
             'backward_kernel': 'PclConvBackwardKernel',
             'batch_norm_forward': 'PclBatchNormForward',
-            'batch_norm_backward': 'PclBatchNormBackward'}
+            'batch_norm_backward': 'PclBatchNormBackward',
+            'max_pool_forward': 'PclMaxPoolForward', 'max_pool_backward': 'PclMaxPoolBackward'}
 
 
 def _onednn_prefix() -> Optional[pathlib.Path]:

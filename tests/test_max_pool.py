@@ -7,6 +7,12 @@ import pytest
 import torch
 
 from pcl_jax import max_pool
+from pcl_jax import models
+from pcl_jax import onednn_conv
+from pcl_jax import onednn_max_pool
+
+ONEDNN, ONEDNN_WHY_NOT = onednn_conv.onednn_conv_available()
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f'onednn unavailable: {ONEDNN_WHY_NOT}')
 
 
 def _numpy_max_pool(x, out_grad, window, stride, padding):
@@ -30,8 +36,10 @@ def _numpy_max_pool(x, out_grad, window, stride, padding):
   return pooled, grad[:, padding:padding + height, padding:padding + width]
 
 
-def _ours(x, out_grad, window, stride, padding):
-  pool = lambda x: max_pool.max_pool(x, window, stride, padding)
+def _ours(x, out_grad, window, stride, padding, impl='jax'):
+  """max_pool's pool, or (impl 'onednn') onednn_max_pool's custom calls."""
+  module = onednn_max_pool if impl == 'onednn' else max_pool
+  pool = lambda x: module.max_pool(x, window, stride, padding)
   pooled, vjp = jax.vjp(jax.jit(pool), jnp.asarray(x))
   return np.asarray(pooled), np.asarray(vjp(jnp.asarray(out_grad))[0])
 
@@ -60,10 +68,13 @@ def _inputs(shape, window, stride, padding, seed=0):
     ((1, 11, 9, 2), 5, 3, 2),    # window wider than twice the stride
     ((1, 9, 9, 1), 3, 3, 0),
 ])
-def test_matches_torch_and_a_numpy_loop(shape, window, stride, padding):
+@pytest.mark.parametrize('impl', ['jax', pytest.param('onednn', marks=needs_onednn)])
+def test_matches_torch_and_a_numpy_loop(shape, window, stride, padding, impl):
   x, out_grad = _inputs(shape, window, stride, padding)
   assert (x == 0).mean() > 0.3  # the ties that the first-max rule decides
-  pooled, grad = _ours(x, out_grad, window, stride, padding)
+  if impl == 'onednn' and not onednn_max_pool.supported(jnp.asarray(x), window, stride, padding):
+    pytest.skip('floor mode leaves a negative bottom/right padding: the model uses max_pool')
+  pooled, grad = _ours(x, out_grad, window, stride, padding, impl)
   want_pooled, want_grad = _numpy_max_pool(x, out_grad, window, stride, padding)
   torch_pooled, torch_grad = _torch(x, out_grad, window, stride, padding)
   np.testing.assert_array_equal(pooled, want_pooled)
@@ -94,3 +105,26 @@ def test_bfloat16_pools_in_bfloat16():
 def test_bad_arguments_are_a_clear_error(window, stride, padding):
   with pytest.raises(ValueError, match=f'max_pool\\(window={window}, stride={stride}'):
     max_pool.max_pool(jnp.zeros((1, 16, 16, 1)), window, stride, padding)
+
+
+@needs_onednn
+def test_onednn_pool_takes_what_floor_mode_allows():
+  """`supported`: float32 NHWC whose last window starts inside the input; the rest (a 7-wide
+  input pooled 2/2 drops a column, bfloat16) stays on max_pool."""
+  assert onednn_max_pool.supported(jnp.zeros((1, 42, 42, 4)), 3, 2, 1)
+  assert not onednn_max_pool.supported(jnp.zeros((1, 7, 7, 4)), 2, 2, 0)
+  assert not onednn_max_pool.supported(jnp.zeros((1, 8, 8, 4), jnp.bfloat16), 3, 2, 1)
+
+
+@needs_onednn
+def test_resnet_stem_pool_runs_on_onednn_with_conv_impl_onednn():
+  images = jnp.ones((2, 32, 32, 3))
+  for conv_impl, expected in (('onednn', True), ('xla', False)):
+    model = models.create_encoder('resnet18', dim=4, width=4, conv_impl=conv_impl)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    grad = jax.jit(jax.grad(lambda p, model=model, variables=variables: model.apply(
+        {'params': p, 'batch_stats': variables['batch_stats']}, images, train=True,
+        mutable=['batch_stats'])[0].sum()))
+    text = grad.lower(variables['params']).as_text()
+    assert ('pcl_onednn_max_pool_forward' in text) == expected
+    assert ('pcl_onednn_max_pool_backward' in text) == expected
