@@ -40,9 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.small_stem = False  # 3x3 stride-1 stem without max-pool (small images)
   config.model.width = 64  # channels of Conv4 / first ResNet stage
   # Convolution kernels: xla | torch (PyTorch's oneDNN CPU kernels via a host callback, ~2x
-  # faster on CPU; single CPU device only) | onednn (oneDNN itself as XLA custom calls, float32:
-  # steps ~1.05-1.1x torch's; needs a C++ compiler, pcl_jax/onednn_conv.py) | auto (on a single
-  # CPU device onednn where it builds, else torch; else xla).
+  # faster on CPU; single CPU device only) | onednn (oneDNN itself as XLA custom calls, float32,
+  # for a ResNet's BN + ReLU and stem pool too: pcl_jax/onednn_*.py; needs a C++ compiler) |
+  # auto (on a single CPU device onednn where it builds, else torch; else xla).
   config.model.conv_impl = 'auto'
   # XLA's CPU thread pool: 0 chooses (1 when torch runs a ResNet's convolutions, so one OpenMP
   # team serves them; else a thread per core; pcl_jax/host_threads.py), N > 0 sets N threads.

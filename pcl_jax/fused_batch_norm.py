@@ -47,6 +47,18 @@ def per_group(values: jax.Array, ndim: int = 5) -> jax.Array:
   return values.reshape((values.shape[0],) + (1,) * (ndim - 2) + (values.shape[-1],))
 
 
+def grouped_batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                       epsilon: float, relu: bool = False):
+  """Training BN (then ReLU if `relu`) in XLA's ops, statistics per group of samples:
+  (output [B, ...] float32, mean [G, C], biased variance [G, C]). `onednn_batch_norm` is the
+  same contract on oneDNN."""
+  grouped, mean, var = group_statistics(x, num_groups)
+  gain = jax.lax.rsqrt(var + epsilon) * scale
+  ndim = grouped.ndim
+  out = (grouped * per_group(gain, ndim) + per_group(bias - mean * gain, ndim)).reshape(x.shape)
+  return (jnp.maximum(out, 0.0) if relu else out), mean, var
+
+
 def _windows(grouped: jax.Array):
   """The four strided views [G, b, H/2, W/2, C] of a grouped NHWC tensor, odd edges dropped."""
   height, width = grouped.shape[2] // 2 * 2, grouped.shape[3] // 2 * 2

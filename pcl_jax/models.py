@@ -84,11 +84,8 @@ class GroupedBatchNorm(nn.Module):
       out, mean, var = onednn_batch_norm.batch_norm(x, scale, bias, self.num_groups,
                                                     self.epsilon, self.relu)
     else:
-      grouped, mean, var = fused_batch_norm.group_statistics(x, self.num_groups)
-      inv = jax.lax.rsqrt(var + self.epsilon) * scale
-      per_group = functools.partial(fused_batch_norm.per_group, ndim=grouped.ndim)
-      out = (grouped * per_group(inv) + per_group(bias - mean * inv)).reshape(x.shape)
-      out = nn.relu(out) if self.relu else out
+      out, mean, var = fused_batch_norm.grouped_batch_norm(x, scale, bias, self.num_groups,
+                                                           self.epsilon, self.relu)
     if not self.is_initializing():
       count = x.size // (self.num_groups * features)
       unbiased = var.mean(0) * count / max(count - 1, 1)

@@ -7,12 +7,12 @@ activations twice forward and twice backward on every core, with the ReLU fused 
 the 2-core test machine (session 11), one 64x32x32x64 BN + ReLU: 1.17 ms forward and 6.4 ms
 forward + backward in XLA against 0.31 and 0.71 ms in oneDNN.
 
-Semantics are `models.GroupedBatchNorm`'s: statistics per group of consecutive samples
-(shuffle-BN's emulation), biased variance, float32; `relu` fuses relu(BN(x)), its gradient masked
-by the outputs the ReLU zeroed (oneDNN's workspace). The custom calls live in
-`onednn_batch_norm.cc`, built into `onednn_conv`'s library (one lock for both, so a BN never
-runs beside a convolution). Used where `model.conv_impl` resolves to onednn, for float32 NHWC;
-the model falls back to its XLA batch norm otherwise.
+Semantics are `fused_batch_norm.grouped_batch_norm`'s (GroupedBatchNorm's XLA path):
+statistics per group of consecutive samples (shuffle-BN's emulation), biased variance, float32;
+`relu` fuses relu(BN(x)), its gradient masked by the outputs the ReLU zeroed (oneDNN's
+workspace). The custom calls live in `onednn_batch_norm.cc`, built into `onednn_conv`'s library
+(one lock for all, so a BN never runs beside a convolution). Used where `model.conv_impl`
+resolves to onednn, for float32 NHWC training; the model falls back to XLA's BN otherwise.
 """
 
 import ctypes

@@ -14,6 +14,10 @@ g++). The shared library is built once per source and jaxlib version into
 `$PCL_JAX_CACHE` (default ~/.cache/pcl_jax), in ~5 s. libdnnl uses GNU OpenMP; with torch
 imported first its `libgomp.so.1` is torch's own copy, so the process keeps one OpenMP runtime.
 
+The same library holds `onednn_batch_norm`'s and `onednn_max_pool`'s custom calls (sources
+listed in SOURCES, sharing `onednn_runtime.h`'s engine and lock); this module builds, loads and
+registers it for all three.
+
 Scope: float32, OHWI kernels (pcl_jax's layout), symmetric padding, no dilation or groups.
 Anything else (bfloat16, say) goes to `cpu_conv`'s torch path, and from there to XLA, so the
 function is always safe to call. Like `cpu_conv`, one CPU device only.
