@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _output_size(size: int, window: int, stride: int, padding: int) -> int:
+def output_size(size: int, window: int, stride: int, padding: int) -> int:
+  """Pooled length of `size` (floor mode, as PyTorch)."""
   return (size + 2 * padding - window) // stride + 1
 
 
@@ -26,8 +27,8 @@ def _window_slices(x, window: int, stride: int, padding: int):
   """The window*window strided views of the -inf-padded NHWC `x`, one per offset (dy, dx) in
   row-major order: slice [dy*window+dx][b, oy, ox, c] = padded[b, stride*oy+dy, stride*ox+dx, c]."""
   _, height, width, _ = x.shape
-  out_h = _output_size(height, window, stride, padding)
-  out_w = _output_size(width, window, stride, padding)
+  out_h = output_size(height, window, stride, padding)
+  out_w = output_size(width, window, stride, padding)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
                    constant_values=-jnp.inf)
   rows, columns = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1

@@ -22,8 +22,7 @@ namespace {
 // Primitives for one group shape [n, h, w, c] (n: samples per group).
 struct Norm {
   memory::desc data, channels, workspace;
-  batch_normalization_forward forward;
-  batch_normalization_backward backward;
+  primitive forward, backward;
   size_t workspace_bytes = 0;  // per group; 0 without the ReLU
 };
 
@@ -61,36 +60,43 @@ Norm& norm_for(int64_t n, int64_t h, int64_t w, int64_t c, float epsilon, bool r
 using Data = ffi::Buffer<ffi::F32>;
 using Channels = ffi::Buffer<ffi::F32>;
 
-// x is [N, H, W, C] in `groups` groups of N / groups samples.
-struct Groups {
-  int64_t count, samples, elements;  // groups, samples per group, floats per group
-  Groups(Data::Dimensions x, int64_t groups)
-      : count(groups), samples(x[0] / groups), elements(x[1] * x[2] * x[3] * (x[0] / groups)) {}
-};
+using Args = std::unordered_map<int, memory>;
+
+// Runs the primitive `which` of Norm once per group of x [N, H, W, C] (N / groups samples each),
+// under guarded(). `fill(norm, args, data, channels)` adds the group's arguments: `data` and
+// `channels` are its offsets into NHWC buffers and into [G, C] ones; `args` already holds its
+// slice of the ReLU workspace when there is one.
+template <typename Fill>
+ffi::Error each_group(const char* what, primitive Norm::*which, Data::Dimensions x,
+                      int64_t groups, float epsilon, bool relu, uint8_t* workspace, Fill fill) {
+  return guarded(what, [&](stream& s) {
+    const int64_t samples = x[0] / groups, c = x[3];
+    const int64_t elements = samples * x[1] * x[2] * c;
+    Norm& norm = norm_for(samples, x[1], x[2], c, epsilon, relu);
+    for (int64_t i = 0; i < groups; ++i) {
+      Args args;
+      if (relu) {
+        args[DNNL_ARG_WORKSPACE] = view(norm.workspace, workspace + i * norm.workspace_bytes);
+      }
+      fill(norm, args, i * elements, i * c);
+      (norm.*which).execute(s, args);
+    }
+  });
+}
 
 ffi::Error Forward(Data x, Channels scale, Channels shift, ffi::ResultBuffer<ffi::F32> y,
                    ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var,
                    ffi::ResultBuffer<ffi::U8> workspace, int64_t groups, float epsilon,
                    bool relu) {
-  return guarded("batch norm forward", [&](stream& s) {
-    auto dims = x.dimensions();
-    Groups g(dims, groups);
-    const int64_t c = dims[3];
-    Norm& norm = norm_for(g.samples, dims[1], dims[2], c, epsilon, relu);
-    for (int64_t i = 0; i < g.count; ++i) {
-      std::unordered_map<int, memory> args{
-          {DNNL_ARG_SRC, view(norm.data, x.typed_data() + i * g.elements)},
-          {DNNL_ARG_DST, view(norm.data, y->typed_data() + i * g.elements)},
-          {DNNL_ARG_SCALE, view(norm.channels, scale.typed_data())},
-          {DNNL_ARG_SHIFT, view(norm.channels, shift.typed_data())},
-          {DNNL_ARG_MEAN, view(norm.channels, mean->typed_data() + i * c)},
-          {DNNL_ARG_VARIANCE, view(norm.channels, var->typed_data() + i * c)}};
-      if (relu) {
-        args[DNNL_ARG_WORKSPACE] =
-            view(norm.workspace, workspace->typed_data() + i * norm.workspace_bytes);
-      }
-      norm.forward.execute(s, args);
-    }
+  return each_group("batch norm forward", &Norm::forward, x.dimensions(), groups, epsilon, relu,
+                    workspace->typed_data(),
+                    [&](Norm& norm, Args& args, int64_t data, int64_t channels) {
+    args[DNNL_ARG_SRC] = view(norm.data, x.typed_data() + data);
+    args[DNNL_ARG_DST] = view(norm.data, y->typed_data() + data);
+    args[DNNL_ARG_SCALE] = view(norm.channels, scale.typed_data());
+    args[DNNL_ARG_SHIFT] = view(norm.channels, shift.typed_data());
+    args[DNNL_ARG_MEAN] = view(norm.channels, mean->typed_data() + channels);
+    args[DNNL_ARG_VARIANCE] = view(norm.channels, var->typed_data() + channels);
   });
 }
 
@@ -98,27 +104,17 @@ ffi::Error Backward(Data x, Data dy, Channels scale, Channels mean, Channels var
                     ffi::Buffer<ffi::U8> workspace, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift,
                     int64_t groups, float epsilon, bool relu) {
-  return guarded("batch norm backward", [&](stream& s) {
-    auto dims = x.dimensions();
-    Groups g(dims, groups);
-    const int64_t c = dims[3];
-    Norm& norm = norm_for(g.samples, dims[1], dims[2], c, epsilon, relu);
-    for (int64_t i = 0; i < g.count; ++i) {
-      std::unordered_map<int, memory> args{
-          {DNNL_ARG_SRC, view(norm.data, x.typed_data() + i * g.elements)},
-          {DNNL_ARG_DIFF_DST, view(norm.data, dy.typed_data() + i * g.elements)},
-          {DNNL_ARG_SCALE, view(norm.channels, scale.typed_data())},
-          {DNNL_ARG_MEAN, view(norm.channels, mean.typed_data() + i * c)},
-          {DNNL_ARG_VARIANCE, view(norm.channels, var.typed_data() + i * c)},
-          {DNNL_ARG_DIFF_SRC, view(norm.data, dx->typed_data() + i * g.elements)},
-          {DNNL_ARG_DIFF_SCALE, view(norm.channels, dscale->typed_data() + i * c)},
-          {DNNL_ARG_DIFF_SHIFT, view(norm.channels, dshift->typed_data() + i * c)}};
-      if (relu) {
-        args[DNNL_ARG_WORKSPACE] =
-            view(norm.workspace, workspace.typed_data() + i * norm.workspace_bytes);
-      }
-      norm.backward.execute(s, args);
-    }
+  return each_group("batch norm backward", &Norm::backward, x.dimensions(), groups, epsilon,
+                    relu, workspace.typed_data(),
+                    [&](Norm& norm, Args& args, int64_t data, int64_t channels) {
+    args[DNNL_ARG_SRC] = view(norm.data, x.typed_data() + data);
+    args[DNNL_ARG_DIFF_DST] = view(norm.data, dy.typed_data() + data);
+    args[DNNL_ARG_SCALE] = view(norm.channels, scale.typed_data());
+    args[DNNL_ARG_MEAN] = view(norm.channels, mean.typed_data() + channels);
+    args[DNNL_ARG_VARIANCE] = view(norm.channels, var.typed_data() + channels);
+    args[DNNL_ARG_DIFF_SRC] = view(norm.data, dx->typed_data() + data);
+    args[DNNL_ARG_DIFF_SCALE] = view(norm.channels, dscale->typed_data() + channels);
+    args[DNNL_ARG_DIFF_SHIFT] = view(norm.channels, dshift->typed_data() + channels);
   });
 }
 

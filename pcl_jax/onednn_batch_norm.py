@@ -31,13 +31,9 @@ from pcl_jax import onednn_conv
 def _workspace_bytes(samples: int, height: int, width: int, channels: int,
                      epsilon: float) -> int:
   """Bytes of ReLU workspace one group of [samples, height, width, channels] needs."""
-  query = onednn_conv.register().pcl_batch_norm_workspace_bytes
-  query.restype = ctypes.c_int64
-  query.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float]
-  size = query(samples, height, width, channels, epsilon)
-  if size < 0:
-    raise RuntimeError(f'oneDNN has no batch norm for [{samples}, {height}, {width}, {channels}]')
-  return size
+  return onednn_conv.query_bytes(
+      'pcl_batch_norm_workspace_bytes', [ctypes.c_int64] * 4 + [ctypes.c_float], samples, height,
+      width, channels, epsilon, what=f'batch norm for [{samples}, {height}, {width}, {channels}]')
 
 
 def _group_shape(x_shape, num_groups: int) -> Tuple[int, int, int, int]:

@@ -116,7 +116,8 @@ def library_path() -> pathlib.Path:
                f'-Wl,-rpath,{prefix / "lib"}', '-o', str(built)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
-      raise RuntimeError(f'building {", ".join(path.name for path in SOURCES)} failed ({" ".join(command)}):\n'
+      sources = ', '.join(path.name for path in SOURCES)
+      raise RuntimeError(f'building {sources} failed ({" ".join(command)}):\n'
                          f'{result.stderr[-3000:]}')
     os.replace(built, target)
   return target
@@ -130,6 +131,18 @@ def register() -> ctypes.CDLL:
     jax.ffi.register_ffi_target(f'pcl_onednn_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
   return library
+
+
+def query_bytes(symbol: str, argtypes, *args, what: str) -> int:
+  """The library's `int64_t symbol(args...)` that sizes a primitive's workspace (-1: oneDNN
+  cannot make the primitive, a RuntimeError naming `what`)."""
+  query = getattr(register(), symbol)
+  query.restype = ctypes.c_int64
+  query.argtypes = argtypes
+  size = query(*args)
+  if size < 0:
+    raise RuntimeError(f'oneDNN has no {what}')
+  return size
 
 
 def call(name: str, results, *operands, **attributes):

@@ -27,14 +27,9 @@ from pcl_jax import onednn_conv
 
 @functools.lru_cache(maxsize=None)
 def _workspace_bytes(shape, window: int, stride: int, padding: int) -> int:
-  query = onednn_conv.register().pcl_max_pool_workspace_bytes
-  query.restype = ctypes.c_int64
-  query.argtypes = [ctypes.c_int64] * 7
-  size = query(*shape, window, stride, padding)
-  if size < 0:
-    raise RuntimeError(f'oneDNN has no max-pool {window}x{window}/{stride} pad {padding} for '
-                       f'{list(shape)}')
-  return size
+  return onednn_conv.query_bytes(
+      'pcl_max_pool_workspace_bytes', [ctypes.c_int64] * 7, *shape, window, stride, padding,
+      what=f'max-pool {window}x{window}/{stride} pad {padding} for {list(shape)}')
 
 
 def supported(x, window: int, stride: int, padding: int) -> bool:
@@ -42,7 +37,7 @@ def supported(x, window: int, stride: int, padding: int) -> bool:
   negative bottom/right padding (a window never starts past the input)."""
   if x.dtype != jnp.float32 or x.ndim != 4:
     return False
-  return all((max_pool_lib._output_size(size, window, stride, padding) - 1) * stride  # pylint: disable=protected-access
+  return all((max_pool_lib.output_size(size, window, stride, padding) - 1) * stride
              + window - size - padding >= 0 for size in x.shape[1:3])
 
 
@@ -51,7 +46,7 @@ def _attributes(window, stride, padding):
 
 
 def _forward_call(x, window, stride, padding):
-  out_shape = (x.shape[0],) + tuple(max_pool_lib._output_size(size, window, stride, padding)  # pylint: disable=protected-access
+  out_shape = (x.shape[0],) + tuple(max_pool_lib.output_size(size, window, stride, padding)
                                     for size in x.shape[1:3]) + (x.shape[3],)
   workspace = _workspace_bytes(tuple(x.shape), window, stride, padding)
   return onednn_conv.call('max_pool_forward',

@@ -5,8 +5,9 @@ and swapping order every round, so both see the same machine state. One XLA thre
 pcl_jax.main sets for a ResNet with host convolutions (host_threads); XLA's default for Conv4.
 
 With `--layer bn` or `--layer pool`, both steps are conv_impl=onednn and differ in that layer
-only: the BN (+ ReLU) layers in XLA's ops (the formula of models.GroupedBatchNorm) against
-`onednn_batch_norm`, or the stem pool as `max_pool.max_pool` against `onednn_max_pool`.
+only: the BN (+ ReLU) layers in XLA's ops (`fused_batch_norm.grouped_batch_norm`, the model's
+own XLA path) against `onednn_batch_norm`, or the stem pool as `max_pool.max_pool` against
+`onednn_max_pool`.
 
   python benchmarks/onednn_direct/ffi_step.py [--case resnet18|resnet18_84|conv4] [--rounds N]
       [--layer conv|bn|pool]
