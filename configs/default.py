@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width = 64  # channels of Conv4 / first ResNet stage
   # Convolution kernels: xla | torch (PyTorch's oneDNN CPU kernels via a host callback, ~2x
   # faster on CPU; single CPU device only) | onednn (oneDNN itself as XLA custom calls, float32,
-  # for a ResNet's BN + ReLU and stem pool too: pcl_jax/onednn_*.py; needs a C++ compiler) |
+  # for a ResNet's BN + ReLU, stem pool and residual joins too: pcl_jax/onednn_*.py; needs a
+  # C++ compiler) |
   # auto (on a single CPU device onednn where it builds, else torch; else xla).
   config.model.conv_impl = 'auto'
   # XLA's CPU thread pool: 0 chooses (1 when torch runs a ResNet's convolutions, so one OpenMP

@@ -23,6 +23,7 @@ from pcl_jax import fused_batch_norm
 from pcl_jax import max_pool
 from pcl_jax import onednn_batch_norm
 from pcl_jax import onednn_max_pool
+from pcl_jax import onednn_residual
 
 ARCHS = configuration.ARCHS
 
@@ -113,11 +114,13 @@ def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
 
 
 class _ResidualBlock(nn.Module):
-  """What the ResNet blocks share: their fields and the projection shortcut."""
+  """What the ResNet blocks share: their fields, the projection shortcut and the join
+  relu(y + shortcut), on oneDNN (`onednn_residual`) where `conv_impl` is onednn."""
   filters: int
   strides: int
   conv: Any
   norm: Any
+  conv_impl: str = 'xla'
 
   def _add_shortcut(self, x, y):
     """relu(y + shortcut(x)); a strided 1x1 conv + BN when shapes differ (torchvision's)."""
@@ -125,6 +128,8 @@ class _ResidualBlock(nn.Module):
       x = self.conv(y.shape[-1], (1, 1), (self.strides, self.strides), padding='VALID',
                     name='downsample_conv')(x)
       x = self.norm(name='downsample_bn')(x)
+    if self.conv_impl == 'onednn' and onednn_residual.supported(y, x):
+      return onednn_residual.add_relu(y, x)
     return nn.relu(y + x)
 
 
@@ -180,7 +185,7 @@ class ResNetBackbone(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = self.block(self.width * 2**stage, strides, conv, norm)(x)
+        x = self.block(self.width * 2**stage, strides, conv, norm, self.conv_impl)(x)
     return x.mean(axis=(1, 2))
 
 

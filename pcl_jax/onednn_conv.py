@@ -14,9 +14,9 @@ g++). The shared library is built once per source and jaxlib version into
 `$PCL_JAX_CACHE` (default ~/.cache/pcl_jax), in ~5 s. libdnnl uses GNU OpenMP; with torch
 imported first its `libgomp.so.1` is torch's own copy, so the process keeps one OpenMP runtime.
 
-The same library holds `onednn_batch_norm`'s and `onednn_max_pool`'s custom calls (sources
-listed in SOURCES, sharing `onednn_runtime.h`'s engine and lock); this module builds, loads and
-registers it for all three.
+The same library holds `onednn_batch_norm`'s, `onednn_max_pool`'s and `onednn_residual`'s custom
+calls (sources listed in SOURCES, sharing `onednn_runtime.h`'s engine and lock); this module
+builds, loads and registers it for all four.
 
 Scope: float32, OHWI kernels (pcl_jax's layout), symmetric padding, no dilation or groups.
 Anything else (bfloat16, say) goes to `cpu_conv`'s torch path, and from there to XLA, so the
@@ -41,10 +41,11 @@ import numpy as np
 
 from pcl_jax import cpu_conv
 
-# The custom-call library: these convolutions, `onednn_batch_norm`'s and `onednn_max_pool`'s,
-# sharing one lock.
+# The custom-call library: these convolutions, `onednn_batch_norm`'s, `onednn_max_pool`'s and
+# `onednn_residual`'s, sharing one lock.
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / 'onednn_conv.cc', _HERE / 'onednn_batch_norm.cc', _HERE / 'onednn_max_pool.cc')
+SOURCES = (_HERE / 'onednn_conv.cc', _HERE / 'onednn_batch_norm.cc', _HERE / 'onednn_max_pool.cc',
+           _HERE / 'onednn_residual.cc')
 HEADERS = (_HERE / 'onednn_runtime.h',)
 INSTALL_HINT = ('pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0 '
                 '(requirements.txt) and a C++ compiler (g++)')
@@ -53,7 +54,8 @@ _TARGETS = {'forward': 'PclConvForward', 'backward': 'PclConvBackward',
             'backward_kernel': 'PclConvBackwardKernel',
             'batch_norm_forward': 'PclBatchNormForward',
             'batch_norm_backward': 'PclBatchNormBackward',
-            'max_pool_forward': 'PclMaxPoolForward', 'max_pool_backward': 'PclMaxPoolBackward'}
+            'max_pool_forward': 'PclMaxPoolForward', 'max_pool_backward': 'PclMaxPoolBackward',
+            'residual_forward': 'PclResidualForward', 'residual_backward': 'PclResidualBackward'}
 
 
 def _onednn_prefix() -> Optional[pathlib.Path]:
@@ -145,10 +147,13 @@ def query_bytes(symbol: str, argtypes, *args, what: str) -> int:
   return size
 
 
-def call(name: str, results, *operands, **attributes):
-  """The custom call `pcl_onednn_<name>` (registering the library first)."""
+def call(name: str, results, *operands, aliases=None, **attributes):
+  """The custom call `pcl_onednn_<name>` (registering the library first); `aliases`: {operand
+  index: result index} whose buffer the result may take over (XLA copies the operand first if
+  anything else still reads it)."""
   register()
-  return jax.ffi.ffi_call(f'pcl_onednn_{name}', results)(*operands, **attributes)
+  return jax.ffi.ffi_call(f'pcl_onednn_{name}', results, input_output_aliases=aliases)(
+      *operands, **attributes)
 
 
 def _call(name: str, results, *operands, stride, padding):

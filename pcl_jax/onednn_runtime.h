@@ -1,5 +1,6 @@
-// What pcl_jax's oneDNN custom calls share (onednn_conv.cc, onednn_batch_norm.cc; built into one
-// library by onednn_conv.py): the CPU engine, the one lock, and the error guard.
+// What pcl_jax's oneDNN custom calls share (onednn_conv.cc, onednn_batch_norm.cc,
+// onednn_max_pool.cc, onednn_residual.cc; built into one library by onednn_conv.py): the CPU
+// engine, the one lock, and the error guard.
 //
 // The lock serialises every call: XLA may run independent ops concurrently (the key encoder's
 // beside the query's), and two all-core OpenMP regions at once on the same cores are slower than

@@ -4,13 +4,13 @@ buffer_callbacks, results copied into XLA's buffers): both steps in one process,
 and swapping order every round, so both see the same machine state. One XLA thread, as
 pcl_jax.main sets for a ResNet with host convolutions (host_threads); XLA's default for Conv4.
 
-With `--layer bn` or `--layer pool`, both steps are conv_impl=onednn and differ in that layer
-only: the BN (+ ReLU) layers in XLA's ops (`fused_batch_norm.grouped_batch_norm`, the model's
-own XLA path) against `onednn_batch_norm`, or the stem pool as `max_pool.max_pool` against
-`onednn_max_pool`.
+With `--layer bn`, `pool` or `residual`, both steps are conv_impl=onednn and differ in that
+layer only: the BN (+ ReLU) layers in XLA's ops (`fused_batch_norm.grouped_batch_norm`, the
+model's own XLA path) against `onednn_batch_norm`, the stem pool as `max_pool.max_pool` against
+`onednn_max_pool`, or the blocks' joins as `relu(y + shortcut)` against `onednn_residual`.
 
   python benchmarks/onednn_direct/ffi_step.py [--case resnet18|resnet18_84|conv4] [--rounds N]
-      [--layer conv|bn|pool]
+      [--layer conv|bn|pool|residual]
 """
 
 import argparse
@@ -25,6 +25,7 @@ from pcl_jax import fused_batch_norm  # pylint: disable=g-import-not-at-top
 from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
 from pcl_jax import onednn_batch_norm  # pylint: disable=g-import-not-at-top
 from pcl_jax import onednn_max_pool  # pylint: disable=g-import-not-at-top
+from pcl_jax import onednn_residual  # pylint: disable=g-import-not-at-top
 
 # step_throughput's cases, plus the mini-ImageNet step: (arch, size, batch, width, small stem).
 CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput.CASES['conv4'],
@@ -33,7 +34,8 @@ CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput
 
 # --layer: (module, attribute, what replaces it while the baseline step is traced).
 _BASELINES = {'bn': (onednn_batch_norm, 'batch_norm', fused_batch_norm.grouped_batch_norm),
-              'pool': (onednn_max_pool, 'supported', lambda *unused: False)}
+              'pool': (onednn_max_pool, 'supported', lambda *unused: False),
+              'residual': (onednn_residual, 'supported', lambda *unused: False)}
 
 
 def _runners(layer: str, common) -> dict:
@@ -57,7 +59,7 @@ def main():
   parser.add_argument('--case', default='resnet18', choices=sorted(CASES))
   parser.add_argument('--rounds', type=int, default=8)
   parser.add_argument('--steps', type=int, default=3, help='steps per side per round')
-  parser.add_argument('--layer', default='conv', choices=['conv', 'bn', 'pool'],
+  parser.add_argument('--layer', default='conv', choices=['conv', 'bn', 'pool', 'residual'],
                       help='what the two steps differ in (see the module doc)')
   args = parser.parse_args()
   arch, size, batch, width, small_stem = CASES[args.case]

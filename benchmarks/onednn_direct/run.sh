@@ -6,8 +6,9 @@
 #   bash benchmarks/onednn_direct/run.sh [--rounds N]          # the convolutions alone
 #   bash benchmarks/onednn_direct/run.sh step [--case resnet18|resnet18_84] [--rounds N]
 #       # the whole jitted step, model.conv_impl=onednn against torch
-#   bash benchmarks/onednn_direct/run.sh step --layer bn|pool [--case ...]
-#       # both steps onednn; the BN (+ ReLU) or the stem pool in XLA's ops against oneDNN's
+#   bash benchmarks/onednn_direct/run.sh step --layer bn|pool|residual [--case ...]
+#       # both steps onednn; the BN (+ ReLU), the stem pool or the residual join in XLA's ops
+#       # against oneDNN's
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${ONEDNN_DIRECT_DIR:-/tmp/onednn_direct}"
