@@ -55,7 +55,7 @@ _TARGETS = {'forward': 'PclConvForward', 'backward': 'PclConvBackward',
             'batch_norm_forward': 'PclBatchNormForward',
             'batch_norm_backward': 'PclBatchNormBackward',
             'max_pool_forward': 'PclMaxPoolForward', 'max_pool_backward': 'PclMaxPoolBackward',
-            'residual_forward': 'PclResidualForward', 'residual_backward': 'PclResidualBackward'}
+            'residual_forward': 'PclResidualForward'}
 
 
 def _onednn_prefix() -> Optional[pathlib.Path]:

@@ -1,15 +1,21 @@
-"""A residual block's join, relu(y + shortcut), as XLA FFI custom calls on oneDNN, CPU only.
+"""A residual block's join, relu(y + shortcut), as an XLA FFI custom call on oneDNN, CPU only.
 
 Why this exists: once a ResNet's convolutions, batch norms and stem pool ran on oneDNN
 (`onednn_conv`, `onednn_batch_norm`, `onednn_max_pool`), the largest of XLA's own ops left in
-the step were the blocks' joins: the add + max forward and the select backward, each a full
-pass over the activations on the one XLA thread (`host_threads`), ~17 ms of the ~680 ms
-ResNet-18 step at 32 px on the 2-core test machine (session 11 profile). oneDNN's binary add
-with a ReLU post-op, and its ReLU backward from the output, run on every core.
+the step were the blocks' joins, each a pass over the activations on the one XLA thread
+(`host_threads`): ~21 ms of the ~680 ms ResNet-18 step at 32 px on the 2-core test machine,
+~11 ms of it the add + max forwards (session 12 profile). The forward here is oneDNN's binary
+add with a ReLU post-op, on every core, written over `y`'s buffer.
+
+The gradient stays in XLA on purpose: a join's output has two readers (the next block's
+convolution and its shortcut), and XLA fuses the sum of their gradients with the ReLU's mask
+into one pass. oneDNN's ReLU backward after XLA's sum measured slower in the step (x1.008-1.009
+against x1.016-1.020 with this forward alone, ResNet-18 32 px, in-process A/B), and so did a
+masked-sum loop of ours.
 
 Semantics are `jax.nn.relu(y + shortcut)`'s, gradient included: both summands receive
-out_grad * (out > 0) (at out == 0, relu's gradient 0, as jax.nn.relu's). float32 only; the
-model uses XLA's ops otherwise.
+out_grad * (out > 0) (at out == 0 the gradient is 0, as jax.nn.relu's). float32 only; the model
+uses XLA's ops otherwise.
 """
 
 import jax
@@ -25,6 +31,8 @@ def supported(y, shortcut) -> bool:
 @jax.custom_vjp
 def add_relu(y: jax.Array, shortcut: jax.Array) -> jax.Array:
   """relu(y + shortcut) for float32 arrays of one shape (callers check `supported`)."""
+  # aliases: the sum goes into y's buffer (the block's last BN output, read by nothing else;
+  # XLA copies y first where something is).
   return onednn_conv.call('residual_forward', jax.ShapeDtypeStruct(y.shape, jnp.float32), y,
                           shortcut, aliases={0: 0})
 
@@ -35,8 +43,7 @@ def _forward(y, shortcut):
 
 
 def _backward(out, out_grad):
-  grad = onednn_conv.call('residual_backward', jax.ShapeDtypeStruct(out.shape, jnp.float32), out,
-                          out_grad.astype(jnp.float32))
+  grad = jnp.where(out > 0, out_grad, jnp.zeros_like(out_grad))
   return grad, grad
 
 
