@@ -23,6 +23,10 @@ namespace {
 // (a plain OHWI weight makes oneDNN 3.2 pick a reference kernel): the scratch memories hold
 // them there, and the reorders, made once here too, copy into or out of them. An empty reorder
 // means the preferred layout is plain OHWI and no copy is needed.
+//
+// With `blocked`, the forward and backward-data primitives take the activations in the layout
+// oneDNN prefers (a channel-blocked one, where its jit kernels beat the NHWC brgemm ones on
+// small maps), staged the same way: images or output gradients copied in, results copied out.
 struct Conv {
   memory::desc src, dst, plain_weights;
   convolution_forward forward;
@@ -30,6 +34,8 @@ struct Conv {
   convolution_backward_weights backward_weights;
   memory forward_weights, backward_weights_in, diff_weights;
   reorder to_forward, to_backward, from_diff;
+  memory forward_src, forward_dst, backward_diff_dst, backward_diff_src;
+  reorder to_forward_src, from_forward_dst, to_backward_diff_dst, from_backward_diff_src;
 };
 
 using Dims = ffi::Buffer<ffi::F32>::Dimensions;
@@ -45,11 +51,11 @@ void stage(const memory::desc& layout, const memory::desc& plain, bool into_layo
 }
 
 // The cached primitives of one shape (callers hold the lock).
-Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
   static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
   char key[256];
-  std::snprintf(key, sizeof key, "%ld %ld %ld %ld|%ld %ld %ld %ld|%ld %ld %ld %ld", x[0], x[1], x[2],
-                x[3], w[0], w[1], w[2], w[3], sh, sw, ph, pw);
+  std::snprintf(key, sizeof key, "%ld %ld %ld %ld|%ld %ld %ld %ld|%ld %ld %ld %ld|%d", x[0], x[1],
+                x[2], x[3], w[0], w[1], w[2], w[3], sh, sw, ph, pw, int(blocked));
   auto& slot = cache[key];
   if (slot) return *slot;
   auto c = std::make_unique<Conv>();
@@ -60,37 +66,60 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
   c->dst = memory::desc({n, co, oh, ow}, dt::f32, tag::nhwc);
   c->plain_weights = memory::desc(wdims, dt::f32, tag::ohwi);
   auto any = memory::desc(wdims, dt::f32, tag::any);
-  auto fpd = convolution_forward::primitive_desc(cpu(), prop_kind::forward_training,
-      algorithm::convolution_direct, c->src, any, c->dst, strides, pads, pads);
+  auto forward_pd = [&](const memory::desc& src, const memory::desc& dst) {
+    return convolution_forward::primitive_desc(cpu(), prop_kind::forward_training,
+        algorithm::convolution_direct, src, any, dst, strides, pads, pads);
+  };
+  auto fpd = forward_pd(c->src, c->dst);  // also the weight gradient's hint: it stays NHWC
+  auto src = blocked ? memory::desc(c->src.get_dims(), dt::f32, tag::any) : c->src;
+  auto dst = blocked ? memory::desc(c->dst.get_dims(), dt::f32, tag::any) : c->dst;
+  auto apd = blocked ? forward_pd(src, dst) : fpd;
   auto dpd = convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct,
-      c->src, any, c->dst, strides, pads, pads, fpd);
+      src, any, dst, strides, pads, pads, apd);
   auto wpd = convolution_backward_weights::primitive_desc(cpu(), algorithm::convolution_direct,
       c->src, any, c->dst, strides, pads, pads, fpd);
-  c->forward = convolution_forward(fpd);
+  c->forward = convolution_forward(apd);
   c->backward_data = convolution_backward_data(dpd);
   c->backward_weights = convolution_backward_weights(wpd);
-  stage(fpd.weights_desc(), c->plain_weights, true, c->forward_weights, c->to_forward);
+  stage(apd.weights_desc(), c->plain_weights, true, c->forward_weights, c->to_forward);
   stage(dpd.weights_desc(), c->plain_weights, true, c->backward_weights_in, c->to_backward);
   stage(wpd.diff_weights_desc(), c->plain_weights, false, c->diff_weights, c->from_diff);
+  stage(apd.src_desc(), c->src, true, c->forward_src, c->to_forward_src);
+  stage(apd.dst_desc(), c->dst, false, c->forward_dst, c->from_forward_dst);
+  stage(dpd.diff_dst_desc(), c->dst, true, c->backward_diff_dst, c->to_backward_diff_dst);
+  stage(dpd.diff_src_desc(), c->src, false, c->backward_diff_src, c->from_backward_diff_src);
   slot = std::move(c);
   return *slot;
 }
 
-// The weights `plain` in the layout a primitive wants: `plain` itself, or `scratch` after `copy`.
+// An input `plain` in the layout a primitive wants: `plain` itself, or `scratch` after `copy`.
 memory prepared(const reorder& copy, memory& scratch, memory plain, stream& s) {
   if (!copy) return plain;
   copy.execute(s, plain, scratch);
   return scratch;
 }
 
+// Where a primitive writes a result bound for `plain`: `plain` itself, or `scratch`, which
+// `finish` then copies out.
+memory target(const reorder& copy, memory& scratch, memory plain) {
+  return copy ? scratch : plain;
+}
+
+void finish(const reorder& copy, memory& scratch, memory plain, stream& s) {
+  if (copy) copy.execute(s, scratch, plain);
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
   return guarded("convolution forward", [&](stream& s) {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked);
     memory weights = prepared(c.to_forward, c.forward_weights,
                               view(c.plain_weights, w.typed_data()), s);
-    c.forward.execute(s, {{DNNL_ARG_SRC, view(c.src, x.typed_data())}, {DNNL_ARG_WEIGHTS, weights},
-                          {DNNL_ARG_DST, view(c.dst, y->typed_data())}});
+    memory src = prepared(c.to_forward_src, c.forward_src, view(c.src, x.typed_data()), s);
+    memory out = view(c.dst, y->typed_data());
+    c.forward.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
+                          {DNNL_ARG_DST, target(c.from_forward_dst, c.forward_dst, out)}});
+    finish(c.from_forward_dst, c.forward_dst, out, s);
   });
 }
 
@@ -104,30 +133,34 @@ void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                    int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
   return guarded("convolution backward", [&](stream& s) {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw);
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked);
     memory weights = prepared(c.to_backward, c.backward_weights_in,
                               view(c.plain_weights, w.typed_data()), s);
-    c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, view(c.dst, g.typed_data())},
-                                {DNNL_ARG_WEIGHTS, weights},
-                                {DNNL_ARG_DIFF_SRC, view(c.src, dx->typed_data())}});
+    memory diff_dst = prepared(c.to_backward_diff_dst, c.backward_diff_dst,
+                               view(c.dst, g.typed_data()), s);
+    memory diff_src = view(c.src, dx->typed_data());
+    c.backward_data.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights},
+        {DNNL_ARG_DIFF_SRC, target(c.from_backward_diff_src, c.backward_diff_src, diff_src)}});
+    finish(c.from_backward_diff_src, c.backward_diff_src, diff_src, s);
     kernel_grad(c, s, g.typed_data(), x.typed_data(), dw->typed_data());
   });
 }
 
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
-                          int64_t pw) {
+                          int64_t pw, bool blocked) {
   return guarded("convolution d kernel", [&](stream& s) {
-    kernel_grad(conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw), s, g.typed_data(),
-                x.typed_data(), dw->typed_data());
+    kernel_grad(conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked), s,
+                g.typed_data(), x.typed_data(), dw->typed_data());
   });
 }
 
 }  // namespace
 
-#define CONV_ATTRS .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h").Attr<int64_t>("pad_w")
+#define CONV_ATTRS .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h") \
+    .Attr<int64_t>("pad_w").Attr<bool>("blocked")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PclConvForward, Forward,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()

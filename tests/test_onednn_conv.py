@@ -32,6 +32,7 @@ def _loss(conv, images, kernel):
     ((2, 10, 10, 8), 16, 3, 2, 1),  # strided 3x3
     ((2, 10, 10, 8), 16, 1, 2, 0),  # ResNet's 1x1 downsample
     ((2, 16, 16, 3), 8, 7, 2, 3),   # ResNet's 7x7 stem
+    ((3, 3, 3, 512), 512, 3, 1, 1),  # ResNet's last stage at 84 px: blocked activations
 ])
 def test_forward_and_both_gradients_match_xla(shape, features, kernel, stride, padding):
   rng = np.random.default_rng(0)
@@ -45,6 +46,19 @@ def test_forward_and_both_gradients_match_xla(shape, features, kernel, stride, p
   want = jax.value_and_grad(lambda x, w: _loss(xla, x, w), (0, 1))(images, weights)
   for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3 * float(jnp.max(jnp.abs(w))))
+
+
+def test_blocked_layout_only_for_wide_convolutions_on_small_maps():
+  """The fixed rule (see `onednn_conv.blocked_layout`), and the custom calls carrying it."""
+  assert onednn_conv.blocked_layout((96, 3, 3, 512), (512, 3, 3, 512), (1, 1))
+  assert not onednn_conv.blocked_layout((64, 4, 4, 512), (512, 3, 3, 512), (1, 1))
+  assert not onednn_conv.blocked_layout((64, 8, 8, 256), (512, 3, 3, 256), (2, 2))
+  assert not onednn_conv.blocked_layout((64, 4, 4, 256), (256, 3, 3, 256), (1, 1))
+  if AVAILABLE:
+    images, weights = jnp.ones((2, 3, 3, 512)), jnp.ones((512, 3, 3, 512))
+    text = jax.jit(lambda x, w: onednn_conv.onednn_conv(x, w, (1, 1), (1, 1))).lower(
+        images, weights).as_text()
+    assert 'blocked = true' in text
 
 
 @needs_onednn

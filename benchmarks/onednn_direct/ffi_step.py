@@ -7,10 +7,11 @@ pcl_jax.main sets for a ResNet with host convolutions (host_threads); XLA's defa
 With `--layer bn`, `pool` or `residual`, both steps are conv_impl=onednn and differ in that
 layer only: the BN (+ ReLU) layers in XLA's ops (`fused_batch_norm.grouped_batch_norm`, the
 model's own XLA path) against `onednn_batch_norm`, the stem pool as `max_pool.max_pool` against
-`onednn_max_pool`, or the blocks' joins as `relu(y + shortcut)` against `onednn_residual`.
+`onednn_max_pool`, the blocks' joins as `relu(y + shortcut)` against `onednn_residual`, or (`layout`)
+every convolution on NHWC activations against `onednn_conv.blocked_layout`'s choice.
 
   python benchmarks/onednn_direct/ffi_step.py [--case resnet18|resnet18_84|conv4] [--rounds N]
-      [--layer conv|bn|pool|residual]
+      [--layer conv|bn|pool|residual|layout]
 """
 
 import argparse
@@ -24,6 +25,7 @@ from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top  (
 from pcl_jax import fused_batch_norm  # pylint: disable=g-import-not-at-top
 from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
 from pcl_jax import onednn_batch_norm  # pylint: disable=g-import-not-at-top
+from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top
 from pcl_jax import onednn_max_pool  # pylint: disable=g-import-not-at-top
 from pcl_jax import onednn_residual  # pylint: disable=g-import-not-at-top
 
@@ -35,7 +37,8 @@ CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput
 # --layer: (module, attribute, what replaces it while the baseline step is traced).
 _BASELINES = {'bn': (onednn_batch_norm, 'batch_norm', fused_batch_norm.grouped_batch_norm),
               'pool': (onednn_max_pool, 'supported', lambda *unused: False),
-              'residual': (onednn_residual, 'supported', lambda *unused: False)}
+              'residual': (onednn_residual, 'supported', lambda *unused: False),
+              'layout': (onednn_conv, 'blocked_layout', lambda *unused: False)}
 
 
 def _runners(layer: str, common) -> dict:
@@ -44,13 +47,15 @@ def _runners(layer: str, common) -> dict:
     return {f'conv_impl={impl}': step_throughput._jax_step_runner(conv_impl=impl, **common)  # pylint: disable=protected-access
             for impl in ('torch', 'onednn')}
   module, attribute, baseline = _BASELINES[layer]
+  names = (('all NHWC', 'blocked by rule') if layer == 'layout'
+           else (f'{layer} in XLA', f'{layer} on oneDNN'))
   original = getattr(module, attribute)
   setattr(module, attribute, baseline)  # read when the step is traced, in the warm-up
   try:
-    runners = {f'{layer} in XLA': step_throughput._jax_step_runner(conv_impl='onednn', **common)}  # pylint: disable=protected-access
+    runners = {names[0]: step_throughput._jax_step_runner(conv_impl='onednn', **common)}  # pylint: disable=protected-access
   finally:
     setattr(module, attribute, original)
-  runners[f'{layer} on oneDNN'] = step_throughput._jax_step_runner(conv_impl='onednn', **common)  # pylint: disable=protected-access
+  runners[names[1]] = step_throughput._jax_step_runner(conv_impl='onednn', **common)  # pylint: disable=protected-access
   return runners
 
 
@@ -59,7 +64,7 @@ def main():
   parser.add_argument('--case', default='resnet18', choices=sorted(CASES))
   parser.add_argument('--rounds', type=int, default=8)
   parser.add_argument('--steps', type=int, default=3, help='steps per side per round')
-  parser.add_argument('--layer', default='conv', choices=['conv', 'bn', 'pool', 'residual'],
+  parser.add_argument('--layer', default='conv', choices=['conv', 'bn', 'pool', 'residual', 'layout'],
                       help='what the two steps differ in (see the module doc)')
   args = parser.parse_args()
   arch, size, batch, width, small_stem = CASES[args.case]
