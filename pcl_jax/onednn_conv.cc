@@ -24,9 +24,10 @@ namespace {
 // them there, and the reorders, made once here too, copy into or out of them. An empty reorder
 // means the preferred layout is plain OHWI and no copy is needed.
 //
-// With `blocked`, the forward and backward-data primitives take the activations in the layout
-// oneDNN prefers (a channel-blocked one, where its jit kernels beat the NHWC brgemm ones on
-// small maps), staged the same way: images or output gradients copied in, results copied out.
+// With `blocked_forward` / `blocked_backward`, the forward / backward-data primitive takes the
+// activations in the layout oneDNN prefers (a channel-blocked one, where its jit kernels beat
+// the NHWC brgemm ones on small maps), staged the same way: images or output gradients copied
+// in, results copied out.
 struct Conv {
   memory::desc src, dst, plain_weights;
   convolution_forward forward;
@@ -51,11 +52,13 @@ void stage(const memory::desc& layout, const memory::desc& plain, bool into_layo
 }
 
 // The cached primitives of one shape (callers hold the lock).
-Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
+Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+               bool blocked_forward, bool blocked_backward) {
   static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
   char key[256];
-  std::snprintf(key, sizeof key, "%ld %ld %ld %ld|%ld %ld %ld %ld|%ld %ld %ld %ld|%d", x[0], x[1],
-                x[2], x[3], w[0], w[1], w[2], w[3], sh, sw, ph, pw, int(blocked));
+  std::snprintf(key, sizeof key, "%ld %ld %ld %ld|%ld %ld %ld %ld|%ld %ld %ld %ld|%d %d", x[0],
+                x[1], x[2], x[3], w[0], w[1], w[2], w[3], sh, sw, ph, pw, int(blocked_forward),
+                int(blocked_backward));
   auto& slot = cache[key];
   if (slot) return *slot;
   auto c = std::make_unique<Conv>();
@@ -71,11 +74,15 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw, b
         algorithm::convolution_direct, src, any, dst, strides, pads, pads);
   };
   auto fpd = forward_pd(c->src, c->dst);  // also the weight gradient's hint: it stays NHWC
-  auto src = blocked ? memory::desc(c->src.get_dims(), dt::f32, tag::any) : c->src;
-  auto dst = blocked ? memory::desc(c->dst.get_dims(), dt::f32, tag::any) : c->dst;
-  auto apd = blocked ? forward_pd(src, dst) : fpd;
-  auto dpd = convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct,
-      src, any, dst, strides, pads, pads, apd);
+  auto any_src = memory::desc(c->src.get_dims(), dt::f32, tag::any);
+  auto any_dst = memory::desc(c->dst.get_dims(), dt::f32, tag::any);
+  auto bpd = forward_pd(any_src, any_dst);
+  auto apd = blocked_forward ? bpd : fpd;
+  auto dpd = blocked_backward
+      ? convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct, any_src,
+                                                  any, any_dst, strides, pads, pads, bpd)
+      : convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct, c->src,
+                                                  any, c->dst, strides, pads, pads, fpd);
   auto wpd = convolution_backward_weights::primitive_desc(cpu(), algorithm::convolution_direct,
       c->src, any, c->dst, strides, pads, pads, fpd);
   c->forward = convolution_forward(apd);
@@ -110,9 +117,11 @@ void finish(const reorder& copy, memory& scratch, memory plain, stream& s) {
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
+                   int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked_forward,
+                   bool blocked_backward) {
   return guarded("convolution forward", [&](stream& s) {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked);
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked_forward,
+                       blocked_backward);
     memory weights = prepared(c.to_forward, c.forward_weights,
                               view(c.plain_weights, w.typed_data()), s);
     memory src = prepared(c.to_forward_src, c.forward_src, view(c.src, x.typed_data()), s);
@@ -133,9 +142,11 @@ void kernel_grad(Conv& c, stream& s, float* g, float* x, float* dw) {
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked) {
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool blocked_forward,
+                    bool blocked_backward) {
   return guarded("convolution backward", [&](stream& s) {
-    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked);
+    Conv& c = conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked_forward,
+                       blocked_backward);
     memory weights = prepared(c.to_backward, c.backward_weights_in,
                               view(c.plain_weights, w.typed_data()), s);
     memory diff_dst = prepared(c.to_backward_diff_dst, c.backward_diff_dst,
@@ -150,17 +161,18 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 ffi::Error BackwardKernel(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
-                          int64_t pw, bool blocked) {
+                          int64_t pw, bool blocked_forward, bool blocked_backward) {
   return guarded("convolution d kernel", [&](stream& s) {
-    kernel_grad(conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked), s,
-                g.typed_data(), x.typed_data(), dw->typed_data());
+    kernel_grad(conv_for(x.dimensions(), w.dimensions(), sh, sw, ph, pw, blocked_forward,
+                         blocked_backward),
+                s, g.typed_data(), x.typed_data(), dw->typed_data());
   });
 }
 
 }  // namespace
 
 #define CONV_ATTRS .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h") \
-    .Attr<int64_t>("pad_w").Attr<bool>("blocked")
+    .Attr<int64_t>("pad_w").Attr<bool>("blocked_forward").Attr<bool>("blocked_backward")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PclConvForward, Forward,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()

@@ -156,27 +156,29 @@ def call(name: str, results, *operands, aliases=None, **attributes):
       *operands, **attributes)
 
 
-def blocked_layout(images_shape, kernel_shape, stride) -> bool:
-  """Whether the forward and input-gradient passes run on oneDNN's channel-blocked activation
-  layout (copied in and out) instead of NHWC: for stride-1 convolutions of >= 512 channels on
-  maps of <= 9 pixels (ResNet's last stage at 84 px), where oneDNN 3.2's jit kernels beat its
-  NHWC brgemm ones. Measured on the 2-core Zen 5 test machine (session 12): 512 channels at 3x3,
-  batch 96, alone, forward 7.9 against 9.5 ms and input gradient 7.1 against 10.0; the whole
-  mini-ImageNet step x1.036 (`ffi_step.py --layer layout`). At 4x4 (32 px), batch 64, the input
-  gradient alone was faster (7.9 against 9.6) but the step was not (x0.990, the copies eat it);
-  every larger map was as fast or faster in NHWC. A fixed rule, not a per-run timing, so runs
-  stay bit-reproducible."""
-  return (kernel_shape[0] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
-          and images_shape[1] * images_shape[2] <= 9)
+def blocked_layout(images_shape, kernel_shape, stride) -> Tuple[bool, bool]:
+  """(forward, input gradient): whether that pass runs on oneDNN's channel-blocked activation
+  layout (copied in and out) instead of NHWC. For stride-1 convolutions of >= 512 channels on
+  small maps (ResNet's last stage), where oneDNN 3.2's jit kernels beat its NHWC brgemm ones:
+  both passes on maps of <= 9 pixels (84 px inputs), the input gradient alone up to 16 (32 px).
+  Measured on the 2-core Zen 5 test machine (session 12), 512 channels alone: at 3x3, batch 96,
+  forward 7.9 against 9.5 ms and input gradient 7.1 against 10.0 (the mini-ImageNet step
+  x1.025-1.036, `ffi_step.py --layer layout`); at 4x4, batch 64, the forward even and the input
+  gradient 7.9 against 9.6. Every larger map was as fast or faster in NHWC. A fixed rule, not a
+  per-run timing, so runs stay bit-reproducible."""
+  wide = kernel_shape[0] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
+  pixels = images_shape[1] * images_shape[2]
+  return wide and pixels <= 9, wide and pixels <= 16
 
 
 def _call(name: str, results, *operands, stride, padding):
   """The convolution custom call `name`; its last two operands are the images and kernel."""
   images, kernel = operands[-2:]
+  blocked_forward, blocked_backward = blocked_layout(images.shape, kernel.shape, stride)
   return call(name, results, *operands, stride_h=np.int64(stride[0]),
               stride_w=np.int64(stride[1]), pad_h=np.int64(padding[0]),
-              pad_w=np.int64(padding[1]),
-              blocked=blocked_layout(images.shape, kernel.shape, stride))
+              pad_w=np.int64(padding[1]), blocked_forward=blocked_forward,
+              blocked_backward=blocked_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -38,7 +38,7 @@ CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput
 _BASELINES = {'bn': (onednn_batch_norm, 'batch_norm', fused_batch_norm.grouped_batch_norm),
               'pool': (onednn_max_pool, 'supported', lambda *unused: False),
               'residual': (onednn_residual, 'supported', lambda *unused: False),
-              'layout': (onednn_conv, 'blocked_layout', lambda *unused: False)}
+              'layout': (onednn_conv, 'blocked_layout', lambda *unused: (False, False))}
 
 
 def _runners(layer: str, common) -> dict:
