@@ -158,15 +158,17 @@ def call(name: str, results, *operands, aliases=None, **attributes):
 
 def blocked_layout(images_shape, kernel_shape, stride) -> Tuple[bool, bool]:
   """(forward, input gradient): whether that pass runs on oneDNN's channel-blocked activation
-  layout (copied in and out) instead of NHWC. For stride-1 convolutions of >= 512 channels on
-  small maps (ResNet's last stage), where oneDNN 3.2's jit kernels beat its NHWC brgemm ones:
-  both passes on maps of <= 9 pixels (84 px inputs), the input gradient alone up to 16 (32 px).
+  layout (copied in and out) instead of NHWC. For stride-1 3x3 convolutions of >= 512 channels
+  on small maps (ResNet's last stage; other kernel sizes were not measured), where oneDNN 3.2's
+  jit kernels beat its NHWC brgemm ones: both passes on maps of <= 9 pixels (84 px inputs), the
+  input gradient alone up to 16 (32 px).
   Measured on the 2-core Zen 5 test machine (session 12), 512 channels alone: at 3x3, batch 96,
   forward 7.9 against 9.5 ms and input gradient 7.1 against 10.0 (the mini-ImageNet step
   x1.025-1.036, `ffi_step.py --layer layout`); at 4x4, batch 64, the forward even and the input
   gradient 7.9 against 9.6. Every larger map was as fast or faster in NHWC. A fixed rule, not a
   per-run timing, so runs stay bit-reproducible."""
-  wide = kernel_shape[0] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
+  wide = (kernel_shape[0] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
+          and tuple(kernel_shape[1:3]) == (3, 3))
   pixels = images_shape[1] * images_shape[2]
   return wide and pixels <= 9, wide and pixels <= 16
 

@@ -56,7 +56,8 @@ def test_blocked_layout_only_for_wide_convolutions_on_small_maps():
   assert onednn_conv.blocked_layout((64, 4, 4, 512), (512, 3, 3, 512), (1, 1)) == (False, True)
   for images, kernel, stride in (((64, 8, 8, 512), (512, 3, 3, 512), (1, 1)),
                                  ((64, 8, 8, 256), (512, 3, 3, 256), (2, 2)),
-                                 ((64, 4, 4, 256), (256, 3, 3, 256), (1, 1))):
+                                 ((64, 4, 4, 256), (256, 3, 3, 256), (1, 1)),
+                                 ((64, 3, 3, 512), (2048, 1, 1, 512), (1, 1))):
     assert onednn_conv.blocked_layout(images, kernel, stride) == (False, False)
   if AVAILABLE:
     images, weights = jnp.ones((2, 3, 3, 512)), jnp.ones((512, 3, 3, 512))
