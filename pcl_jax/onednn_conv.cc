@@ -69,20 +69,20 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
   c->dst = memory::desc({n, co, oh, ow}, dt::f32, tag::nhwc);
   c->plain_weights = memory::desc(wdims, dt::f32, tag::ohwi);
   auto any = memory::desc(wdims, dt::f32, tag::any);
-  auto forward_pd = [&](const memory::desc& src, const memory::desc& dst) {
-    return convolution_forward::primitive_desc(cpu(), prop_kind::forward_training,
-        algorithm::convolution_direct, src, any, dst, strides, pads, pads);
+  // Activations NHWC, or (blocked) in whatever layout oneDNN picks.
+  auto layout = [](const memory::desc& nhwc, bool blocked) {
+    return blocked ? memory::desc(nhwc.get_dims(), dt::f32, tag::any) : nhwc;
   };
-  auto fpd = forward_pd(c->src, c->dst);  // also the weight gradient's hint: it stays NHWC
-  auto any_src = memory::desc(c->src.get_dims(), dt::f32, tag::any);
-  auto any_dst = memory::desc(c->dst.get_dims(), dt::f32, tag::any);
-  auto bpd = forward_pd(any_src, any_dst);
-  auto apd = blocked_forward ? bpd : fpd;
-  auto dpd = blocked_backward
-      ? convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct, any_src,
-                                                  any, any_dst, strides, pads, pads, bpd)
-      : convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct, c->src,
-                                                  any, c->dst, strides, pads, pads, fpd);
+  auto forward_pd = [&](bool blocked) {
+    return convolution_forward::primitive_desc(cpu(), prop_kind::forward_training,
+        algorithm::convolution_direct, layout(c->src, blocked), any, layout(c->dst, blocked),
+        strides, pads, pads);
+  };
+  auto fpd = forward_pd(false);  // also the weight gradient's hint: it stays NHWC
+  auto apd = blocked_forward ? forward_pd(true) : fpd;
+  auto dpd = convolution_backward_data::primitive_desc(cpu(), algorithm::convolution_direct,
+      layout(c->src, blocked_backward), any, layout(c->dst, blocked_backward), strides, pads,
+      pads, blocked_backward ? forward_pd(true) : fpd);
   auto wpd = convolution_backward_weights::primitive_desc(cpu(), algorithm::convolution_direct,
       c->src, any, c->dst, strides, pads, pads, fpd);
   c->forward = convolution_forward(apd);

@@ -34,11 +34,17 @@ CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput
          'resnet18_84': ('resnet18', 84, 96, 64, False)}
 
 
-# --layer: (module, attribute, what replaces it while the baseline step is traced).
-_BASELINES = {'bn': (onednn_batch_norm, 'batch_norm', fused_batch_norm.grouped_batch_norm),
-              'pool': (onednn_max_pool, 'supported', lambda *unused: False),
-              'residual': (onednn_residual, 'supported', lambda *unused: False),
-              'layout': (onednn_conv, 'blocked_layout', lambda *unused: (False, False))}
+# --layer: (module, attribute, what replaces it while the baseline step is traced,
+# (baseline's name, variant's name)).
+_BASELINES = {
+    'bn': (onednn_batch_norm, 'batch_norm', fused_batch_norm.grouped_batch_norm,
+           ('bn in XLA', 'bn on oneDNN')),
+    'pool': (onednn_max_pool, 'supported', lambda *unused: False,
+             ('pool in XLA', 'pool on oneDNN')),
+    'residual': (onednn_residual, 'supported', lambda *unused: False,
+                 ('residual in XLA', 'residual on oneDNN')),
+    'layout': (onednn_conv, 'blocked_layout', lambda *unused: (False, False),
+               ('all NHWC', 'blocked by rule'))}
 
 
 def _runners(layer: str, common) -> dict:
@@ -46,9 +52,7 @@ def _runners(layer: str, common) -> dict:
   if layer == 'conv':
     return {f'conv_impl={impl}': step_throughput._jax_step_runner(conv_impl=impl, **common)  # pylint: disable=protected-access
             for impl in ('torch', 'onednn')}
-  module, attribute, baseline = _BASELINES[layer]
-  names = (('all NHWC', 'blocked by rule') if layer == 'layout'
-           else (f'{layer} in XLA', f'{layer} on oneDNN'))
+  module, attribute, baseline, names = _BASELINES[layer]
   original = getattr(module, attribute)
   setattr(module, attribute, baseline)  # read when the step is traced, in the warm-up
   try:
@@ -64,7 +68,7 @@ def main():
   parser.add_argument('--case', default='resnet18', choices=sorted(CASES))
   parser.add_argument('--rounds', type=int, default=8)
   parser.add_argument('--steps', type=int, default=3, help='steps per side per round')
-  parser.add_argument('--layer', default='conv', choices=['conv', 'bn', 'pool', 'residual', 'layout'],
+  parser.add_argument('--layer', default='conv', choices=['conv', *_BASELINES],
                       help='what the two steps differ in (see the module doc)')
   args = parser.parse_args()
   arch, size, batch, width, small_stem = CASES[args.case]
