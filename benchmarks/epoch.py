@@ -39,9 +39,11 @@ from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wr
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.data import loaders
+from pcl_jax import features as features_lib
+from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import step as step_lib
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -75,7 +77,7 @@ def _feature_input_images_per_s(trainer, batches, on_device):
   the PIL transform (the reference's way). The first batch (compilation, worker start) is not
   timed."""
   batch_size = trainer.config.train.batch_size
-  images = train.feature_pass_batches(trainer.datasets.train_eval, batch_size,
+  images = features_lib.feature_pass_batches(trainer.datasets.train_eval, batch_size,
                                       trainer.config.data.num_workers, trainer.mesh, on_device)
   start = None
   for count, batch in enumerate(images):
@@ -92,7 +94,7 @@ def _feature_pass_images_per_s(trainer, state, on_device):
   variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
   dataset = trainer.datasets.train_eval
   start = time.perf_counter()
-  features, _ = train.extract_features(trainer.embed, variables, dataset,
+  features, _ = features_lib.extract_features(trainer.embed, variables, dataset,
                                        trainer.config.train.batch_size,
                                        trainer.config.data.num_workers, mesh=trainer.mesh,
                                        transform_on_device=on_device)
@@ -113,10 +115,10 @@ def _embed_images_per_s(trainer, state, images, batches):
 
 
 def _loader_images_per_s(trainer, steps):
-  loader = input_pipeline.train_loader(trainer.datasets.train, trainer.config.train.batch_size,
+  loader = loaders.train_loader(trainer.datasets.train, trainer.config.train.batch_size,
                                        seed=0, epoch=0,
                                        num_workers=trainer.config.data.num_workers)
-  batches = input_pipeline.numpy_batches(loader)
+  batches = loaders.numpy_batches(loader)
   next(batches)  # worker start-up
   start = time.perf_counter()
   count = 0
@@ -137,14 +139,14 @@ def _resident_step(trainer, state):
   # epoch below reuses this compilation. With data.augment_on_device, a loader batch: cached
   # images and the views' draws, which the step then applies.
   if trainer.config.data.augment_on_device:
-    views = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
+    views = next(loaders.numpy_batches(loaders.train_loader(
         trainer.datasets.train, batch, seed=0, epoch=0, num_workers=0)))
   else:
     views = {'im_q': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
              'im_k': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
              'index': np.arange(batch)}
   resident = parallel.global_batch(views, sharding)
-  bank = train.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
+  bank = step_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
                                     trainer.config.model.dim, trainer.datasets.num_train)
   bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
                                  parallel.replicated(trainer.mesh))

@@ -3,7 +3,7 @@ r"""Benchmark of the evaluation metrics on a mini-ImageNet-test-sized split of s
   python benchmarks/evaluate.py                      # 20 classes x 600 = 12,000 x 128-d
   python benchmarks/evaluate.py --classes=20 --per_class=600 --dim=128 --episodes=2000
 
-Times every part of `evaluate.evaluate_features` (what `--mode=eval` runs after the feature pass):
+Times every part of `driver.evaluate_features` (what `--mode=eval` runs after the feature pass):
 kNN and the linear probe on the within-split halves (mini-ImageNet's `test` classes are disjoint
 from `train`), few-shot 5-way 1-shot and 5-shot with both classifiers, and k-means clustering
 quality with the project backend (`--backend`). Each part runs twice: the first run includes
@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.evaluation import driver
+from pcl_jax.evaluation import linear_probe
 
 
 def synthetic_features(classes: int, per_class: int, dim: int, noise: float, seed: int = 0):
@@ -54,13 +55,13 @@ def main():
 
   runs = []
   for _ in range(2):
-    results = evaluate.evaluate_features(config, features, labels)  # within-split halves
+    results = driver.evaluate_features(config, features, labels)  # within-split halves
     runs.append(results)
   first, second = runs[0]['timing_s'], runs[1]['timing_s']
   knn = runs[1]['knn']
   rows = [(f"kNN (k={knn['k']}, {knn['num_reference']} ref -> {knn['num_query']} queries)",
            'knn'),
-          (f'linear probe ({len(evaluate.PROBE_LEARNING_RATES)} lr x {evaluate.PROBE_STEPS} '
+          (f'linear probe ({len(linear_probe.PROBE_LEARNING_RATES)} lr x {linear_probe.PROBE_STEPS} '
            'steps)', 'linear_probe'),
           ('few-shot 2 settings x 2 classifiers', 'fewshot'),
           (f'k-means k={args.classes} + NMI/AMI/ARI/acc', 'clustering'), ('total', 'total')]

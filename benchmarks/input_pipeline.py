@@ -40,11 +40,12 @@ from PIL import Image
 from torchvision import transforms
 
 from configs import default
-from pcl_jax import device_augment
-from pcl_jax import input_pipeline
+from pcl_jax.data import device_augment
+from pcl_jax.data import loaders
+from pcl_jax.data import transforms as data_transforms
 from pcl_jax import models
 from pcl_jax import state as state_lib
-from pcl_jax import train
+from pcl_jax import step as step_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -97,9 +98,9 @@ def loader_alone(dataset, batch_size: int, num_workers: int, epoch: int):
   """One full epoch of the loader: (images/s, images per CPU-second of loader work)."""
   wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu_s()
   images = 0
-  loader = input_pipeline.train_loader(dataset, batch_size, seed=0, epoch=epoch,
+  loader = loaders.train_loader(dataset, batch_size, seed=0, epoch=epoch,
                                        num_workers=num_workers)
-  for batch in input_pipeline.numpy_batches(loader):
+  for batch in loaders.numpy_batches(loader):
     images += batch['index'].shape[0]
   del loader  # workers are joined at the end of the epoch; their CPU time is now counted
   wall = time.perf_counter() - wall
@@ -110,9 +111,9 @@ def loader_alone(dataset, batch_size: int, num_workers: int, epoch: int):
 def _compare_augment_on_device(datasets, batch_size: int, workers: int, args) -> None:
   """Loader images/s and per-core work with the recipe in PIL workers against
   data.augment_on_device, then the jitted device augmentation's own time per batch of pairs."""
-  on_device = input_pipeline.DrawsOnlyDataset(
+  on_device = loaders.DrawsOnlyDataset(
       datasets.train.source,
-      input_pipeline.AugmentationDraws(args.image_size, bool(args.aug_plus)))
+      data_transforms.AugmentationDraws(args.image_size, bool(args.aug_plus)))
   runs = {'pil': [], 'device': []}
   for epoch in range(args.repeats):  # alternate, so load changes hit both alike
     runs['pil'].append(loader_alone(datasets.train, batch_size, workers, epoch))
@@ -123,7 +124,7 @@ def _compare_augment_on_device(datasets, batch_size: int, workers: int, args) ->
         f'({pil_core:.0f} per core); on the device (data.augment_on_device) {device_rate:7.0f} '
         f'images/s ({device_core:.0f} per core): {device_core / pil_core:.1f}x less loader work '
         'per pair')
-  batch = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
+  batch = next(loaders.numpy_batches(loaders.train_loader(
       on_device, batch_size, seed=0, epoch=0, num_workers=0)))
   images, draws = jax.device_put((batch['image'], batch['augment_q']))
   augment = jax.jit(device_augment.augment, static_argnums=(2, 3))
@@ -150,7 +151,7 @@ def main():
       _make_jpeg_folder(root, args.num_images, args.image_size)
     config = _config(args, root)
     start = time.perf_counter()
-    datasets = input_pipeline.build_train_datasets(config)
+    datasets = loaders.build_train_datasets(config)
     print(f'data: {args.data}, {datasets.num_train} images at {args.image_size} px, '
           f'aug_plus={bool(args.aug_plus)}; source ready in {time.perf_counter() - start:.1f}s '
           f'(jpeg: includes the one-time decode into the cache)')
@@ -169,8 +170,8 @@ def main():
 
     # Step 1b: what ending the augmentations in uint8 (normalised later on the device) saves
     # against ending them in host-normalised float32, as torchvision's ToTensor + Normalize do.
-    float_views = input_pipeline.TwoCropDataset(datasets.train.source, transforms.Compose(
-        datasets.train.transform.transforms[:-1] + [input_pipeline.ToNormalizedHWC()]))
+    float_views = loaders.TwoCropDataset(datasets.train.source, transforms.Compose(
+        datasets.train.transform.transforms[:-1] + [data_transforms.ToNormalizedHWC()]))
     workers = max(int(w) for w in args.workers.split(','))
     rates = {'uint8': [], 'float32': []}
     for epoch in range(args.repeats):  # alternate, so load changes hit both alike
@@ -188,15 +189,15 @@ def main():
 
     # Step 2: the training step, as the trainer builds it.
     model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
-    lr_schedule = train.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
-    tx = train.make_optimizer(config.optim, lr_schedule)
-    step_fn = train.make_train_step(config, model, tx, lr_schedule)
-    bank = train.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
+    lr_schedule = step_lib.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
+    tx = step_lib.make_optimizer(config.optim, lr_schedule)
+    step_fn = step_lib.make_train_step(config, model, tx, lr_schedule)
+    bank = step_lib.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
                                       datasets.num_train)
     hparams = {'smoothing': jnp.float32(0.0)}
     state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, args.image_size,
                                    config.pcl.num_negatives)
-    first = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
+    first = next(loaders.numpy_batches(loaders.train_loader(
         datasets.train, batch_size, seed=0, epoch=0, num_workers=0)))
     resident = jax.device_put(first)
     state, metrics = step_fn(state, resident, bank, hparams)  # compile
@@ -212,9 +213,9 @@ def main():
 
     def fed(workers, epoch):
       nonlocal state
-      loader = input_pipeline.train_loader(datasets.train, batch_size, seed=0, epoch=epoch,
+      loader = loaders.train_loader(datasets.train, batch_size, seed=0, epoch=epoch,
                                            num_workers=workers)
-      batches = input_pipeline.numpy_batches(loader)
+      batches = loaders.numpy_batches(loader)
       state, metrics = step_fn(state, next(batches), bank, hparams)
       jax.block_until_ready(metrics)  # workers are up and their queues full: steady state
       start = time.perf_counter()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from pcl_jax import max_pool
+from pcl_jax.kernels import max_pool
 
 
 def _flax_pool(x):

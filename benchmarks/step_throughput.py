@@ -37,11 +37,12 @@ import torch
 from benchmarks import torch_reference
 
 from configs import default  # pylint: disable=g-import-not-at-top
-from pcl_jax import host_threads
+from pcl_jax import kernels
+from pcl_jax.kernels import host_threads
 from pcl_jax import models
 from pcl_jax import parallel
 from pcl_jax import state as state_lib
-from pcl_jax import train
+from pcl_jax import step as step_lib
 
 
 def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, warmup, dtype,
@@ -53,12 +54,12 @@ def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, 
   config.train.dtype = dtype
   config.pcl.num_negatives = num_negatives
   model = models.encoder_from_config(config, bn_groups=bn_groups)
-  schedule = train.make_lr_schedule(config.optim, 10, 100)
-  tx = train.make_optimizer(config.optim, schedule)
+  schedule = step_lib.make_lr_schedule(config.optim, 10, 100)
+  tx = step_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, image_size, num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))  # as Trainer places it
-  step = train.make_train_step(config, model, tx, schedule)
-  bank = train.empty_prototype_bank(1, 8, config.model.dim, 1024)
+  step = step_lib.make_train_step(config, model, tx, schedule)
+  bank = step_lib.empty_prototype_bank(1, 8, config.model.dim, 1024)
   hparams = {'smoothing': jnp.float32(0.0)}
   rng = np.random.default_rng(0)
   batch_np = {'im_q': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
@@ -161,8 +162,7 @@ def main():
   print(f'jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, dtype {args.dtype}, '
         f'one fresh process per measurement')
-  from pcl_jax import cpu_conv  # pylint: disable=g-import-not-at-top
-  auto = cpu_conv.resolve_conv_impl('auto')
+  auto = kernels.resolve('auto')
   print(f"{'case':<22}{f'jax auto={auto}':>18}{'jax torch-conv':>15}{'jax xla-conv':>13}"
         f"{'torch NCHW':>12}{'torch CL':>10}{'ratio':>7}")
   for case in cases:

@@ -168,7 +168,7 @@ class TorchStepProcess:
 def _serve_steps(connection, kwargs):
   """The child's loop: build and warm up the runner, then answer each step count with images/s
   until None arrives."""
-  from pcl_jax import host_memory  # pylint: disable=g-import-not-at-top
+  from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.tune_malloc()  # before torch starts threads, as in the parent
   try:
     run = torch_step_runner(**kwargs)

@@ -39,15 +39,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp = False  # 2-layer MLP head (MoCo v2) instead of one linear layer
   config.model.small_stem = False  # 3x3 stride-1 stem without max-pool (small images)
   config.model.width = 64  # channels of Conv4 / first ResNet stage
-  # Convolution kernels: xla | torch (PyTorch's oneDNN CPU kernels via a host callback, ~2x
-  # faster on CPU; single CPU device only) | onednn (oneDNN itself as XLA custom calls, float32,
-  # for a ResNet's BN + ReLU, stem pool and residual joins too: pcl_jax/onednn_*.py; needs a
-  # C++ compiler) |
+
+  # How the run computes, not what it computes: a checkpoint resumes and evaluates under any of
+  # these (pcl_jax/kernels/__init__.py).
+  config.runtime = ml_collections.ConfigDict()
+  # Kernels: xla | torch (PyTorch's oneDNN CPU convolutions via host callbacks; single CPU
+  # device only) | onednn (oneDNN itself as XLA custom calls, float32, for a ResNet's BN + ReLU,
+  # stem pool and residual joins too: pcl_jax/kernels/onednn/; needs a C++ compiler) |
   # auto (on a single CPU device onednn where it builds, else torch; else xla).
-  config.model.conv_impl = 'auto'
-  # XLA's CPU thread pool: 0 chooses (1 when torch runs a ResNet's convolutions, so one OpenMP
-  # team serves them; else a thread per core; pcl_jax/host_threads.py), N > 0 sets N threads.
-  config.model.xla_cpu_threads = 0
+  config.runtime.conv_impl = 'auto'
+  # XLA's CPU thread pool: 0 chooses (1 when torch or oneDNN runs a ResNet's convolutions, so one
+  # OpenMP team serves them; else a thread per core; pcl_jax/kernels/host_threads.py), N > 0 sets
+  # N threads.
+  config.runtime.xla_cpu_threads = 0
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

@@ -1,6 +1,7 @@
-"""Prototypical Contrastive Learning in JAX/Flax (see README.md and ../shared/DESIGN.md)."""
+"""Prototypical Contrastive Learning in JAX/Flax: docs/architecture.md maps the modules.
 
-from pcl_jax import host_memory
-
-# Before jax starts its CPU threads: see host_memory's docstring for why and the measured effect.
-host_memory.tune_malloc()
+The algorithm and the run sit at the top level (main, configuration, models, state, losses,
+cluster_schedule, clustering/, step, features, train, resume, stop, checkpoint, run_files,
+parallel, plot); `data/` turns files into batches, `evaluation/` scores features, and
+`kernels/` holds the optional CPU kernels. Importing the package has no side effects.
+"""

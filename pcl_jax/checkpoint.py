@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pcl_jax import models
+from pcl_jax.errors import UserError
 
 KERNEL_LAYOUT_KEY = 'conv_kernel_layout'
 _LAYOUT_BEFORE_THE_KEY = 'HWIO'
@@ -67,6 +68,25 @@ def _as_template(tree):
 def checkpoint_dir(workdir: str, best: bool = False) -> str:
   """WORKDIR/checkpoints, or WORKDIR/checkpoints_best (the best-by-validation one)."""
   return os.path.join(os.path.abspath(workdir), 'checkpoints_best' if best else 'checkpoints')
+
+
+def read_meta(workdir: str, epochs_done: int, best: bool = False) -> dict:
+  """The JSON `meta` item of checkpoint `epochs_done`, read alone (cheap: no arrays, no model)."""
+  path = os.path.join(checkpoint_dir(workdir, best), str(epochs_done), 'meta')
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
+
+
+def check_model_matches(config, meta: dict, path: str) -> None:
+  """UserError naming the first `model.*` field (`models.IDENTITY_FIELDS`) where the config and
+  checkpoint `path` (with this `meta`) differ. Other saved fields are not identity: older
+  checkpoints also hold kernel and thread choices under `model`, which any value may change."""
+  saved = meta.get('model') or {}
+  for field in models.IDENTITY_FIELDS:
+    if field in saved and saved[field] != config.model[field]:
+      raise UserError(
+          f'the config\'s model.{field}={config.model[field]!r} does not match checkpoint {path}, '
+          f'trained with model.{field}={saved[field]!r}; pass --config.model.{field}='
+          f'{saved[field]} (the run\'s config.json has every setting) or a new --workdir')
 
 
 def _composite_save(state, meta):

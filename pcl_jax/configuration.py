@@ -9,8 +9,10 @@ import difflib
 
 import ml_collections
 
+from pcl_jax.errors import UserError
+
 # The values a setting may take. They live here, not in the modules that implement them
-# (models, cpu_conv, input_pipeline import them), so that checking a config imports neither
+# (models, kernels, data import them), so that checking a config imports neither
 # torch nor flax: a bad value fails in about a second.
 ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
 CONV_IMPLS = ('auto', 'xla', 'torch', 'onednn')
@@ -24,8 +26,11 @@ FEATURE_LAYERS = ('head', 'backbone')
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
 
 
-class UserError(ValueError):
-  """A mistake the user can fix by changing a setting; printed without a traceback."""
+# Settings that moved between sections: old dotted name -> new one. A config file or command
+# line that still names the old one is told where it went; a run directory written with the old
+# name (config.json, checkpoint meta) is read as if it had the new one.
+MOVED_FIELDS = {'model.conv_impl': 'runtime.conv_impl',
+                'model.xla_cpu_threads': 'runtime.xla_cpu_threads'}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -89,6 +94,8 @@ def _check_section(section, reference, prefix: str) -> None:
     if name not in reference:
       close = difflib.get_close_matches(name, list(reference.keys()), n=1)
       hint = f'; did you mean {prefix}{close[0]}?' if close else ''
+      if prefix + name in MOVED_FIELDS:
+        hint = f'; it is now {MOVED_FIELDS[prefix + name]}'
       raise UserError(f'the config has an unknown field {prefix}{name}{hint} (configs/default.py '
                       'lists every field)')
 
@@ -137,10 +144,10 @@ def validate(config) -> None:
   check_fields(config)
   _one_of(config.data.name, DATASETS, 'data.name')
   _one_of(config.model.arch, ARCHS, 'model.arch')
-  _one_of(config.model.conv_impl, CONV_IMPLS, 'model.conv_impl')
-  threads = config.model.xla_cpu_threads
+  _one_of(config.runtime.conv_impl, CONV_IMPLS, 'runtime.conv_impl')
+  threads = config.runtime.xla_cpu_threads
   _require(isinstance(threads, int) and threads >= 0,
-           f'model.xla_cpu_threads={threads!r} must be a whole number >= 0 (0: chosen for you)')
+           f'runtime.xla_cpu_threads={threads!r} must be a whole number >= 0 (0: chosen for you)')
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
   _one_of(config.schedule.mode, SCHEDULE_MODES, 'schedule.mode')
@@ -226,3 +233,17 @@ def validate_against_data(config, num_train: int) -> None:
     schedule.validate(num_train)  # k <= N for every listed k
   except ValueError as error:
     raise UserError(f'{error} (data.train_split={config.data.train_split!r})') from error
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+  """A config dict as a run directory stored it (config.json), with `MOVED_FIELDS` at their new
+  places, so it compares field by field with a current config."""
+  upgraded = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in saved.items()}
+  for old, new in MOVED_FIELDS.items():
+    old_section, old_name = old.split('.')
+    new_section, new_name = new.split('.')
+    if old_name in upgraded.get(old_section, {}):
+      value = upgraded[old_section].pop(old_name)
+      upgraded.setdefault(new_section, {}).setdefault(new_name, value)
+  return upgraded

@@ -24,6 +24,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from pcl_jax import configuration
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, results).')
@@ -115,6 +117,9 @@ def _flag_error_message(error: BaseException, argv) -> str:
       hint = ''
       if suggestion:
         hint = f' (did you mean --config.{path.rsplit(key, 1)[0]}{suggestion.group(1)}?)'
+      moved = configuration.MOVED_FIELDS.get(path)
+      if moved:
+        hint = f' (it is now --config.{moved})'
       return (f'--config.{path}: the config has no field {key!r}{hint}; configs/default.py lists '
               'every field')
   if 'Error whilst parsing config file' in text:
@@ -178,13 +183,14 @@ def parse_flags(argv):
 
 
 def _run(config, workdir):
-  from pcl_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'train':
+    from pcl_jax import train
     train.train_and_evaluate(config, workdir)
   else:
-    from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.evaluate_checkpoint(config, workdir, epochs_done=FLAGS.step,
-                                 overwrite=FLAGS.overwrite, best=FLAGS.best)
+    from pcl_jax.evaluation import driver
+    driver.evaluate_checkpoint(config, workdir, epochs_done=FLAGS.step,
+                               overwrite=FLAGS.overwrite, best=FLAGS.best)
 
 
 def main(argv):
@@ -199,19 +205,23 @@ def main(argv):
   project_logger.addHandler(handler)
   project_logger.setLevel(py_logging.INFO)
   project_logger.propagate = False
-  from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
-  from pcl_jax import parallel  # pylint: disable=g-import-not-at-top
-  from pcl_jax import run_files  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from pcl_jax import errors
+  from pcl_jax import parallel
+  from pcl_jax import run_files
+  from pcl_jax import stop
+  # pylint: enable=g-import-not-at-top
   # Before anything touches a JAX backend (validation asks which one runs): a multi-host run
   # meets its peers here.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   # Also before the backends start: the size of XLA's CPU thread pool (host_threads). A
   # malformed config is left to the validation below, which names what is wrong.
-  from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
+  from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top
   try:
-    model = FLAGS.config.model
-    host_threads.limit_xla_threads(model.conv_impl, model.arch, model.xla_cpu_threads)
+    runtime = FLAGS.config.runtime
+    host_threads.limit_xla_threads(runtime.conv_impl, FLAGS.config.model.arch,
+                                   runtime.xla_cpu_threads)
   except (AttributeError, KeyError, TypeError):
     pass
   try:
@@ -221,14 +231,13 @@ def main(argv):
     if FLAGS.mode == 'train':
       # Not the lock: in a multi-host run only process 0 takes it, once JAX knows which it is.
       run_files.prepare_workdir(FLAGS.workdir)
-  except (configuration.UserError, run_files.WorkdirError) as error:
+  except (errors.UserError, run_files.WorkdirError) as error:
     if FLAGS.verbose:
       raise
     _fail(error)
-  from pcl_jax import train  # pylint: disable=g-import-not-at-top
   try:
     _run(FLAGS.config, FLAGS.workdir)
-  except (configuration.UserError, FileNotFoundError) as error:
+  except (errors.UserError, FileNotFoundError) as error:
     if FLAGS.verbose:
       raise
     _fail(error)
@@ -241,7 +250,7 @@ def main(argv):
     if FLAGS.verbose:
       raise
     _fail(error, DIVERGED_STATUS)
-  except train.TrainingInterrupted as error:
+  except stop.TrainingInterrupted as error:
     _fail(error, 128 + error.signum if error.signum else 1, prefix='stopped')
   except KeyboardInterrupt:
     if FLAGS.verbose:
@@ -251,4 +260,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Before anything starts a thread that allocates (XLA's CPU pool): see host_memory's docstring.
+  # The program tunes its own process; importing pcl_jax as a library changes nothing.
+  from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.tune_malloc()
   app.run(main, flags_parser=parse_flags)

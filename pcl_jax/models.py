@@ -7,7 +7,12 @@ are always float32; `dtype` sets the compute dtype (bfloat16 for mixed precision
 
 BatchNorm computes its training statistics per group of `bn_groups` consecutive samples, as if
 each group sat on its own device: that is how a single device emulates MoCo's shuffle-BN
-(the key batch is permuted before it enters the key encoder, see `train.py`).
+(the key batch is permuted before it enters the key encoder, see `step.py`).
+
+Which kernels compute the convolutions, batch norms, stem pool and residual joins is not the
+model's concern: `pcl_jax.kernels.select(runtime.conv_impl)` chooses a `Kernels` set and the
+encoder receives it (`kernels=`); parameters and outputs are the same under every set. This
+module imports no torch.
 """
 
 import functools
@@ -18,21 +23,21 @@ import jax
 import jax.numpy as jnp
 
 from pcl_jax import configuration
-from pcl_jax import cpu_conv
-from pcl_jax import fused_batch_norm
-from pcl_jax import max_pool
-from pcl_jax import onednn_batch_norm
-from pcl_jax import onednn_max_pool
-from pcl_jax import onednn_residual
+from pcl_jax import kernels as kernels_lib
+from pcl_jax import linalg
+from pcl_jax.kernels import fused_batch_norm
 
 ARCHS = configuration.ARCHS
+# The `model.*` settings that make a network (and a checkpoint's parameter tree): a checkpoint
+# resumes or evaluates only under the same values.
+IDENTITY_FIELDS = ('arch', 'dim', 'mlp', 'small_stem', 'width')
 
 # torchvision's initialisers, so parameter statistics match the PyTorch reference.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 # Conv kernels are stored [out, kh, kw, in]: the bytes of a channels-last PyTorch conv weight,
-# which PyTorch's oneDNN kernels (`cpu_conv`) read ~6% faster per step than flax's usual HWIO.
+# which PyTorch's oneDNN kernels (`kernels.torch_conv`) read ~6% faster per step than flax's usual HWIO.
 # XLA and cuDNN take either through the convolution's dimension numbers.
 CONV_KERNEL_LAYOUT = 'OHWI'
 _CONV_DIMENSIONS = ('NHWC', CONV_KERNEL_LAYOUT, 'NHWC')
@@ -45,8 +50,7 @@ class GroupedBatchNorm(nn.Module):
   converted reference checkpoint behaves the same. With `num_groups=1` this is plain BatchNorm.
   With `relu_max_pool` it returns max_pool_2x2(relu(BN(x))), in training as one fused op
   (`fused_batch_norm`: a few passes over the activations instead of a dozen); with `relu`,
-  relu(BN(x)). `impl='onednn'` runs float32 NHWC training on oneDNN's batch norm
-  (`onednn_batch_norm`; what `model.conv_impl=onednn` picks), else XLA's ops.
+  relu(BN(x)). Training-mode statistics come from `kernels.batch_norm`.
   """
   use_running_average: bool
   num_groups: int = 1
@@ -56,7 +60,7 @@ class GroupedBatchNorm(nn.Module):
   zero_scale: bool = False
   relu_max_pool: bool = False
   relu: bool = False
-  impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None  # None: XLA's
 
   @nn.compact
   def __call__(self, x, input_bias=None):
@@ -81,12 +85,9 @@ class GroupedBatchNorm(nn.Module):
     if self.relu_max_pool:
       out, mean, var = fused_batch_norm.batch_norm_relu_max_pool(x, scale, bias, self.num_groups,
                                                                  self.epsilon)
-    elif self.impl == 'onednn' and x.dtype == jnp.float32 and x.ndim == 4:
-      out, mean, var = onednn_batch_norm.batch_norm(x, scale, bias, self.num_groups,
-                                                    self.epsilon, self.relu)
     else:
-      out, mean, var = fused_batch_norm.grouped_batch_norm(x, scale, bias, self.num_groups,
-                                                           self.epsilon, self.relu)
+      out, mean, var = _kernels(self.kernels).batch_norm(x, scale, bias, self.num_groups,
+                                                         self.epsilon, self.relu)
     if not self.is_initializing():
       count = x.size // (self.num_groups * features)
       unbiased = var.mean(0) * count / max(count - 1, 1)
@@ -94,6 +95,10 @@ class GroupedBatchNorm(nn.Module):
                             + (1 - self.momentum) * (mean.mean(0) + input_bias))
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
     return out.astype(self.dtype)
+
+
+def _kernels(kernels) -> kernels_lib.Kernels:
+  return kernels_lib.select('xla') if kernels is None else kernels
 
 
 def max_pool_2x2(x):
@@ -115,12 +120,12 @@ def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
 
 class _ResidualBlock(nn.Module):
   """What the ResNet blocks share: their fields, the projection shortcut and the join
-  relu(y + shortcut), on oneDNN (`onednn_residual`) where `conv_impl` is onednn."""
+  relu(y + shortcut) (`kernels.residual_join`)."""
   filters: int
   strides: int
   conv: Any
   norm: Any
-  conv_impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None
 
   def _add_shortcut(self, x, y):
     """relu(y + shortcut(x)); a strided 1x1 conv + BN when shapes differ (torchvision's)."""
@@ -128,9 +133,7 @@ class _ResidualBlock(nn.Module):
       x = self.conv(y.shape[-1], (1, 1), (self.strides, self.strides), padding='VALID',
                     name='downsample_conv')(x)
       x = self.norm(name='downsample_bn')(x)
-    if self.conv_impl == 'onednn' and onednn_residual.supported(y, x):
-      return onednn_residual.add_relu(y, x)
-    return nn.relu(y + x)
+    return _kernels(self.kernels).residual_join(y, x)
 
 
 class BasicBlock(_ResidualBlock):
@@ -166,14 +169,14 @@ class ResNetBackbone(nn.Module):
   small_stem: bool = False
   bn_groups: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(Conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    kernels = _kernels(self.kernels)
+    conv = functools.partial(Conv, dtype=self.dtype, kernels=kernels)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
-                             num_groups=self.bn_groups, dtype=self.dtype,
-                             impl='onednn' if self.conv_impl == 'onednn' else 'xla')
+                             num_groups=self.bn_groups, dtype=self.dtype, kernels=kernels)
     x = x.astype(self.dtype)
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=_pad(3), name='stem_conv')(x)
@@ -181,19 +184,12 @@ class ResNetBackbone(nn.Module):
     else:
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
       x = norm(name='stem_bn', relu=True)(x)
-      x = _max_pool(x, 3, 2, 1, self.conv_impl)
+      x = kernels.max_pool(x, 3, 2, 1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = self.block(self.width * 2**stage, strides, conv, norm, self.conv_impl)(x)
+        x = self.block(self.width * 2**stage, strides, conv, norm, kernels)(x)
     return x.mean(axis=(1, 2))
-
-
-def _max_pool(x, window: int, stride: int, padding: int, conv_impl: str):
-  """`max_pool.max_pool`, on oneDNN's pooling where conv_impl is onednn and it takes `x`."""
-  if conv_impl == 'onednn' and onednn_max_pool.supported(x, window, stride, padding):
-    return onednn_max_pool.max_pool(x, window, stride, padding)
-  return max_pool.max_pool(x, window=window, stride=stride, padding=padding)
 
 
 def ohwi_conv_init(key, shape, dtype=jnp.float32):
@@ -203,12 +199,11 @@ def ohwi_conv_init(key, shape, dtype=jnp.float32):
   return conv_init(key, (kernel_h, kernel_w, in_features, features), dtype).transpose(3, 0, 1, 2)
 
 
-def _convolve(module: nn.Module, x, kernel_size, features, strides, padding, conv_impl):
-  """The OHWI kernel parameter 'kernel' of `module` and x convolved with it."""
+def _convolve(module: nn.Module, x, kernel_size, features, strides, padding):
+  """The OHWI kernel parameter 'kernel' of `module` and x convolved with it (`kernels.conv`)."""
   kernel = module.param('kernel', ohwi_conv_init,
                         (features,) + tuple(kernel_size) + (x.shape[-1],), jnp.float32)
-  convolve = cpu_conv.conv_function(conv_impl) or jax.lax.conv_general_dilated
-  return convolve(x.astype(module.dtype), kernel.astype(module.dtype), strides, padding,
+  return _kernels(module.kernels).conv(x.astype(module.dtype), kernel.astype(module.dtype), strides, padding,
                   dimension_numbers=_CONV_DIMENSIONS)
 
 
@@ -219,12 +214,11 @@ class Conv(nn.Module):
   strides: Tuple[int, int] = (1, 1)
   padding: Any = 'SAME'
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None
 
   @nn.compact
   def __call__(self, x):
-    return _convolve(self, x, self.kernel_size, self.features, self.strides, self.padding,
-                     self.conv_impl)
+    return _convolve(self, x, self.kernel_size, self.features, self.strides, self.padding)
 
 
 class ConvWithDeferredBias(nn.Module):
@@ -233,12 +227,11 @@ class ConvWithDeferredBias(nn.Module):
   features: int
   kernel_size: Tuple[int, int]
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None
 
   @nn.compact
   def __call__(self, x):
-    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]),
-                  self.conv_impl)
+    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]))
     return y, self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
 
 
@@ -250,14 +243,14 @@ class Conv4Backbone(nn.Module):
   width: int = 64
   bn_groups: int = 1
   dtype: Any = jnp.float32
-  conv_impl: str = 'xla'
+  kernels: kernels_lib.Kernels = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x.astype(self.dtype)
     for i in range(4):
       y, conv_bias = ConvWithDeferredBias(self.width, (3, 3), dtype=self.dtype,
-                                          conv_impl=self.conv_impl, name=f'Conv_{i}')(x)
+                                          kernels=self.kernels, name=f'Conv_{i}')(x)
       x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
                            dtype=self.dtype, relu_max_pool=True,
                            name=f'GroupedBatchNorm_{i}')(y, input_bias=conv_bias)
@@ -279,45 +272,39 @@ class Encoder(nn.Module):
     if self.mlp:
       y = nn.relu(dense(features.shape[-1], name='head_hidden')(y))
     y = dense(self.dim, name='head_out')(y).astype(jnp.float32)
-    embedding = l2_normalize(y)
+    embedding = linalg.l2_normalize(y)
     if return_backbone:
       return embedding, features.astype(jnp.float32)
     return embedding
 
 
-def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
-  """x / max(||x||, eps), as torch.nn.functional.normalize."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
 def create_encoder(arch: str, *, dim: int = 128, mlp: bool = False, small_stem: bool = False,
                    width: int = 64, bn_groups: int = 1, dtype: Any = jnp.float32,
-                   conv_impl: str = 'xla') -> Encoder:
+                   kernels: kernels_lib.Kernels = None) -> Encoder:
   """Builds the encoder named by `model.arch`.
 
-  `conv_impl` is a resolved `model.conv_impl` ('xla' or 'torch', see `cpu_conv`): it picks the
-  convolution kernels, never the parameters; results agree to float rounding.
+  `kernels` (default XLA's, see `pcl_jax.kernels.select`) picks how the convolutions, batch
+  norms, stem pool and residual joins are computed, never the parameters; results agree to
+  float rounding.
   """
   if arch == 'conv4':
-    backbone = Conv4Backbone(width=width, bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)
+    backbone = Conv4Backbone(width=width, bn_groups=bn_groups, dtype=dtype, kernels=kernels)
   elif arch in ('resnet18', 'resnet34', 'resnet50'):
     stages = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3), 'resnet50': (3, 4, 6, 3)}[arch]
     block = Bottleneck if arch == 'resnet50' else BasicBlock
     backbone = ResNetBackbone(stages, block, width=width, small_stem=small_stem,
-                              bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)
+                              bn_groups=bn_groups, dtype=dtype, kernels=kernels)
   else:
     raise ValueError(f'model.arch={arch!r} is unknown; use one of {", ".join(ARCHS)}')
   return Encoder(backbone=backbone, dim=dim, mlp=mlp, dtype=dtype)
 
 
 def encoder_from_config(config, bn_groups: int = 1) -> Encoder:
-  """Builds the encoder of a full config (`model` and `train.dtype` sections)."""
+  """Builds the encoder of a full config (`model`, `train.dtype`, and `runtime.conv_impl` for
+  the kernels, resolved on this machine: it depends on the devices, so it is checked here
+  rather than in configuration.validate)."""
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[config.train.dtype]
-  try:  # depends on the devices, so it is checked here rather than in configuration.validate
-    conv_impl = cpu_conv.resolve_conv_impl(config.model.conv_impl)
-  except ValueError as error:
-    raise configuration.UserError(str(error)) from None
   return create_encoder(config.model.arch, dim=config.model.dim, mlp=config.model.mlp,
                         small_stem=config.model.small_stem, width=config.model.width,
-                        bn_groups=bn_groups, dtype=dtype, conv_impl=conv_impl)
+                        bn_groups=bn_groups, dtype=dtype,
+                        kernels=kernels_lib.select(config.runtime.conv_impl))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcl_jax import models
+from pcl_jax import linalg
 
 
 @flax.struct.dataclass
@@ -47,7 +47,7 @@ def create_state(rng, model, tx: optax.GradientTransformation, image_size: int,
   variables = model.init(init_rng, dummy, train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
   dim = model.dim
-  queue = models.l2_normalize(jax.random.normal(queue_rng, (num_negatives, dim), jnp.float32))
+  queue = linalg.l2_normalize(jax.random.normal(queue_rng, (num_negatives, dim), jnp.float32))
   return PCLState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -1,305 +1,44 @@
-"""The PCL training loop: the jitted M-step, the E-step driver, logging and checkpoint cadence.
+"""The PCL training loop: epochs of E-step then M-steps, with logging and checkpoint cadence.
 
-This module owns `train_step` (pure, jitted once: lr, smoothing and the cluster count enter as
-arrays, never as Python constants), the feature pass, the prototype bank that carries clustering
-results into the step with static shapes, and `train_and_evaluate`, which strings epochs
-together. Loss formulas live in losses.py, clustering in clustering.py, the cluster-count
-controller in cluster_schedule.py, file formats in run_files.py and checkpoint.py.
+This module owns `train_and_evaluate` (the run: lock the workdir, resume, train the epochs,
+save) and the `Trainer` (what a run builds once: data, model, jitted step, and the E-step that
+turns the key encoder's features into a prototype bank). One step is step.py's, the feature pass
+features.py's, clustering clustering/'s, the cluster-count controller cluster_schedule.py's;
+resuming and its checks are resume.py's, stop requests stop.py's, file formats run_files.py's and
+checkpoint.py's.
 """
 
 import functools
-import json
 import logging
 import math
-import os
-import shutil
-import signal
-import sys
-import threading
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import cluster_schedule
+from pcl_jax import clustering
 from pcl_jax import configuration
-from pcl_jax import device_augment
-from pcl_jax import device_transforms
-from pcl_jax import input_pipeline
+from pcl_jax import features as features_lib
 from pcl_jax import losses
 from pcl_jax import models
 from pcl_jax import parallel
+from pcl_jax import resume
 from pcl_jax import run_files
 from pcl_jax import state as state_lib
+from pcl_jax import step as step_lib
+from pcl_jax import stop as stop_lib
+from pcl_jax.data import loaders
+from pcl_jax.errors import UserError
+from pcl_jax.evaluation import knn
+from pcl_jax.evaluation import protocol
 
-# Metrics averaged over an epoch's steps; proto ones are null before the first E-step.
 log = logging.getLogger(__name__)
-
-STEP_METRICS = ('loss', 'loss_inst', 'acc_inst', 'loss_proto', 'acc_proto', 'lr')
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer and learning rate.
-
-
-def lr_at_epoch(optim_config, epochs: int, epoch):
-  """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
-  lr = optim_config.lr
-  if optim_config.cos:
-    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
-  milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
-                           or [10**9], jnp.float32)
-  return lr * 0.1 ** jnp.sum(epoch >= milestones)
-
-
-def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
-  per_epoch = optim_config.schedule_per == 'epoch'
-
-  def schedule(step):
-    epoch = step // steps_per_epoch if per_epoch else step / steps_per_epoch
-    return lr_at_epoch(optim_config, epochs, jnp.asarray(epoch, jnp.float32))
-
-  return schedule
-
-
-def make_optimizer(optim_config, lr_schedule) -> optax.GradientTransformation:
-  """PyTorch SGD semantics: g + wd * p, then heavy-ball momentum, then -lr."""
-  return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
-                     optax.sgd(lr_schedule, momentum=optim_config.momentum))
-
-
-# ----------------------------------------------------------------------------------------------
-# Prototype bank: clustering results with static shapes.
-
-
-def empty_prototype_bank(num_levels: int, max_k: int, dim: int, num_samples: int) -> dict:
-  """A bank with no active level (warm-up epochs): ProtoNCE contributes nothing."""
-  return {
-      'prototypes': jnp.zeros((num_levels, max_k, dim), jnp.float32),
-      'concentration': jnp.ones((num_levels, max_k), jnp.float32),
-      'valid': jnp.zeros((num_levels, max_k), bool),
-      'im2cluster': jnp.zeros((num_levels, num_samples), jnp.int32),
-      'active': jnp.zeros((num_levels,), bool),
-  }
-
-
-def prototype_bank(levels: Sequence[dict], num_levels: int, max_k: int) -> dict:
-  """Pads per-level clustering results to `[num_levels, max_k, ...]` with validity masks.
-
-  Args:
-    levels: dicts with 'centroids' [k, D], 'im2cluster' [N], 'concentration' [k].
-    num_levels: static number of level slots (schedule.num_levels).
-    max_k: static prototype slots per level (the largest k the run can use).
-  """
-  dim = levels[0]['centroids'].shape[1]
-  num_samples = levels[0]['im2cluster'].shape[0]
-  bank = empty_prototype_bank(num_levels, max_k, dim, num_samples)
-  for slot, level in enumerate(levels):
-    k = level['centroids'].shape[0]
-    if k > max_k:
-      raise ValueError(f'level with k={k} exceeds the {max_k} prototype slots')
-    bank['prototypes'] = bank['prototypes'].at[slot, :k].set(level['centroids'])
-    bank['concentration'] = bank['concentration'].at[slot, :k].set(level['concentration'])
-    bank['valid'] = bank['valid'].at[slot, :k].set(True)
-    bank['im2cluster'] = bank['im2cluster'].at[slot].set(level['im2cluster'].astype(jnp.int32))
-    bank['active'] = bank['active'].at[slot].set(True)
-  return bank
-
-
-# ----------------------------------------------------------------------------------------------
-# The M-step.
-
-
-def _shuffled_keys(key_model, key_variables, im_k, rng):
-  """Key embeddings under emulated shuffle-BN: permute, embed (grouped BN), un-permute.
-
-  The permutation puts each key into a BN group different from its query's, so BN statistics
-  cannot leak which key is the positive (MoCo's reason for shuffling across GPUs).
-  """
-  permutation = jax.random.permutation(rng, im_k.shape[0])
-  shuffled, new_vars = key_model.apply(key_variables, im_k[permutation], train=True,
-                                       mutable=['batch_stats'])
-  keys = jnp.zeros_like(shuffled).at[permutation].set(shuffled)
-  return keys, new_vars['batch_stats']
-
-
-def _level_losses(q, index, bank, rng, num_negatives, smoothing):
-  """ProtoNCE of every level slot, averaged over the active ones."""
-  num_levels = bank['active'].shape[0]
-  per_level = jax.vmap(losses.proto_nce, in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
-  level_loss, level_acc = per_level(q, index, bank['im2cluster'], bank['prototypes'],
-                                    bank['concentration'], bank['valid'],
-                                    jax.random.split(rng, num_levels), num_negatives, smoothing)
-  active = bank['active']
-  count = jnp.maximum(active.sum(), 1)
-  loss = jnp.sum(jnp.where(active, level_loss, 0.0)) / count
-  acc = jnp.sum(jnp.where(active, level_acc, 0.0)) / count
-  return loss, acc
-
-
-def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
-                  aug_plus: bool) -> jnp.ndarray:
-  """View `name` ('q' or 'k') as the network takes it. With `data.augment_on_device` the batch
-  holds the cached images and each view's draws ('augment_q' / 'augment_k'): augmented here."""
-  if f'augment_{name}' in batch:
-    if not view_size:
-      raise ValueError('a batch with augmentation draws needs train_step(view_size=...)')
-    return device_transforms.normalize(
-        device_augment.augment(batch['image'], batch[f'augment_{name}'], view_size, aug_plus))
-  return device_transforms.network_input(batch[f'im_{name}'])
-
-
-def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
-               hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
-               moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False):
-  """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
-
-  Args:
-    state: the training state.
-    batch: 'im_q', 'im_k' [B, H, W, 3] (uint8 pixels, normalised here; or float32 already
-      normalised) and 'index' [B]; or with `data.augment_on_device` 'image' [B, H, W, 3] uint8
-      and the views' draws 'augment_q', 'augment_k' [B, P] (`device_augment`) instead of views.
-    bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
-    hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
-    model: the encoder (with grouped BN); used for both query and key networks.
-    tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
-    temperature, moco_m, num_negatives: PCL constants.
-    view_size, aug_plus: for batches of draws, the side of a view (`data.image_size`) and the
-      recipe (`data.aug_plus`).
-  Returns:
-    (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
-  """
-  rng = jax.random.fold_in(state.rng, state.step)
-  shuffle_rng, proto_rng = jax.random.split(rng)
-
-  # Step 1: momentum update of the key encoder from the pre-step query encoder (reference order),
-  # then the keys. They are targets: no gradient flows into the key encoder.
-  key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
-  keys, key_batch_stats = _shuffled_keys(
-      model, {'params': key_params, 'batch_stats': state.key_batch_stats},
-      _network_view(batch, 'k', view_size, aug_plus), shuffle_rng)
-  keys = jax.lax.stop_gradient(keys)
-
-  # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
-  def loss_fn(params):
-    queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    _network_view(batch, 'q', view_size, aug_plus),
-                                    train=True, mutable=['batch_stats'])
-    loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
-    loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
-                                          num_negatives, hparams['smoothing'])
-    aux = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,
-               acc_proto=acc_proto, batch_stats=new_vars['batch_stats'])
-    return loss_inst + loss_proto, aux
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-
-  # Step 3: SGD on the query encoder; enqueue this batch's keys.
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  queue, queue_ptr = state_lib.enqueue(state.queue, state.queue_ptr, keys)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
-                            key_params=key_params, key_batch_stats=key_batch_stats,
-                            opt_state=opt_state, queue=queue, queue_ptr=queue_ptr)
-  metrics = dict(loss=loss, loss_inst=aux['loss_inst'], acc_inst=aux['acc_inst'],
-                 loss_proto=aux['loss_proto'], acc_proto=aux['acc_proto'],
-                 lr=lr_schedule(state.step))
-  return new_state, metrics
-
-
-def make_train_step(config, model, tx, lr_schedule, mesh=None):
-  """`train_step` with the run's constants bound, jitted once with the state donated.
-
-  Data-parallel over `mesh` (default: every device of every process): the batch is split over
-  the `data` axis, the state, prototypes and metrics are replicated. Losses are means over the
-  global batch and BN groups are fixed by config, so N devices compute what 1 device does.
-  """
-  mesh = mesh or parallel.data_mesh()
-  replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                           temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
-                           num_negatives=config.pcl.num_negatives,
-                           view_size=config.data.image_size, aug_plus=config.data.aug_plus)
-  return jax.jit(step, donate_argnums=(0,),
-                 in_shardings=(replicated, split, replicated, replicated),
-                 out_shardings=(replicated, replicated))
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature pass (E-step input, evaluation input).
-
-
-def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
-  """Jitted eval-mode embedding of a batch: L2-normalised head output, or backbone features.
-
-  Variables replicated, images and embeddings split over the mesh's `data` axis.
-  """
-  mesh = mesh or parallel.data_mesh()
-
-  @functools.partial(jax.jit, in_shardings=(parallel.replicated(mesh),
-                                            parallel.batch_sharding(mesh)),
-                     out_shardings=parallel.batch_sharding(mesh))
-  def embed(variables, images):
-    embedding, backbone = model.apply(variables, images, train=False, return_backbone=True)
-    if feature_layer == 'backbone':
-      return models.l2_normalize(backbone)
-    return embedding
-
-  return embed
-
-
-def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
-                         transform_on_device: bool = True):
-  """The network's input batches of a feature pass over an EvalDataset, in index order: global
-  device arrays, batch-sharded over `mesh`, each process loading its own slice.
-
-  With the standard eval transform (`dataset.image_size` set) and `transform_on_device`, the host
-  only slices uint8 rows out of the cache and the transform runs on the device
-  (`device_transforms`, equal to torchvision's); otherwise a torch loader with `num_workers`
-  workers applies `dataset.transform`. The last batch is padded to full size.
-  """
-  sharding = parallel.batch_sharding(mesh)
-  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if transform_on_device and dataset.image_size:
-    transform = device_transforms.jitted_eval_transform(dataset.image_size, mesh)
-    batches = input_pipeline.eval_image_batches(dataset.source, batch_size, **where)
-  else:
-    transform = lambda images: images
-    loader = input_pipeline.eval_loader(dataset, batch_size, num_workers=num_workers, **where)
-    batches = (batch['image'] for batch in input_pipeline.numpy_batches(loader))
-  for images in batches:
-    yield transform(parallel.global_batch({'image': images}, sharding)['image'])
-
-
-def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
-                     progress: bool = False, mesh=None, transform_on_device: bool = True):
-  """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
-
-  Every batch is full (the last is padded), so `embed_fn` compiles once; padding rows are
-  dropped at the end. Batches come from `feature_pass_batches` (the eval transform on the device
-  unless `transform_on_device` is False or the dataset has its own transform).
-
-  Returns:
-    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
-  """
-  mesh = mesh or parallel.data_mesh()
-  batches = feature_pass_batches(dataset, batch_size, num_workers, mesh, transform_on_device)
-  chunks = [embed_fn(variables, images) for images in tqdm.tqdm(
-      batches, total=input_pipeline.num_eval_batches(len(dataset), batch_size),
-      disable=not progress, desc='features', leave=False)]
-  num_images = len(dataset)
-  features = jnp.concatenate(chunks)[:num_images]
-  return features, np.asarray(dataset.source.labels[:num_images])
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop.
 
 
 def _epoch_summary(epoch, record) -> str:
@@ -319,9 +58,8 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     configuration.validate(config)
     self.config, self.workdir = config, workdir
-    self.datasets = input_pipeline.build_train_datasets(config)
+    self.datasets = loaders.build_train_datasets(config)
     configuration.validate_against_data(config, self.datasets.num_train)
-    from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
     self.schedule = cluster_schedule.ClusterSchedule.from_config(
         config.schedule, hierarchical=config.clustering.hierarchical)
     self.schedule.validate(self.datasets.num_train)
@@ -333,14 +71,16 @@ class Trainer:
     self.mesh = parallel.data_mesh()
     full_steps = self.datasets.num_train // batch
     self.steps_per_epoch = min(full_steps, config.train.steps_per_epoch or full_steps)
-    self.lr_schedule = make_lr_schedule(config.optim, config.train.epochs, self.steps_per_epoch)
-    self.tx = make_optimizer(config.optim, self.lr_schedule)
+    self.lr_schedule = step_lib.make_lr_schedule(config.optim, config.train.epochs,
+                                                 self.steps_per_epoch)
+    self.tx = step_lib.make_optimizer(config.optim, self.lr_schedule)
     self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
-    self.train_step = make_train_step(config, self.model, self.tx, self.lr_schedule, self.mesh)
-    self.embed = make_embed_fn(self.model, mesh=self.mesh)
+    self.train_step = step_lib.make_train_step(config, self.model, self.tx, self.lr_schedule,
+                                               self.mesh)
+    self.embed = features_lib.make_embed_fn(self.model, mesh=self.mesh)
     self.val_dataset = None
     if config.eval.val_every:
-      self.val_dataset = input_pipeline.build_eval_dataset(config, config.data.val_split)
+      self.val_dataset = loaders.build_eval_dataset(config, config.data.val_split)
 
   def step_compilations(self) -> int:
     """How many programs the jitted train step has compiled (1 unless shapes changed)."""
@@ -355,13 +95,12 @@ class Trainer:
         jax.random.PRNGKey(self.config.seed))
 
   def _embed_dataset(self, variables, dataset):
-    return extract_features(self.embed, variables, dataset, self.config.train.batch_size,
+    return features_lib.extract_features(self.embed, variables, dataset, self.config.train.batch_size,
                             self.config.data.num_workers, mesh=self.mesh)
 
   def _cluster(self, features, epoch: int):
     """Clusters every active level. faiss runs on host memory: in a multi-host run process 0
     clusters and broadcasts; the jax backend takes the (sharded) device array as it is."""
-    from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
     config = self.config
     run = functools.partial(
         clustering.cluster_levels, num_clusters=self.schedule.clustering_order(),
@@ -402,7 +141,7 @@ class Trainer:
     feature_s = time.perf_counter() - start
     levels = self._cluster(features, epoch)
     by_k = {level['k']: level for level in levels}
-    bank = prototype_bank([by_k[k] for k in self.schedule.active], self.config.schedule.num_levels,
+    bank = step_lib.prototype_bank([by_k[k] for k in self.schedule.active], self.config.schedule.num_levels,
                           self.max_k)
     timing = {'estep_features_s': feature_s,
               'estep_clustering_s': sum(level['timing_s'] for level in levels),
@@ -413,15 +152,14 @@ class Trainer:
 
   def validation_knn(self, state) -> float:
     """The over-fitting monitor: kNN top-1 (%) of the key encoder on `data.val_split`."""
-    from pcl_jax import evaluate  # pylint: disable=g-import-not-at-top
     config = self.config
     variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
     embed = functools.partial(self._embed_dataset, variables)
     val_features, val_labels = embed(self.val_dataset)
     train_features = train_labels = None
-    if evaluate.shares_classes(self.datasets.train_eval.source.labels, val_labels):
+    if protocol.shares_classes(self.datasets.train_eval.source.labels, val_labels):
       train_features, train_labels = embed(self.datasets.train_eval)
-    return evaluate.validation_knn_top1(train_features, train_labels, val_features, val_labels,
+    return knn.validation_knn_top1(train_features, train_labels, val_features, val_labels,
                                         k=config.eval.knn_k, temperature=config.eval.knn_t)
 
   def run_epoch(self, state, epoch: int, should_stop: Optional[Callable[[], bool]] = None):
@@ -451,13 +189,13 @@ class Trainer:
       smoothing = losses.smoothing_factor(self.schedule.newest_k, self.max_clusters,
                                           config.pcl.smoothing_cap)
     else:
-      bank = empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
+      bank = step_lib.empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
                                   self.datasets.num_train)
       smoothing = 0.0
     # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
     bank, hparams = jax.device_put((bank, {'smoothing': jnp.asarray(smoothing, jnp.float32)}),
                                    parallel.replicated(self.mesh))
-    loader = input_pipeline.train_loader(self.datasets.train, config.train.batch_size,
+    loader = loaders.train_loader(self.datasets.train, config.train.batch_size,
                                          seed=config.seed, epoch=epoch,
                                          num_workers=config.data.num_workers,
                                          process_index=jax.process_index(),
@@ -469,7 +207,7 @@ class Trainer:
     progress = tqdm.tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch}', leave=False,
                          dynamic_ncols=True)
     try:
-      for step_in_epoch, batch in enumerate(input_pipeline.numpy_batches(loader)):
+      for step_in_epoch, batch in enumerate(loaders.numpy_batches(loader)):
         if step_in_epoch >= self.steps_per_epoch:
           break
         state, metrics = self.train_step(state, parallel.global_batch(batch, batch_sharding),
@@ -535,78 +273,6 @@ def _check_finite(record: dict) -> None:
           'the last good checkpoint stays the latest. Lower optim.lr or check the data.')
 
 
-# ----------------------------------------------------------------------------------------------
-# Run-level reliability: workdir, resume, stop requests, finiteness of what is saved.
-
-
-class TrainingInterrupted(Exception):
-  """Training stopped on request (SIGTERM/SIGINT or `should_stop`); rerunning resumes exactly.
-
-  Attributes:
-    signum: the signal that asked to stop, or None (a `should_stop` callable).
-  """
-
-  def __init__(self, message: str, signum: Optional[int] = None):
-    super().__init__(message)
-    self.signum = signum
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag that the loop polls between steps; a second signal kills.
-
-  A callable: True once a stop was requested (by a signal or by the caller's `should_stop`).
-  Handlers are installed only in the main thread and never over a signal the process was told
-  to ignore (nohup); `with` restores the previous ones.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self, should_stop: Optional[Callable[[], bool]] = None):
-    self.signum: Optional[int] = None
-    self._should_stop = should_stop
-    self._previous = {}
-    self._pid = os.getpid()
-
-  def __enter__(self) -> '_StopRequest':
-    if threading.current_thread() is threading.main_thread():
-      for signum in self.SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-          self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-    self._previous.clear()
-
-  def _handle(self, signum, frame) -> None:
-    if os.getpid() != self._pid:
-      # A forked DataLoader worker inherited this handler; Ctrl-C reaches the whole process
-      # group. The main process stops the loader, which ends its workers.
-      return
-    if self.signum is not None:
-      # Asked twice: stop at once. Checkpoints on disk stay valid (Orbax commits by rename), so
-      # this loses only the work since the last one.
-      previous = self._previous.get(signum)
-      self.__exit__()
-      if callable(previous):
-        previous(signum, frame)  # SIGINT: Python's default handler raises KeyboardInterrupt
-      else:
-        os.kill(os.getpid(), signum)
-      return
-    self.signum = signum
-    # os.write, not logging: a signal handler may run while the logging lock is held.
-    os.write(2, (f'\n{signal.Signals(signum).name} received: saving a checkpoint and stopping '
-                 'at the next step (send it again to stop at once)\n').encode())
-
-  @property
-  def reason(self) -> str:
-    return signal.Signals(self.signum).name if self.signum is not None else 'stop requested'
-
-  def __call__(self) -> bool:
-    return self.signum is not None or bool(self._should_stop and self._should_stop())
-
-
 @jax.jit
 def _leaves_finite(leaves):
   return [jnp.all(jnp.isfinite(leaf)) for leaf in leaves]
@@ -629,135 +295,6 @@ def _check_state_finite(state, epoch: int) -> None:
         'stopped and the last good checkpoint stays the latest. Lower optim.lr.')
 
 
-def _remove_partial_checkpoints(workdir: str) -> None:
-  """Deletes `*.orbax-checkpoint-tmp*` directories left by a save that was killed.
-
-  Orbax writes a checkpoint into such a directory and renames it when complete, so these are
-  never listed as checkpoints; removing them only reclaims their disk space. Safe because the
-  workdir lock guarantees that no other process is saving into this directory.
-  """
-  for best in (False, True):
-    directory = checkpoint_lib.checkpoint_dir(workdir, best)
-    if not os.path.isdir(directory):
-      continue
-    for name in os.listdir(directory):
-      if '.orbax-checkpoint-tmp' in name:
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-        log.info('removed %s, the remains of an interrupted checkpoint save', name)
-
-
-def _read_meta(workdir: str, step: int) -> dict:
-  """The JSON `meta` item of checkpoint `step`, read alone (cheap: no arrays, no model)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step), 'meta')
-  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
-
-
-def _check_checkpoint_matches(config, meta: dict, path: str) -> None:
-  """UserError when the checkpoint was trained with settings that its state cannot take."""
-  for field, saved in sorted((meta.get('model') or {}).items()):
-    if field in config.model and config.model[field] != saved:
-      raise configuration.UserError(
-          f'checkpoint {path} was trained with model.{field}={saved!r} but the config has '
-          f'{config.model[field]!r}; resume with --config.model.{field}={saved} (the run\'s '
-          'config.json has every setting) or pass a new --workdir')
-  for setting, key, current in (('data.image_size', 'image_size', config.data.image_size),
-                                ('pcl.num_negatives', 'num_negatives',
-                                 config.pcl.num_negatives)):
-    if meta.get(key) is not None and meta[key] != current:
-      raise configuration.UserError(
-          f'checkpoint {path} was trained with {setting}={meta[key]} but the config has '
-          f'{current}; resume with --config.{setting}={meta[key]} or pass a new --workdir')
-  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
-  try:
-    cluster_schedule.ClusterSchedule.from_config(config.schedule).load_state_dict(
-        meta['schedule'])
-  except ValueError as error:
-    raise configuration.UserError(f'{error} ({path})') from error
-
-
-def _restore_error(config, workdir: str, step: int, error: Exception) -> configuration.UserError:
-  """The UserError for a checkpoint that does not restore into this config's state."""
-  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
-  first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  reason = f'{type(error).__name__}: {first_line[:160]}{"..." if len(first_line) > 160 else ""}'
-  try:
-    checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
-  except Exception:  # pylint: disable=broad-except
-    return configuration.UserError(
-        f'checkpoint {path} is damaged and cannot be restored ({reason}); delete that directory '
-        'to resume from the previous checkpoint, or pass a new --workdir')
-  return configuration.UserError(
-      f'checkpoint {path} does not fit this config\'s training state ({reason}); resume with the '
-      f'settings it was trained with ({os.path.join(workdir, "config.json")}) or pass a new '
-      '--workdir')
-
-
-def _ignore_closed_loop_callbacks() -> None:
-  """Drops 'Event loop is closed' errors of I/O callbacks that outlive a failed Orbax restore.
-
-  When a restore fails, Orbax closes its event loop while TensorStore reads are still pending;
-  each read that completes later reports an unraisable RuntimeError with a traceback. They
-  would bury the one-line error that explains the failure. Other unraisable errors pass.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, 'ignores_closed_loop', False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and 'Event loop is closed' in str(unraisable.exc_value)):
-      previous(unraisable)
-
-  hook.ignores_closed_loop = True
-  sys.unraisablehook = hook
-
-
-def _restore(trainer: Trainer, checkpointer, workdir: str, step: Optional[int]):
-  """(state, epochs_done): checkpoint `step`'s (already checked to match), or the initial ones."""
-  state = trainer.initial_state()
-  if step is None:
-    return state, 0
-  _ignore_closed_loop_callbacks()
-  try:
-    state, meta = checkpointer.restore(state, step)
-  except Exception as error:  # pylint: disable=broad-except
-    # The abandoned reads can also report through asyncio's logger when they finish (a full
-    # suite under load once printed a TensorStore spec beside the one-line error); that one
-    # line, raised below, already says what failed.
-    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-    raise _restore_error(trainer.config, workdir, step, error) from error
-  trainer.schedule.load_state_dict(meta['schedule'])
-  return state, int(meta['epochs_done'])
-
-
-def _config_changes(old: dict, new: dict, prefix: str = '') -> list:
-  """'section.field: old -> new' for every leaf that differs between two config dicts."""
-  changes = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += _config_changes(a, b, f'{prefix}{key}.')
-    elif a != b:
-      changes.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return changes
-
-
-def _write_config(workdir: str, config, resumed: bool) -> None:
-  """Writes config.json; on resume, first says which settings differ from the saved ones."""
-  path = os.path.join(workdir, 'config.json')
-  if resumed and os.path.exists(path):
-    try:
-      with open(path) as handle:
-        changes = _config_changes(json.load(handle), config.to_dict())
-    except (OSError, ValueError):
-      changes = []
-    if changes:
-      log.warning('resuming with changed settings (config.json is updated): %s',
-                  '; '.join(changes))
-  run_files.write_json_atomic(path, config.to_dict())
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after_epochs: Optional[int] = None,
                        should_stop: Optional[Callable[[], bool]] = None) -> state_lib.PCLState:
@@ -778,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The final state.
   Raises:
-    configuration.UserError: a bad config, workdir or checkpoint (one-line message).
+    UserError: a bad config, workdir or checkpoint (one-line message).
     FloatingPointError: a non-finite loss, feature or state; nothing non-finite is saved.
     TrainingInterrupted: a stop was requested; a checkpoint was saved first when needed.
   """
@@ -788,10 +325,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     run_files.prepare_workdir(workdir)
     lock.acquire()
   except run_files.WorkdirError as error:
-    raise configuration.UserError(str(error)) from None
+    raise UserError(str(error)) from None
   try:
     if parallel.is_main_process():
-      _remove_partial_checkpoints(workdir)
+      resume.remove_partial_checkpoints(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
     try:
       return _train(config, workdir, checkpointer, stop_after_epochs, should_stop)
@@ -805,7 +342,8 @@ def checkpoint_meta(trainer: Trainer, epochs_done: int) -> dict:
   """The JSON half of a checkpoint: host-side state and the settings a resume must keep."""
   config = trainer.config
   return {'epochs_done': epochs_done, 'schedule': trainer.schedule.state_dict(),
-          'model': config.model.to_dict(), 'image_size': config.data.image_size,
+          'model': {field: config.model[field] for field in models.IDENTITY_FIELDS},
+          'image_size': config.data.image_size,
           'num_negatives': config.pcl.num_negatives}
 
 
@@ -814,17 +352,11 @@ def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
   step = checkpointer.latest_epoch()
   if step is not None:
     # Settings that the checkpoint cannot take fail here, in seconds, before data and model.
-    path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
-    try:
-      meta = _read_meta(workdir, step)
-    except Exception as error:  # pylint: disable=broad-except
-      raise configuration.UserError(
-          f'checkpoint {path} is damaged: its meta cannot be read ({type(error).__name__}); '
-          'delete that directory to resume from the previous checkpoint, or pass a new '
-          '--workdir') from error
-    _check_checkpoint_matches(config, meta, path)
+    resume.check_resumable(config, workdir, step)
   trainer = Trainer(config, workdir)
-  state, first_epoch = _restore(trainer, checkpointer, workdir, step)
+  state, first_epoch = trainer.initial_state(), 0
+  if step is not None:
+    state, first_epoch = resume.restore(checkpointer, workdir, step, state, trainer.schedule)
   if config.train.epochs == 0 and step is None:
     # train.epochs=0 saves the initialisation as checkpoint 0: the baseline that --mode=eval
     # compares a trained run against.
@@ -844,14 +376,14 @@ def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
     last_epoch = min(last_epoch, stop_after_epochs)
   metrics_log = None  # only process 0 writes the run's files (Orbax saves from all)
   if parallel.is_main_process():
-    _write_config(workdir, config, resumed=first_epoch > 0)
+    resume.write_config(workdir, config, resumed=first_epoch > 0)
     metrics_log = run_files.MetricsLog(workdir)
   try:
     if metrics_log is not None:
       # Records past the checkpoint were written by a run killed before its next save (or a
       # torn last line): rewrite the file with the checkpoint's epochs only.
       metrics_log.truncate_from(first_epoch)
-    with _StopRequest(should_stop) as stop:
+    with stop_lib.StopRequest(should_stop) as stop:
       return _run_epochs(trainer, checkpointer, metrics_log, state, first_epoch, last_epoch,
                          stop)
   finally:
@@ -860,7 +392,7 @@ def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
 
 
 def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch: int,
-                last_epoch: int, stop: _StopRequest):
+                last_epoch: int, stop: stop_lib.StopRequest):
   """The epoch loop of `train_and_evaluate`: epochs, checks, metrics, checkpoints, stops.
 
   `metrics_log` is None on processes other than 0 of a multi-host run.
@@ -875,8 +407,9 @@ def _run_epochs(trainer: Trainer, checkpointer, metrics_log, state, first_epoch:
     where = (f'checkpoint {epochs_done} ({epochs_done} epochs done) in '
              f'{checkpoint_lib.checkpoint_dir(trainer.workdir)}' if epochs_done else
              'no checkpoint yet (nothing to save before the first epoch ends)')
-    return TrainingInterrupted(f'{stop.reason}: {detail}; resume from {where} by rerunning the '
-                               'same command', stop.signum)
+    return stop_lib.TrainingInterrupted(
+        f'{stop.reason}: {detail}; resume from {where} by rerunning the same command',
+        stop.signum)
 
   for epoch in range(first_epoch, last_epoch):
     if stop():

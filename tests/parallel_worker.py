@@ -23,6 +23,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import test as test_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.clustering import jax_kmeans
 from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -55,12 +56,12 @@ sharded_centroids, sharded_im2cluster, _ = clustering.kmeans(
     sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
 np.testing.assert_allclose(parallel.to_host(sharded_centroids), np.asarray(centroids), atol=1e-5)
 assert np.mean(parallel.to_host(sharded_im2cluster) == np.asarray(im2cluster)) > 0.99
-# So does it with k padded as on an accelerator (`clustering._padded_k`): the padded centroids
+# So does it with k padded as on an accelerator (`jax_kmeans.padded_k`): the padded centroids
 # are cut off from the global array on every process.
-clustering._CPU_K_MULTIPLE = clustering._ACCELERATOR_K_MULTIPLE  # pylint: disable=protected-access
+jax_kmeans._CPU_K_MULTIPLE = jax_kmeans._ACCELERATOR_K_MULTIPLE  # pylint: disable=protected-access
 padded_centroids, padded_im2cluster, _ = clustering.kmeans(
     sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
-clustering._CPU_K_MULTIPLE = 1  # pylint: disable=protected-access
+jax_kmeans._CPU_K_MULTIPLE = 1  # pylint: disable=protected-access
 assert padded_centroids.shape == (10, features.shape[1])
 np.testing.assert_allclose(parallel.to_host(padded_centroids), np.asarray(centroids), atol=1e-5)
 assert np.mean(parallel.to_host(padded_im2cluster) == np.asarray(im2cluster)) > 0.99

@@ -14,6 +14,10 @@ import numpy as np
 import pytest
 
 from pcl_jax import clustering
+from pcl_jax.clustering import backend as kmeans_backend
+from pcl_jax.clustering import faiss_kmeans
+from pcl_jax.clustering import jax_kmeans
+from pcl_jax.clustering import levels
 
 BACKENDS = ('faiss', 'jax')
 # faiss's split_clusters perturbation.
@@ -190,9 +194,9 @@ def test_points_per_centroid_rule_is_exact():
     for k in (2, 3, 100, 800, 1600, 2400, 3200):
       if k > num_points:
         continue
-      assert clustering._points_per_centroid(num_points, k, 5 / 3) == num_points * 5 // (3 * k)
-      assert clustering._points_per_centroid(num_points, k, 1 / 3) == num_points // (3 * k)
-  assert clustering._points_per_centroid(300, 10, fractions.Fraction(1, 3)) == 10
+      assert kmeans_backend.points_per_centroid(num_points, k, 5 / 3) == num_points * 5 // (3 * k)
+      assert kmeans_backend.points_per_centroid(num_points, k, 1 / 3) == num_points // (3 * k)
+  assert kmeans_backend.points_per_centroid(300, 10, fractions.Fraction(1, 3)) == 10
 
 
 def test_jax_subsamples_like_the_documented_rule():
@@ -223,7 +227,7 @@ def test_k_equal_n_returns_the_points(backend):
 def test_split_empty_clusters_copies_a_donor_and_halves_it():
   centroids = jnp.asarray([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [4.0, 5.0, 6.0]])
   weight = jnp.asarray([1.0, 0.0, 9.0])  # Only cluster 2 can donate (size - 1 > 0).
-  split, new_weight, num_splits = clustering._split_empty_clusters(
+  split, new_weight, num_splits = jax_kmeans._split_empty_clusters(
       centroids, weight, jax.random.PRNGKey(0))
   sign = np.array([1.0, -1.0, 1.0])
   np.testing.assert_allclose(np.asarray(split[1]), [4.0, 5.0, 6.0] * (1 + SPLIT_EPS * sign))
@@ -258,15 +262,15 @@ def test_duplicate_init_is_split_and_leaves_no_empty_cluster(backend):
 @pytest.fixture
 def pad_k(monkeypatch):
   """pad_k(multiple): the jax k-means pads k on this CPU as it does on an accelerator."""
-  return lambda multiple: monkeypatch.setattr(clustering, '_CPU_K_MULTIPLE', multiple)
+  return lambda multiple: monkeypatch.setattr(jax_kmeans, '_CPU_K_MULTIPLE', multiple)
 
 
 def test_padded_k_rounds_up_to_the_multiple_but_never_past_n(pad_k):
   counts = (3, 120, 128, 129, 200, 3200)
-  assert [clustering._padded_k(k, 10_000) for k in counts] == list(counts)  # the CPU: as is
+  assert [jax_kmeans.padded_k(k, 10_000) for k in counts] == list(counts)  # the CPU: as is
   pad_k(128)
-  assert [clustering._padded_k(k, 10_000) for k in counts] == [128, 128, 128, 256, 256, 3200]
-  assert clustering._padded_k(10, 50) == 50  # the initial draw takes k rows of the N points
+  assert [jax_kmeans.padded_k(k, 10_000) for k in counts] == [128, 128, 128, 256, 256, 3200]
+  assert jax_kmeans.padded_k(10, 50) == 50  # the initial draw takes k rows of the N points
 
 
 @pytest.mark.parametrize('data', ['separated', 'overlapping'])
@@ -281,7 +285,7 @@ def test_padding_k_gives_the_same_clustering_with_one_compilation(pad_k, data):
                                                      seed=7, weights=weights)]
   unpadded = [run(k) for k in ks]
   pad_k(128)
-  compiled = clustering._best_of_runs._cache_size()
+  compiled = jax_kmeans._best_of_runs._cache_size()
   for k, (centroids, im2cluster, sq_dist) in zip(ks, unpadded):
     got_centroids, got_im2cluster, got_sq_dist = run(k)
     assert got_centroids.shape == (k, x.shape[1])
@@ -289,7 +293,7 @@ def test_padding_k_gives_the_same_clustering_with_one_compilation(pad_k, data):
     np.testing.assert_array_equal(got_im2cluster, im2cluster)
     np.testing.assert_allclose(got_centroids, centroids, atol=1e-6)
     np.testing.assert_allclose(got_sq_dist, sq_dist, atol=1e-6)
-  assert clustering._best_of_runs._cache_size() - compiled == 1  # one k-means for 5, 12 and 40
+  assert jax_kmeans._best_of_runs._cache_size() - compiled == 1  # one k-means for 5, 12 and 40
 
 
 def test_padded_rows_never_win_and_are_never_split_into(pad_k):
@@ -310,7 +314,7 @@ def test_padded_concentration_equals_concentration():
   im2cluster[:3] = k - 2  # a singleton-free small cluster
   sq_dist = rng.uniform(0.0, 2.0, 400).astype(np.float32)
   want = clustering.concentration(jnp.asarray(sq_dist), jnp.asarray(im2cluster), k, 0.2)
-  got = clustering._padded_concentration(jnp.asarray(sq_dist), jnp.asarray(im2cluster), k, 0.2,
+  got = levels._padded_concentration(jnp.asarray(sq_dist), jnp.asarray(im2cluster), k, 0.2,
                                          num_segments=128)
   np.testing.assert_allclose(np.asarray(got)[:k], np.asarray(want), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(want),
@@ -444,7 +448,7 @@ def test_faiss_torch_dlpack_bridge_on_cpu():
   x, init = separated_blobs()
   index = faiss.IndexFlatL2(x.shape[1])
   index.add(init)
-  labels = clustering._faiss_nearest(index, jnp.asarray(x), x, on_gpu=True)
+  labels = faiss_kmeans.nearest(index, jnp.asarray(x), x, on_gpu=True)
   assert labels.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(labels), numpy_assignment(x, init)[0])
 

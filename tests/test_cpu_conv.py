@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from pcl_jax import configuration
-from pcl_jax import cpu_conv
+from pcl_jax import kernels
+from pcl_jax.kernels.onednn import library as onednn_library
+from pcl_jax.kernels import torch_conv
 from pcl_jax import models
-from pcl_jax import onednn_conv
 
 from configs import test as test_config
 
@@ -25,7 +26,7 @@ def _lax(x, w, stride, padding):
 
 
 def _torch(x, w, stride, padding):
-  return cpu_conv.conv_general_dilated(x, w, stride, padding, dimension_numbers=NHWC)
+  return torch_conv.conv_general_dilated(x, w, stride, padding, dimension_numbers=NHWC)
 
 
 def _loss_and_grads(conv, x, w, stride, padding, cotangent):
@@ -68,7 +69,7 @@ def test_ohwi_kernels_match_xla_on_the_same_hwio_kernel(shape, kernel, stride, p
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=kernel), jnp.float32)
   w_ohwi = jnp.transpose(w, (3, 0, 1, 2))
-  ohwi = lambda x, w, stride, padding: cpu_conv.conv_general_dilated(
+  ohwi = lambda x, w, stride, padding: torch_conv.conv_general_dilated(
       x, w, stride, padding, dimension_numbers=('NHWC', 'OHWI', 'NHWC'))
   want = _lax(x, w, stride, padding)
   cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
@@ -117,15 +118,15 @@ def test_unsupported_cases_fall_back_to_xla():
            dict(padding='SAME', feature_group_count=2)]
   for case in cases:
     kernel = w if case.get('feature_group_count') == 2 else jnp.concatenate([w, w], axis=2)
-    got = cpu_conv.conv_general_dilated(x, kernel, (1, 1), dimension_numbers=NHWC, **case)
+    got = torch_conv.conv_general_dilated(x, kernel, (1, 1), dimension_numbers=NHWC, **case)
     want = jax.lax.conv_general_dilated(x, kernel, (1, 1), dimension_numbers=NHWC, **case)
     np.testing.assert_array_equal(got, want)
     assert 'buffer_callback' not in str(jax.make_jaxpr(
-        lambda x, k, case=case: cpu_conv.conv_general_dilated(
+        lambda x, k, case=case: torch_conv.conv_general_dilated(
             x, k, (1, 1), dimension_numbers=NHWC, **case))(x, kernel))
 
 
-_ONEDNN_AVAILABLE, _ONEDNN_WHY_NOT = onednn_conv.onednn_conv_available()
+_ONEDNN_AVAILABLE, _ONEDNN_WHY_NOT = onednn_library.available()
 
 
 _NEEDS_ONEDNN = pytest.mark.skipif(not _ONEDNN_AVAILABLE,
@@ -147,7 +148,7 @@ def test_encoder_train_step_gradients_match_xla(arch, size, host_impl, small_ste
   results = {}
   for impl in ('xla', host_impl):
     model = models.create_encoder(arch, dim=8, small_stem=small_stem, width=8, bn_groups=2,
-                                  conv_impl=impl)
+                                  kernels=kernels.select(impl))
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
 
     def loss(params, model=model, variables=variables):
@@ -166,12 +167,12 @@ def test_encoder_train_step_gradients_match_xla(arch, size, host_impl, small_ste
 def test_the_first_layers_image_gradient_is_not_computed(monkeypatch):
   """Layers 2-4 compute (d images, d kernel) in one call; layer 1, fed with data, d kernel only."""
   calls = []
-  original = cpu_conv._backward_host  # pylint: disable=protected-access
+  original = torch_conv._backward_host  # pylint: disable=protected-access
   def recording(*args, images_too, **kwargs):
     calls.append((images_too, tuple(args[3].shape)))
     original(*args, images_too=images_too, **kwargs)
-  monkeypatch.setattr(cpu_conv, '_backward_host', recording)
-  model = models.create_encoder('conv4', dim=4, width=4, conv_impl='torch')
+  monkeypatch.setattr(torch_conv, '_backward_host', recording)
+  model = models.create_encoder('conv4', dim=4, width=4, kernels=kernels.select('torch'))
   images = jnp.ones((2, 16, 16, 3))
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   grad = jax.jit(jax.grad(lambda p: model.apply(
@@ -183,27 +184,27 @@ def test_the_first_layers_image_gradient_is_not_computed(monkeypatch):
 
 def test_auto_resolves_to_host_kernels_on_one_cpu_device(monkeypatch):
   """auto: oneDNN's custom calls where they build, else PyTorch's kernels."""
-  expected = 'onednn' if onednn_conv.onednn_conv_available(build=True)[0] else 'torch'
-  assert cpu_conv.resolve_conv_impl('auto') == expected
-  monkeypatch.setattr(onednn_conv, '_compiler', lambda: None)
-  assert cpu_conv.resolve_conv_impl('auto') == 'torch'
-  assert cpu_conv.resolve_conv_impl('xla') == 'xla'
-  with pytest.raises(ValueError, match='model.conv_impl=.*unknown'):
-    cpu_conv.resolve_conv_impl('cudnn')
+  expected = 'onednn' if onednn_library.available(build=True)[0] else 'torch'
+  assert kernels.resolve('auto') == expected
+  monkeypatch.setattr(onednn_library, '_compiler', lambda: None)
+  assert kernels.resolve('auto') == 'torch'
+  assert kernels.resolve('xla') == 'xla'
+  with pytest.raises(ValueError, match='runtime.conv_impl=.*unknown'):
+    kernels.resolve('cudnn')
 
 
 def test_config_rejects_unknown_conv_impl():
   config = test_config.get_config()
-  config.model.conv_impl = 'cudnn'
-  with pytest.raises(configuration.UserError, match='model.conv_impl'):
+  config.runtime.conv_impl = 'cudnn'
+  with pytest.raises(configuration.UserError, match='runtime.conv_impl'):
     configuration.validate(config)
 
 
 def test_torch_on_several_devices_is_a_clear_error():
   """With 2 (fake) CPU devices: auto falls back to xla, an explicit torch names the fix."""
   code = ('from configs import test; from pcl_jax import models, configuration\n'
-          'c = test.get_config(); print(models.encoder_from_config(c).backbone.conv_impl)\n'
-          'c.model.conv_impl = "torch"\n'
+          'c = test.get_config(); print(models.encoder_from_config(c).backbone.kernels.name)\n'
+          'c.runtime.conv_impl = "torch"\n'
           'try:\n  models.encoder_from_config(c)\n'
           'except configuration.UserError as e:\n  print("ERROR", e)\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
@@ -212,5 +213,5 @@ def test_torch_on_several_devices_is_a_clear_error():
                        cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
   lines = out.strip().splitlines()
   assert lines[0] == 'xla'
-  assert lines[1].startswith('ERROR model.conv_impl=torch cannot run here')
-  assert '2 cpu device(s)' in lines[1] and 'model.conv_impl=auto' in lines[1]
+  assert lines[1].startswith('ERROR runtime.conv_impl=torch cannot run here')
+  assert '2 cpu device(s)' in lines[1] and 'runtime.conv_impl=auto' in lines[1]

@@ -11,8 +11,10 @@ from torchvision.transforms import _functional_pil as pil_functional
 from torchvision.transforms import functional as tv_functional
 
 from configs import test as test_config
-from pcl_jax import device_augment
-from pcl_jax import input_pipeline
+from pcl_jax.data import device_augment
+from pcl_jax.data import loaders
+from pcl_jax.data import recipes
+from pcl_jax.data import transforms
 from pcl_jax import train
 
 
@@ -37,7 +39,7 @@ def test_hue_equals_torchvision_on_every_colour(every_colour, hue_factor=-0.17):
   """torchvision's PIL adjust_hue on every input colour (a negative factor: the byte shift
   wraps around, 213)."""
   expected = np.asarray(pil_functional.adjust_hue(Image.fromarray(every_colour), hue_factor))
-  shift = input_pipeline.hue_shift(hue_factor)
+  shift = recipes.hue_shift(hue_factor)
   ours = np.asarray(jax.jit(device_augment.adjust_hue)(every_colour.astype(np.int32), shift))
   np.testing.assert_array_equal(ours, expected)
 
@@ -99,8 +101,8 @@ def test_resized_crop_equals_pillow_for_any_box():
 def _views_both_ways(images, image_size, aug_plus=False):
   """(the PIL recipe's uint8 views, the device path's draws), each view seeded alike (torch's
   generator, and Python's `random` for MoCo v2's blur)."""
-  pil_path = input_pipeline.train_transform(image_size, aug_plus)
-  draws = input_pipeline.AugmentationDraws(image_size, aug_plus)
+  pil_path = transforms.train_transform(image_size, aug_plus)
+  draws = transforms.AugmentationDraws(image_size, aug_plus)
   expected, params = [], []
   for seed, image in enumerate(images):
     torch.manual_seed(seed)
@@ -128,7 +130,7 @@ def test_device_augmentation_equals_the_pil_recipe_view_for_view(aug_plus):
   images = _recipe_images(np.random.default_rng(2), 40)
   expected, params = _views_both_ways([Image.fromarray(image) for image in images], 16,
                                       aug_plus)
-  names = input_pipeline.AUGMENT_PARAMS
+  names = recipes.AUGMENT_PARAMS
   coins = ('grayscale', 'flip') + (('jitter', 'blur') if aug_plus else ())
   for coin in coins:  # both sides of every coin were drawn
     assert 0 < params[:, names.index(coin)].sum() < len(params), coin
@@ -146,8 +148,8 @@ def test_gaussian_blur_equals_pillow_for_any_sigma():
   images[:4, :, 1:] = images[:4, :, :1]  # a 1-pixel-wide pattern, repeated
   expected = np.stack([np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(float(s))))
                        for image, s in zip(images, sigmas)])
-  radius, inner, far = np.array([input_pipeline.pillow_box_blur(float(s)) for s in sigmas]).T
-  max_radius = input_pipeline.pillow_box_blur(input_pipeline.BLUR_SIGMA[1])[0]
+  radius, inner, far = np.array([recipes.pillow_box_blur(float(s)) for s in sigmas]).T
+  max_radius = recipes.pillow_box_blur(recipes.BLUR_SIGMA[1])[0]
   ours = jax.jit(device_augment.gaussian_blur, static_argnums=4)(
       images.astype(np.int32), radius, inner, far, max_radius)
   np.testing.assert_array_equal(np.asarray(ours), expected)
@@ -156,10 +158,10 @@ def test_gaussian_blur_equals_pillow_for_any_sigma():
 def test_loader_batches_carry_the_draws():
   config = test_config.get_config()
   config.data.augment_on_device = True
-  datasets = input_pipeline.build_train_datasets(config)
-  batch = next(input_pipeline.numpy_batches(input_pipeline.train_loader(
+  datasets = loaders.build_train_datasets(config)
+  batch = next(loaders.numpy_batches(loaders.train_loader(
       datasets.train, 8, seed=0, epoch=0, num_workers=0)))
-  names = input_pipeline.AUGMENT_PARAMS
+  names = recipes.AUGMENT_PARAMS
   source = datasets.train.source.images
   np.testing.assert_array_equal(batch['image'], np.asarray(source)[batch['index']])
   for name in ('q', 'k'):
@@ -198,7 +200,7 @@ def test_device_augmentation_equals_pillow_on_the_gpu():
   colours = _every_colour()
   expected = np.asarray(pil_functional.adjust_hue(Image.fromarray(colours), 0.3))
   ours = np.asarray(jax.jit(device_augment.adjust_hue)(colours.astype(np.int32),
-                                                       input_pipeline.hue_shift(0.3)))
+                                                       recipes.hue_shift(0.3)))
   np.testing.assert_array_equal(ours, expected)
   images = _recipe_images(np.random.default_rng(3), 64)
   for aug_plus in (False, True):

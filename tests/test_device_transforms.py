@@ -8,10 +8,14 @@ import pytest
 from torchvision import transforms
 
 from configs import test as test_config
-from pcl_jax import device_transforms
-from pcl_jax import input_pipeline
+from pcl_jax.data import device_transforms
+from pcl_jax.data import loaders
+from pcl_jax.data import recipes
+from pcl_jax.data import sources
+from pcl_jax.data import transforms as data_transforms
+from pcl_jax import features as features_lib
 from pcl_jax import models
-from pcl_jax import train
+from pcl_jax import step as step_lib
 
 
 def _random_images(count, size, seed=0):
@@ -47,12 +51,12 @@ def test_eval_transform_equals_torchvision(cache_size, image_size):
   """Resize(8/7) + CenterCrop + normalise, against the loader's transform and torchvision's."""
   images = _random_images(4, cache_size, seed=cache_size)
   on_device = np.asarray(device_transforms.eval_transform(jnp.asarray(images), image_size))
-  loader = np.stack([input_pipeline.eval_transform(image_size)(Image.fromarray(image)).numpy()
+  loader = np.stack([data_transforms.eval_transform(image_size)(Image.fromarray(image)).numpy()
                      for image in images])
   torchvision_reference = transforms.Compose([
-      transforms.Resize(input_pipeline.eval_resize_size(image_size)),
+      transforms.Resize(recipes.eval_resize_size(image_size)),
       transforms.CenterCrop(image_size), transforms.ToTensor(),
-      transforms.Normalize(input_pipeline.MEAN, input_pipeline.STD)])
+      transforms.Normalize(recipes.MEAN, recipes.STD)])
   reference = np.stack([torchvision_reference(Image.fromarray(image)).permute(1, 2, 0).numpy()
                         for image in images])
   assert on_device.shape == (4, image_size, image_size, 3) and on_device.dtype == np.float32
@@ -70,18 +74,18 @@ def test_eval_image_batches_are_the_eval_loaders_rows(process_count):
   """Same rows, order, padding and per-process slices, from a concatenation of two arrays (as
   memory-mapped caches of joined splits are held)."""
   config = test_config.get_config()
-  parts = [input_pipeline.load_source(config.data, split) for split in ('train', 'val')]
-  source = input_pipeline.ArraySource(
-      input_pipeline.ConcatenatedImages([part.images for part in parts]),
+  parts = [sources.load_source(config.data, split) for split in ('train', 'val')]
+  source = sources.ArraySource(
+      sources.ConcatenatedImages([part.images for part in parts]),
       np.concatenate([part.labels for part in parts]), 'digits/train+val')
-  dataset = input_pipeline.eval_dataset(source, 16)
+  dataset = loaders.eval_dataset(source, 16)
   batch_size = 100
   for process in range(process_count):
-    raw = list(input_pipeline.eval_image_batches(source, batch_size, process_index=process,
+    raw = list(loaders.eval_image_batches(source, batch_size, process_index=process,
                                                  process_count=process_count))
-    loaded = list(input_pipeline.numpy_batches(input_pipeline.eval_loader(
+    loaded = list(loaders.numpy_batches(loaders.eval_loader(
         dataset, batch_size, num_workers=0, process_index=process, process_count=process_count)))
-    assert len(raw) == len(loaded) == input_pipeline.num_eval_batches(len(source), batch_size)
+    assert len(raw) == len(loaded) == loaders.num_eval_batches(len(source), batch_size)
     for images, batch in zip(raw, loaded):
       assert images.dtype == np.uint8 and len(images) == batch_size // process_count
       np.testing.assert_array_equal(images, np.asarray(source.images)[batch['index']])
@@ -89,7 +93,7 @@ def test_eval_image_batches_are_the_eval_loaders_rows(process_count):
 
 def test_concatenated_images_slices_across_parts():
   parts = [np.arange(i * 10, i * 10 + n).reshape(n, 1) for i, n in enumerate((3, 4, 2))]
-  images = input_pipeline.ConcatenatedImages(parts)
+  images = sources.ConcatenatedImages(parts)
   whole = np.concatenate(parts)
   for start, stop in [(0, 9), (2, 5), (3, 7), (6, 9), (4, 4), (-3, None), (8, 20)]:
     np.testing.assert_array_equal(images[start:stop], whole[start:stop])
@@ -99,12 +103,12 @@ def test_feature_pass_on_device_equals_the_loader_path():
   config = test_config.get_config()
   config.data.train_split = 'val'  # 359 images: the last batch of 96 is padded
   config.train.batch_size = 8
-  dataset = input_pipeline.build_train_datasets(config).train_eval
+  dataset = loaders.build_train_datasets(config).train_eval
   model = models.encoder_from_config(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
-  embed = train.make_embed_fn(model)
-  on_device, labels = train.extract_features(embed, variables, dataset, 96, num_workers=0)
-  loader, loader_labels = train.extract_features(embed, variables, dataset, 96, num_workers=0,
+  embed = features_lib.make_embed_fn(model)
+  on_device, labels = features_lib.extract_features(embed, variables, dataset, 96, num_workers=0)
+  loader, loader_labels = features_lib.extract_features(embed, variables, dataset, 96, num_workers=0,
                                                  transform_on_device=False)
   assert on_device.shape == (len(dataset), config.model.dim)
   np.testing.assert_array_equal(labels, loader_labels)
@@ -114,15 +118,15 @@ def test_feature_pass_on_device_equals_the_loader_path():
 def test_a_custom_transform_goes_through_the_loader():
   """An EvalDataset without `image_size` keeps its own transform (no on-device shortcut)."""
   config = test_config.get_config()
-  source = input_pipeline.load_source(config.data, 'val')
-  flipped = input_pipeline.EvalDataset(source, transforms.Compose([
-      transforms.RandomHorizontalFlip(p=1.0), input_pipeline.eval_transform(16)]))
+  source = sources.load_source(config.data, 'val')
+  flipped = loaders.EvalDataset(source, transforms.Compose([
+      transforms.RandomHorizontalFlip(p=1.0), data_transforms.eval_transform(16)]))
   model = models.encoder_from_config(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
-  embed = train.make_embed_fn(model)
-  standard, _ = train.extract_features(embed, variables,
-                                       input_pipeline.eval_dataset(source, 16), 64, 0)
-  custom, _ = train.extract_features(embed, variables, flipped, 64, 0)
+  embed = features_lib.make_embed_fn(model)
+  standard, _ = features_lib.extract_features(embed, variables,
+                                       loaders.eval_dataset(source, 16), 64, 0)
+  custom, _ = features_lib.extract_features(embed, variables, flipped, 64, 0)
   assert not np.allclose(np.asarray(standard), np.asarray(custom), atol=1e-3)
 
 
@@ -132,16 +136,16 @@ def test_train_step_on_uint8_views_equals_the_step_on_host_normalised_views():
   from pcl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   model = models.encoder_from_config(config, bn_groups=2)
-  schedule = train.make_lr_schedule(config.optim, 2, 4)
-  tx = train.make_optimizer(config.optim, schedule)
+  schedule = step_lib.make_lr_schedule(config.optim, 2, 4)
+  tx = step_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16,
                                  config.pcl.num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
-  step = train.make_train_step(config, model, tx, schedule)
-  bank = train.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
+  step = step_lib.make_train_step(config, model, tx, schedule)
+  bank = step_lib.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
   hparams = {'smoothing': jnp.float32(0.0)}
   pixels = {view: _random_images(8, 16, seed) for seed, view in enumerate(('im_q', 'im_k'))}
-  normalise = transforms.Compose([Image.fromarray, input_pipeline.ToNormalizedHWC()])
+  normalise = transforms.Compose([Image.fromarray, data_transforms.ToNormalizedHWC()])
   host_normalised = {view: np.stack([normalise(image).numpy() for image in images])
                      for view, images in pixels.items()}
   index = np.arange(8)
@@ -160,12 +164,12 @@ def test_on_a_gpu_the_transforms_are_still_exact():
   """Integer resampling and float32 normalisation on the accelerator (`pytest -m gpu`)."""
   images = _random_images(16, 84, seed=3)
   on_gpu = np.asarray(jax.jit(_eval_transform_84)(jax.device_put(images, jax.devices('gpu')[0])))
-  loader = np.stack([input_pipeline.eval_transform(84)(Image.fromarray(image)).numpy()
+  loader = np.stack([data_transforms.eval_transform(84)(Image.fromarray(image)).numpy()
                      for image in images])
   np.testing.assert_allclose(on_gpu, loader, rtol=0, atol=1e-6)
   normalised = np.asarray(jax.jit(device_transforms.normalize)(jax.device_put(
       images, jax.devices('gpu')[0])))
-  host = np.stack([input_pipeline.ToNormalizedHWC()(Image.fromarray(image)).numpy()
+  host = np.stack([data_transforms.ToNormalizedHWC()(Image.fromarray(image)).numpy()
                    for image in images])
   np.testing.assert_allclose(normalised, host, rtol=0, atol=1e-6)
 

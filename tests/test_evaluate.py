@@ -1,4 +1,4 @@
-"""Tests of pcl_jax/evaluate.py: each metric against sklearn/scipy/numpy; --mode=eval end to end."""
+"""Tests of pcl_jax/evaluation/: each metric against sklearn/scipy/numpy; --mode=eval end to end."""
 
 import itertools
 import json
@@ -11,7 +11,13 @@ from sklearn import metrics as sk_metrics
 
 from configs import test as test_config
 from pcl_jax import configuration
-from pcl_jax import evaluate
+from pcl_jax.evaluation import clustering_quality
+from pcl_jax.evaluation import driver
+from pcl_jax.evaluation import fewshot
+from pcl_jax.evaluation import knn
+from pcl_jax.evaluation import linear_probe
+from pcl_jax.evaluation import protocol
+from pcl_jax import linalg
 
 
 def _clustered_features(num_classes, per_class, dim, noise, seed=0):
@@ -53,7 +59,7 @@ def test_clustering_metrics_match_sklearn_and_numpy():
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 5, size=300)
   assignments = np.where(rng.random(300) < 0.6, labels, rng.integers(0, 6, size=300))
-  result = evaluate.clustering_metrics(labels, assignments)
+  result = clustering_quality.clustering_metrics(labels, assignments)
   assert result['nmi'] == pytest.approx(sk_metrics.normalized_mutual_info_score(labels,
                                                                                 assignments))
   assert result['nmi'] == pytest.approx(_numpy_nmi(labels, assignments), rel=1e-9)
@@ -61,15 +67,15 @@ def test_clustering_metrics_match_sklearn_and_numpy():
                                                                               assignments))
   assert result['ari'] == pytest.approx(sk_metrics.adjusted_rand_score(labels, assignments))
   small_labels, small_assignments = labels[:40] % 4, assignments[:40] % 4
-  assert evaluate.hungarian_accuracy(small_labels, small_assignments) == pytest.approx(
+  assert clustering_quality.hungarian_accuracy(small_labels, small_assignments) == pytest.approx(
       _brute_force_matching_accuracy(small_labels, small_assignments))
 
 
 def test_hungarian_accuracy_of_a_permuted_labelling_is_100():
   labels = np.random.default_rng(2).integers(0, 7, size=200)
   permutation = np.array([3, 6, 0, 1, 5, 2, 4]) + 10  # renamed as well as permuted
-  assert evaluate.hungarian_accuracy(labels, permutation[labels]) == 100.0
-  result = evaluate.clustering_metrics(labels, permutation[labels])
+  assert clustering_quality.hungarian_accuracy(labels, permutation[labels]) == 100.0
+  result = clustering_quality.clustering_metrics(labels, permutation[labels])
   assert result['nmi'] == pytest.approx(1.0) and result['ari'] == pytest.approx(1.0)
 
 
@@ -81,7 +87,7 @@ def test_clustering_quality_uses_k_equal_to_number_of_classes():
     calls.append((k, kwargs))
     return np.zeros((k, x.shape[1])), labels * 3 + 1, np.zeros(labels.size)
 
-  result = evaluate.clustering_quality(np.zeros((30, 4)), labels, backend='jax',
+  result = clustering_quality.clustering_quality(np.zeros((30, 4)), labels, backend='jax',
                                        kmeans_fn=fake_kmeans)
   assert calls[0][0] == 3 and calls[0][1]['backend'] == 'jax'
   assert result['k'] == 3 and result['acc'] == 100.0 and result['nmi'] == pytest.approx(1.0)
@@ -93,8 +99,8 @@ def test_clustering_quality_uses_k_equal_to_number_of_classes():
 
 def test_episodes_are_valid():
   labels = np.repeat(np.arange(8), [30, 30, 30, 30, 30, 30, 10, 3])  # classes 6, 7 too small
-  table, counts = evaluate.class_table(labels)
-  support, query = evaluate.sample_episodes(np.random.default_rng(0), table, counts, ways=5,
+  table, counts = fewshot.class_table(labels)
+  support, query = fewshot.sample_episodes(np.random.default_rng(0), table, counts, ways=5,
                                             shots=5, queries=15, episodes=200, batch=64)
   support, query = np.asarray(support), np.asarray(query)
   assert support.shape == (200, 5, 5) and query.shape == (200, 5, 15)
@@ -110,7 +116,7 @@ def test_episodes_are_valid():
 def test_fewshot_separable_features_give_100():
   features, labels = _clustered_features(10, 25, 32, noise=0.01)
   for shots in (1, 5):
-    result = evaluate.fewshot_eval(features, labels, shots=shots, queries=15, episodes=100)
+    result = fewshot.fewshot_eval(features, labels, shots=shots, queries=15, episodes=100)
     assert result['mean'] == 100.0 and result['ci95'] == 0.0
     assert result['logreg']['mean'] == 100.0
     assert result['episodes'] == 100 and result['shots'] == shots
@@ -120,7 +126,7 @@ def test_fewshot_random_features_give_chance():
   rng = np.random.default_rng(3)
   features = rng.normal(size=(600, 32)).astype(np.float32)
   labels = np.repeat(np.arange(12), 50)
-  result = evaluate.fewshot_eval(features, labels, ways=5, shots=5, queries=15, episodes=1000)
+  result = fewshot.fewshot_eval(features, labels, ways=5, shots=5, queries=15, episodes=1000)
   assert 16.0 < result['mean'] < 24.0
   assert 16.0 < result['logreg']['mean'] < 24.0
   assert 0.0 < result['ci95'] < 2.0
@@ -128,19 +134,19 @@ def test_fewshot_random_features_give_chance():
 
 def test_fewshot_logreg_matches_sklearn():
   features, labels = _clustered_features(10, 40, 24, noise=2.5, seed=4)
-  features = np.asarray(evaluate._normalize(features))  # pylint: disable=protected-access
-  table, counts = evaluate.class_table(labels)
-  support, query = evaluate.sample_episodes(np.random.default_rng(5), table, counts, ways=5,
+  features = np.asarray(linalg.l2_normalize(features))  # pylint: disable=protected-access
+  table, counts = fewshot.class_table(labels)
+  support, query = fewshot.sample_episodes(np.random.default_rng(5), table, counts, ways=5,
                                             shots=5, queries=15, episodes=8)
   # pylint: disable-next=protected-access
-  centroid_correct, logreg_correct = evaluate._episode_accuracies(
-      features, support, query, 1.0 / evaluate.FEWSHOT_LOGREG_C,
-      logreg_steps=evaluate.FEWSHOT_LOGREG_STEPS, episode_batch=3)
+  centroid_correct, logreg_correct = fewshot._episode_accuracies(
+      features, support, query, 1.0 / fewshot.FEWSHOT_LOGREG_C,
+      logreg_steps=fewshot.FEWSHOT_LOGREG_STEPS, episode_batch=3)
   sklearn_acc, numpy_centroid_acc = [], []
   query_y = np.repeat(np.arange(5), 15)
   for support_index, query_index in zip(np.asarray(support), np.asarray(query)):
     support_x, query_x = features[support_index.ravel()], features[query_index.ravel()]
-    classifier = linear_model.LogisticRegression(C=evaluate.FEWSHOT_LOGREG_C, tol=1e-8,
+    classifier = linear_model.LogisticRegression(C=fewshot.FEWSHOT_LOGREG_C, tol=1e-8,
                                                  max_iter=1000)
     classifier.fit(support_x, np.repeat(np.arange(5), 5))
     sklearn_acc.append(np.mean(classifier.predict(query_x) == query_y))
@@ -156,7 +162,7 @@ def test_fewshot_logreg_matches_sklearn():
 def test_fewshot_too_few_classes_raises():
   features, labels = _clustered_features(4, 30, 8, noise=0.1)
   with pytest.raises(ValueError, match='needs 5 classes'):
-    evaluate.fewshot_eval(features, labels, ways=5, shots=1, episodes=10)
+    fewshot.fewshot_eval(features, labels, ways=5, shots=1, episodes=10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,10 +188,10 @@ def test_knn_matches_numpy():
   query_x = rng.normal(size=(77, 16)).astype(np.float32)  # not a multiple of the chunk
   query_y = rng.integers(0, 6, size=77)
   expected = _numpy_knn(train_x, train_y, query_x, 20, 0.07, 6)
-  predictions = evaluate.knn_predict(train_x, train_y, query_x, k=20, temperature=0.07,
+  predictions = knn.knn_predict(train_x, train_y, query_x, k=20, temperature=0.07,
                                      num_classes=6, chunk=32)
   np.testing.assert_array_equal(predictions, expected)
-  top1 = evaluate.knn_top1(train_x, train_y, query_x, query_y, k=20, temperature=0.07,
+  top1 = knn.knn_top1(train_x, train_y, query_x, query_y, k=20, temperature=0.07,
                            num_classes=6, chunk=32)
   assert top1 == pytest.approx(100.0 * np.mean(expected == query_y))
 
@@ -194,16 +200,16 @@ def test_validation_knn_detects_disjoint_classes():
   features, labels = _clustered_features(6, 20, 16, noise=0.3)
   train_mask = labels < 3
   # Shared classes: train -> val.
-  shared = evaluate.validation_knn_top1(features[train_mask][::2], labels[train_mask][::2],
+  shared = knn.validation_knn_top1(features[train_mask][::2], labels[train_mask][::2],
                                         features[train_mask][1::2], labels[train_mask][1::2],
                                         k=5, temperature=0.1)
   assert shared == 100.0
   # Disjoint classes (mini-ImageNet val/test): within-split halves, train features unused.
-  assert not evaluate.shares_classes(labels[train_mask], labels[~train_mask])
-  disjoint = evaluate.validation_knn_top1(None, None, features[~train_mask] * 1.0,
+  assert not protocol.shares_classes(labels[train_mask], labels[~train_mask])
+  disjoint = knn.validation_knn_top1(None, None, features[~train_mask] * 1.0,
                                           labels[~train_mask] + 100, k=5, temperature=0.1)
   assert disjoint == 100.0
-  reference, query = evaluate.split_halves(labels)
+  reference, query = protocol.split_halves(labels)
   assert np.intersect1d(reference, query).size == 0
   assert reference.size + query.size == labels.size
   assert (np.bincount(labels[reference]) == 10).all()
@@ -213,11 +219,11 @@ def test_linear_probe_on_separable_features():
   features, labels = _clustered_features(8, 60, 32, noise=0.8, seed=7)
   order = np.random.default_rng(0).permutation(labels.size)
   train, test = order[:320], order[320:]
-  result = evaluate.linear_probe(features[train], labels[train] + 5, features[test],
+  result = linear_probe.linear_probe(features[train], labels[train] + 5, features[test],
                                  labels[test] + 5, steps=150)
   assert result['top1'] > 95.0
-  assert result['lr'] in evaluate.PROBE_LEARNING_RATES
-  assert set(result['holdout_top1']) == {f'{lr:g}' for lr in evaluate.PROBE_LEARNING_RATES}
+  assert result['lr'] in linear_probe.PROBE_LEARNING_RATES
+  assert set(result['holdout_top1']) == {f'{lr:g}' for lr in linear_probe.PROBE_LEARNING_RATES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,13 +249,13 @@ def _eval_config():
 
 
 def test_evaluate_checkpoint_writes_complete_results(trained_workdir, capsys):
-  results = evaluate.evaluate_checkpoint(_eval_config(), trained_workdir)
+  results = driver.evaluate_checkpoint(_eval_config(), trained_workdir)
   with open(os.path.join(trained_workdir, 'eval', 'results.json')) as handle:
     written = json.load(handle)
   for key in ('knn_top1', 'linear_top1', 'fewshot', 'clustering', 'split', 'checkpoint_step'):
     assert key in written
   assert written['split'] == 'test' and written['checkpoint_step'] == 1
-  assert written['protocol'] == evaluate.PROTOCOL_TRAIN_TO_EVAL  # digits: shared classes
+  assert written['protocol'] == protocol.PROTOCOL_TRAIN_TO_EVAL  # digits: shared classes
   for name in ('5way1shot', '5way5shot'):
     entry = written['fewshot'][name]
     assert entry['episodes'] == 40
@@ -267,18 +273,18 @@ def test_evaluate_checkpoint_writes_complete_results(trained_workdir, capsys):
 
   # A rerun refuses to overwrite silently.
   with pytest.raises(configuration.UserError, match='--overwrite'):
-    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir)
+    driver.evaluate_checkpoint(_eval_config(), trained_workdir)
 
 
 def test_model_mismatch_is_a_user_error(trained_workdir):
   config = _eval_config()
   config.model.dim = 32
   with pytest.raises(configuration.UserError, match=r'model\.dim=32.*model\.dim=16'):
-    evaluate.evaluate_checkpoint(config, trained_workdir, overwrite=True)
+    driver.evaluate_checkpoint(config, trained_workdir, overwrite=True)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, trained_workdir):
   with pytest.raises(FileNotFoundError, match='train first'):
-    evaluate.evaluate_checkpoint(_eval_config(), str(tmp_path))
+    driver.evaluate_checkpoint(_eval_config(), str(tmp_path))
   with pytest.raises(FileNotFoundError, match='available: \\[1\\]'):
-    evaluate.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True)
+    driver.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True)

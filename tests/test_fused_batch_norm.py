@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pcl_jax import checkpoint
-from pcl_jax import fused_batch_norm
+from pcl_jax.kernels import fused_batch_norm
 from pcl_jax import models
 
 EPS = 1e-5

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 
-from pcl_jax import host_memory
+from pcl_jax.kernels import host_memory
 
 _FAULTS_PER_CALL = """
 import resource, sys
-import pcl_jax  # applies (or, with PCL_JAX_TUNE_MALLOC=0, skips) the tuning before jax starts
+from pcl_jax.kernels import host_memory
+host_memory.tune_malloc()  # as pcl_jax.main does (PCL_JAX_TUNE_MALLOC=0 skips it), before jax starts
 import jax, jax.numpy as jnp
 x = jnp.ones((16, 1024, 1024))  # 64 MiB: far above glibc's largest mmap threshold
 add_one = jax.jit(lambda a: a + 1)
@@ -24,7 +25,7 @@ for _ in range(15):
   add_one(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # The median call: a late heap-growth step (fresh pages) is not what is measured here.
-print(pcl_jax.host_memory.tune_malloc(), sorted(faults)[len(faults) // 2])
+print(host_memory.tune_malloc(), sorted(faults)[len(faults) // 2])
 """
 
 
@@ -49,3 +50,13 @@ def test_tuning_stops_page_faults_on_reused_buffers():
 def test_tune_malloc_is_idempotent():
   first = host_memory.tune_malloc()
   assert host_memory.tune_malloc() == first
+
+
+def test_importing_the_package_leaves_malloc_alone():
+  """The program (`python -m pcl_jax.main`) tunes its own process; a library import does not."""
+  code = ('import pcl_jax, pcl_jax.main, pcl_jax.train, pcl_jax.evaluation.driver\n'
+          'from pcl_jax.kernels import host_memory\n'
+          'print(host_memory._applied)\n')  # pylint: disable=protected-access
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
+  assert out == 'None'

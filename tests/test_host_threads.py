@@ -1,5 +1,5 @@
 """host_threads: one XLA CPU thread when PyTorch runs a ResNet's convolutions, else XLA's own
-default, and model.xla_cpu_threads sets the count outright; checked on real XLA thread pools."""
+default, and runtime.xla_cpu_threads sets the count outright; checked on real XLA thread pools."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from pcl_jax import host_threads
+from pcl_jax.kernels import host_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the name).
 _PROBE = '''
 import os, sys
-from pcl_jax import host_threads
+from pcl_jax.kernels import host_threads
 print(host_threads.limit_xla_threads(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 import jax, jax.numpy as jnp
 jax.jit(lambda x: x * 2)(jnp.ones(1024)).block_until_ready()

@@ -12,17 +12,21 @@ import pytest
 from torchvision import transforms
 
 from configs import default
-from pcl_jax import device_transforms
-from pcl_jax import input_pipeline
 from pcl_jax.configuration import UserError
+from pcl_jax.data import cache
+from pcl_jax.data import device_transforms
+from pcl_jax.data import loaders
+from pcl_jax.data import recipes
+from pcl_jax.data import sources
+from pcl_jax.data import transforms as data_transforms
 
 CLASSES = ('n01', 'n02', 'n03', 'n04')
 # mini-ImageNet style: disjoint classes per split.
 SPLIT_CLASSES = {'train': ('n01', 'n02'), 'val': ('n03',), 'test': ('n04',)}
 PER_CLASS = 6
 # ImageNet normalisation maps [0, 1] to these bounds.
-LOW = min((0 - m) / s for m, s in zip(input_pipeline.MEAN, input_pipeline.STD))
-HIGH = max((1 - m) / s for m, s in zip(input_pipeline.MEAN, input_pipeline.STD))
+LOW = min((0 - m) / s for m, s in zip(recipes.MEAN, recipes.STD))
+HIGH = max((1 - m) / s for m, s in zip(recipes.MEAN, recipes.STD))
 
 
 def _write_jpeg(path, seed, size=(24, 20)):
@@ -89,13 +93,13 @@ def folder_root(tmp_path):
 def decode_counter(monkeypatch):
   """Counts calls of the one-time decoder (the cache build)."""
   calls = []
-  original = input_pipeline._decode_image
+  original = cache._decode_image
 
   def counting(path, size, mode):
     calls.append(path)
     return original(path, size, mode)
 
-  monkeypatch.setattr(input_pipeline, '_decode_image', counting)
+  monkeypatch.setattr(cache, '_decode_image', counting)
   return calls
 
 
@@ -107,30 +111,30 @@ def decode_counter(monkeypatch):
 def test_mini_imagenet_split_sizes_and_labels(layout, csv_root, folder_root):
   root = csv_root if layout == 'csv' else folder_root
   data = make_config(root).data
-  sizes = {split: len(input_pipeline.load_source(data, split)) for split in SPLIT_CLASSES}
+  sizes = {split: len(sources.load_source(data, split)) for split in SPLIT_CLASSES}
   assert sizes == {'train': 12, 'val': 6, 'test': 6}
-  joined = input_pipeline.load_source(data, 'train+val+test')
+  joined = sources.load_source(data, 'train+val+test')
   assert len(joined) == 24
   assert joined.class_names == CLASSES
   # Labels: sorted class names over the union of every split, whatever split is loaded.
   np.testing.assert_array_equal(joined.labels, np.repeat(np.arange(4), PER_CLASS))
-  assert set(input_pipeline.load_source(data, 'test').labels) == {3}
-  assert set(input_pipeline.load_source(data, 'val').labels) == {2}
+  assert set(sources.load_source(data, 'test').labels) == {3}
+  assert set(sources.load_source(data, 'val').labels) == {2}
   assert joined.images.shape == (24, 84, 84, 3)  # mini-ImageNet caches at 84 px
   assert joined.name == 'mini_imagenet/train+val+test'
 
 
 def test_both_layouts_give_the_same_dataset(csv_root, folder_root):
-  from_csv = input_pipeline.load_source(make_config(csv_root).data, 'train+test')
-  from_folders = input_pipeline.load_source(make_config(folder_root).data, 'train+test')
+  from_csv = sources.load_source(make_config(csv_root).data, 'train+test')
+  from_folders = sources.load_source(make_config(folder_root).data, 'train+test')
   np.testing.assert_array_equal(from_csv.labels, from_folders.labels)
   np.testing.assert_array_equal(np.asarray(from_csv.images), np.asarray(from_folders.images))
 
 
 def test_cache_rows_are_the_files_in_index_order(csv_root):
   data = make_config(csv_root).data
-  source = input_pipeline.load_source(data, 'train+val')
-  paths = [p for files in input_pipeline.list_split_files(data, 'train+val') for p in files.paths]
+  source = sources.load_source(data, 'train+val')
+  paths = [p for files in sources.list_split_files(data, 'train+val') for p in files.paths]
   assert len(paths) == len(source)
   for index in (0, 7, 12, 17):
     # mini-ImageNet preprocessing: squash to 84x84 with Lanczos (decoded independently here).
@@ -145,8 +149,8 @@ def test_image_folder_tree_and_flat_root(tmp_path):
   shared = {'train': ('cat', 'dog'), 'test': ('cat', 'dog', 'eel')}
   root = make_folder_layout(tmp_path / 'tree', shared)
   data = make_config(root, name='image_folder', image_size=16).data
-  train = input_pipeline.load_source(data, 'train')
-  test = input_pipeline.load_source(data, 'test')
+  train = sources.load_source(data, 'train')
+  test = sources.load_source(data, 'test')
   assert (len(train), len(test)) == (12, 18)
   assert train.class_names == ('cat', 'dog', 'eel')  # union over splits: same labels in both
   np.testing.assert_array_equal(train.labels, np.repeat([0, 1], PER_CLASS))
@@ -156,16 +160,16 @@ def test_image_folder_tree_and_flat_root(tmp_path):
   # A root that holds class folders directly is one split named 'all'.
   flat = make_folder_layout(tmp_path / 'flat', {'.': ('cat', 'dog')})
   flat_data = make_config(flat, name='image_folder').data
-  assert len(input_pipeline.load_source(flat_data, 'all')) == 12
+  assert len(sources.load_source(flat_data, 'all')) == 12
   with pytest.raises(UserError, match="one split named 'all'"):
-    input_pipeline.load_source(flat_data, 'train', setting='data.train_split')
+    sources.load_source(flat_data, 'train', setting='data.train_split')
 
 
 def test_cache_dir_setting_and_joined_splits_stay_memory_mapped(csv_root, tmp_path):
   config = make_config(csv_root)
   config.data.cache_dir = str(tmp_path / 'caches')
-  joined = input_pipeline.load_source(config.data, 'train+val')
-  assert isinstance(joined.images, input_pipeline.ConcatenatedImages)
+  joined = sources.load_source(config.data, 'train+val')
+  assert isinstance(joined.images, sources.ConcatenatedImages)
   assert all(isinstance(part, np.memmap) for part in joined.images.parts)
   cached = sorted(os.listdir(tmp_path / 'caches'))
   assert len([n for n in cached if n.endswith('.npy')]) == 2
@@ -184,46 +188,46 @@ def _npy_files(root):
 
 def test_cache_is_reused_then_rebuilt_when_the_dataset_changes(folder_root, decode_counter):
   data = make_config(folder_root).data
-  first = input_pipeline.load_source(data, 'train')
+  first = sources.load_source(data, 'train')
   assert len(decode_counter) == 12
   [npy_path] = _npy_files(folder_root)
   built_at = os.stat(npy_path).st_mtime_ns
   decode_counter.clear()
-  again = input_pipeline.load_source(data, 'train')
+  again = sources.load_source(data, 'train')
   assert not decode_counter  # nothing decoded the second time
   assert os.stat(npy_path).st_mtime_ns == built_at
   np.testing.assert_array_equal(np.asarray(again.images), np.asarray(first.images))
   # A new image: the file list changed, the cache is rebuilt.
   _write_jpeg(folder_root / 'train' / 'n01' / 'extra.jpg', seed=99)
-  grown = input_pipeline.load_source(data, 'train')
+  grown = sources.load_source(data, 'train')
   assert len(grown) == 13 and len(decode_counter) == 13
   # A replaced image of another size: rebuilt too.
   decode_counter.clear()
   _write_jpeg(folder_root / 'train' / 'n02' / _file_name('n02', 0), seed=5, size=(40, 30))
-  input_pipeline.load_source(data, 'train')
+  sources.load_source(data, 'train')
   assert len(decode_counter) == 13
   # A different cache size (another image size for image_folder / cache_size): its own cache.
   decode_counter.clear()
   data.cache_size = 32
-  assert input_pipeline.load_source(data, 'train').images.shape == (13, 32, 32, 3)
+  assert sources.load_source(data, 'train').images.shape == (13, 32, 32, 3)
   assert len(decode_counter) == 13
 
 
 def test_damaged_cache_is_rebuilt(csv_root, decode_counter):
   data = make_config(csv_root).data
-  input_pipeline.load_source(data, 'val')
+  sources.load_source(data, 'val')
   [npy_path] = _npy_files(csv_root)
   with open(npy_path, 'r+b') as npy_file:
     npy_file.truncate(os.path.getsize(npy_path) // 2)
   decode_counter.clear()
-  source = input_pipeline.load_source(data, 'val')
+  source = sources.load_source(data, 'val')
   assert len(decode_counter) == 6 and source.images.shape == (6, 84, 84, 3)
 
 
 def test_killed_build_leaves_no_cache(csv_root, monkeypatch):
   data = make_config(csv_root).data
   calls = []
-  original = input_pipeline._decode_image
+  original = cache._decode_image
 
   def interrupted(path, size, mode):
     calls.append(path)
@@ -231,18 +235,18 @@ def test_killed_build_leaves_no_cache(csv_root, monkeypatch):
       raise KeyboardInterrupt  # what Ctrl-C / a kill does mid-build
     return original(path, size, mode)
 
-  monkeypatch.setattr(input_pipeline, '_decode_image', interrupted)
-  monkeypatch.setattr(input_pipeline, '_decode_threads', lambda: 1)
+  monkeypatch.setattr(cache, '_decode_image', interrupted)
+  monkeypatch.setattr(cache, '_decode_threads', lambda: 1)
   with pytest.raises(KeyboardInterrupt):
-    input_pipeline.load_source(data, 'train')
+    sources.load_source(data, 'train')
   assert os.listdir(csv_root / '.cache') == []  # no partial .npy, no temp file, no manifest
   # A temp file of a build killed with SIGKILL (its pid is gone) is swept by the next build.
   stem = 'mini_imagenet-train-84px-squash.npy'
   import socket  # pylint: disable=g-import-not-at-top
   stale = csv_root / '.cache' / f'{stem}.tmp-{socket.gethostname()}-{2**22 + 4321}'
   stale.write_bytes(b'partial')
-  monkeypatch.setattr(input_pipeline, '_decode_image', original)
-  assert len(input_pipeline.load_source(data, 'train')) == 12
+  monkeypatch.setattr(cache, '_decode_image', original)
+  assert len(sources.load_source(data, 'train')) == 12
   assert sorted(os.listdir(csv_root / '.cache')) == [stem[:-4] + '.json', stem]
 
 
@@ -252,37 +256,37 @@ def test_killed_build_leaves_no_cache(csv_root, monkeypatch):
 
 def test_train_and_eval_views_are_index_aligned(csv_root):
   config = make_config(csv_root, batch_size=4)
-  datasets = input_pipeline.build_train_datasets(config)
+  datasets = loaders.build_train_datasets(config)
   assert datasets.num_train == 12
   assert datasets.train.source is datasets.train_eval.source
-  batches = list(input_pipeline.numpy_batches(
-      input_pipeline.eval_loader(datasets.train_eval, 5, num_workers=0)))
+  batches = list(loaders.numpy_batches(
+      loaders.eval_loader(datasets.train_eval, 5, num_workers=0)))
   index = np.concatenate([b['index'] for b in batches])
   # Dataset order; the last batch is padded to full size by repeating the last image.
   np.testing.assert_array_equal(index, list(range(12)) + [11, 11, 11])
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:12],
                                 datasets.train_eval.source.labels)
   image = batches[1]['image'][2]  # index 7
-  expected = input_pipeline.eval_transform(16)(datasets.train.source.image(7)).numpy()
+  expected = data_transforms.eval_transform(16)(datasets.train.source.image(7)).numpy()
   np.testing.assert_allclose(image, expected)
   assert batches[0]['image'].shape == (5, 16, 16, 3) and batches[0]['image'].dtype == np.float32
-  evaluation = input_pipeline.build_eval_dataset(config)
+  evaluation = loaders.build_eval_dataset(config)
   assert len(evaluation) == 6 and set(evaluation.source.labels) == {3}
 
 
 @pytest.mark.parametrize('aug_plus', [True, False])
 def test_training_batches_shapes_and_ranges(csv_root, aug_plus):
   config = make_config(csv_root, image_size=16, batch_size=4, aug_plus=aug_plus)
-  datasets = input_pipeline.build_train_datasets(config)
-  batches = list(input_pipeline.numpy_batches(
-      input_pipeline.train_loader(datasets.train, 4, seed=0, epoch=0, num_workers=0)))
+  datasets = loaders.build_train_datasets(config)
+  batches = list(loaders.numpy_batches(
+      loaders.train_loader(datasets.train, 4, seed=0, epoch=0, num_workers=0)))
   assert len(batches) == 3  # 12 images, drop_last
   # The same augmentations ending in torchvision-style float normalisation on the host.
-  augment = input_pipeline.train_transform(16, aug_plus).transforms[:-1]
-  float_views = input_pipeline.TwoCropDataset(datasets.train.source, transforms.Compose(
-      augment + [input_pipeline.ToNormalizedHWC()]))
-  float_batches = list(input_pipeline.numpy_batches(
-      input_pipeline.train_loader(float_views, 4, seed=0, epoch=0, num_workers=0)))
+  augment = data_transforms.train_transform(16, aug_plus).transforms[:-1]
+  float_views = loaders.TwoCropDataset(datasets.train.source, transforms.Compose(
+      augment + [data_transforms.ToNormalizedHWC()]))
+  float_batches = list(loaders.numpy_batches(
+      loaders.train_loader(float_views, 4, seed=0, epoch=0, num_workers=0)))
   for batch, float_batch in zip(batches, float_batches):
     assert set(batch) == {'im_q', 'im_k', 'index'}
     for view in ('im_q', 'im_k'):
@@ -301,15 +305,15 @@ def test_eval_transform_matches_torchvision_reference():
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8))
   reference = transforms.Compose([transforms.Resize(18), transforms.CenterCrop(16),
                                   transforms.ToTensor(),
-                                  transforms.Normalize(input_pipeline.MEAN, input_pipeline.STD)])
-  np.testing.assert_allclose(input_pipeline.eval_transform(16)(image).numpy(),
+                                  transforms.Normalize(recipes.MEAN, recipes.STD)])
+  np.testing.assert_allclose(data_transforms.eval_transform(16)(image).numpy(),
                              reference(image).permute(1, 2, 0).numpy(), atol=1e-5)
 
 
 def _epoch(dataset, seed, epoch, num_workers):
-  loader = input_pipeline.train_loader(dataset, 4, seed=seed, epoch=epoch,
+  loader = loaders.train_loader(dataset, 4, seed=seed, epoch=epoch,
                                        num_workers=num_workers)
-  return list(input_pipeline.numpy_batches(loader))
+  return list(loaders.numpy_batches(loader))
 
 
 def _assert_same(batches_a, batches_b):
@@ -320,7 +324,7 @@ def _assert_same(batches_a, batches_b):
 
 
 def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count(csv_root):
-  datasets = input_pipeline.build_train_datasets(make_config(csv_root, batch_size=4))
+  datasets = loaders.build_train_datasets(make_config(csv_root, batch_size=4))
   reference = _epoch(datasets.train, seed=3, epoch=1, num_workers=0)
   _assert_same(reference, _epoch(datasets.train, seed=3, epoch=1, num_workers=0))
   _assert_same(reference, _epoch(datasets.train, seed=3, epoch=1, num_workers=2))
@@ -333,7 +337,7 @@ def test_fake_source_any_size():
   config = default.get_config()
   config.data.name, config.data.image_size, config.data.fake_size = 'fake', 84, 8
   config.train.batch_size = 4
-  datasets = input_pipeline.build_train_datasets(config)
+  datasets = loaders.build_train_datasets(config)
   assert datasets.num_train == 8 and datasets.train.source.images.shape == (8, 84, 84, 3)
 
 
@@ -344,50 +348,50 @@ def test_fake_source_any_size():
 def test_missing_root(tmp_path):
   config = make_config(tmp_path / 'nowhere')
   with pytest.raises(UserError, match=r'data.root=.*nowhere does not exist.*set data.root'):
-    input_pipeline.build_train_datasets(config)
+    loaders.build_train_datasets(config)
 
 
 def test_empty_root(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(UserError, match=r'data.root=.*empty is empty'):
-    input_pipeline.build_train_datasets(make_config(tmp_path / 'empty'))
+    loaders.build_train_datasets(make_config(tmp_path / 'empty'))
 
 
 def test_root_without_any_known_layout(tmp_path):
   (tmp_path / 'odd').mkdir()
   (tmp_path / 'odd' / 'notes.txt').write_text('hello')
   with pytest.raises(UserError, match='is not a mini-ImageNet directory'):
-    input_pipeline.build_train_datasets(make_config(tmp_path / 'odd'))
+    loaders.build_train_datasets(make_config(tmp_path / 'odd'))
   with pytest.raises(UserError, match='holds no class folders'):
-    input_pipeline.build_train_datasets(make_config(tmp_path / 'odd', name='image_folder'))
+    loaders.build_train_datasets(make_config(tmp_path / 'odd', name='image_folder'))
 
 
 def test_images_without_csvs(csv_root):
   for split in SPLIT_CLASSES:
     os.remove(csv_root / f'{split}.csv')
   with pytest.raises(UserError, match='images exists but no CSV'):
-    input_pipeline.build_train_datasets(make_config(csv_root))
+    loaders.build_train_datasets(make_config(csv_root))
 
 
 def test_csv_naming_absent_files(csv_root):
   os.remove(csv_root / 'images' / _file_name('n02', 3))
   with pytest.raises(UserError, match=r'train.csv names 1 file\(s\) absent from .*images, e.g. '
                      r'n0200000003.jpg'):
-    input_pipeline.build_train_datasets(make_config(csv_root))
+    loaders.build_train_datasets(make_config(csv_root))
 
 
 def test_csv_with_a_wrong_header(csv_root):
   text = (csv_root / 'train.csv').read_text().replace('filename,label', 'file,class')
   (csv_root / 'train.csv').write_text(text)
   with pytest.raises(UserError, match=r'train.csv does not start with the header'):
-    input_pipeline.build_train_datasets(make_config(csv_root))
+    loaders.build_train_datasets(make_config(csv_root))
 
 
 def test_malformed_csv_row(csv_root):
   with open(csv_root / 'val.csv', 'a') as csv_file:
     csv_file.write('lonely-field\n')
   with pytest.raises(UserError, match=r'val.csv, line 8: expected "filename,label"'):
-    input_pipeline.build_train_datasets(make_config(csv_root))
+    loaders.build_train_datasets(make_config(csv_root))
 
 
 @pytest.mark.parametrize('damage', ['garbage', 'truncated'])
@@ -399,7 +403,7 @@ def test_corrupt_image_is_named(folder_root, damage):
     bad.write_bytes(bad.read_bytes()[:200])
   with pytest.raises(UserError, match=r'cannot decode 1 image\(s\).*n0200000004.jpg.*Replace or '
                      'delete'):
-    input_pipeline.build_train_datasets(make_config(folder_root))
+    loaders.build_train_datasets(make_config(folder_root))
   assert not _npy_files(folder_root)  # nothing half-built is left behind
 
 
@@ -408,7 +412,7 @@ def test_split_smaller_than_one_batch(csv_root):
                      r'of train.batch_size=8'):
     config = make_config(csv_root, batch_size=8)
     config.data.train_split = 'val'
-    input_pipeline.build_train_datasets(config)
+    loaders.build_train_datasets(config)
 
 
 @pytest.mark.parametrize('split', ['trian', 'train+tset'])
@@ -417,17 +421,17 @@ def test_unknown_split(csv_root, split):
   config.data.train_split = split
   with pytest.raises(UserError, match=r"data.train_split: split '(trian|tset)' does not exist.*"
                      'available: test, train, val'):
-    input_pipeline.build_train_datasets(config)
+    loaders.build_train_datasets(config)
   config.data.train_split, config.data.eval_split = 'train', 'testing'
   with pytest.raises(UserError, match=r"data.eval_split: split 'testing' does not exist"):
-    input_pipeline.build_eval_dataset(config)
+    loaders.build_eval_dataset(config)
 
 
 def test_unknown_digits_split():
   config = default.get_config()
   config.data.train_split = 'validation'
   with pytest.raises(UserError, match="split 'validation' does not exist in data.name=digits"):
-    input_pipeline.build_train_datasets(config)
+    loaders.build_train_datasets(config)
 
 
 def test_unwritable_cache_dir(csv_root, tmp_path):
@@ -436,22 +440,22 @@ def test_unwritable_cache_dir(csv_root, tmp_path):
   config = make_config(csv_root)
   config.data.cache_dir = str(blocker / 'cache')
   with pytest.raises(UserError, match='cannot write the decoded-image cache.*set data.cache_dir'):
-    input_pipeline.build_train_datasets(config)
+    loaders.build_train_datasets(config)
 
 
 def test_process_shards_are_disjoint_and_union_to_the_single_process_batches(tmp_path):
-  source = input_pipeline.ArraySource(np.zeros((40, 8, 8, 3), np.uint8), np.arange(40) % 4)
-  dataset = input_pipeline.TwoCropDataset(source, input_pipeline.train_transform(8, False))
-  whole = [b['index'] for b in input_pipeline.numpy_batches(
-      input_pipeline.train_loader(dataset, 8, seed=1, epoch=2, num_workers=0))]
-  shards = [[b['index'] for b in input_pipeline.numpy_batches(input_pipeline.train_loader(
+  source = sources.ArraySource(np.zeros((40, 8, 8, 3), np.uint8), np.arange(40) % 4)
+  dataset = loaders.TwoCropDataset(source, data_transforms.train_transform(8, False))
+  whole = [b['index'] for b in loaders.numpy_batches(
+      loaders.train_loader(dataset, 8, seed=1, epoch=2, num_workers=0))]
+  shards = [[b['index'] for b in loaders.numpy_batches(loaders.train_loader(
       dataset, 8, seed=1, epoch=2, num_workers=0, process_index=p, process_count=2))]
             for p in range(2)]
   assert len(whole) == 5 and all(len(s) == 5 for s in shards)
   for step, batch in enumerate(whole):
     np.testing.assert_array_equal(np.concatenate([shards[0][step], shards[1][step]]), batch)
-  evaluation = input_pipeline.EvalDataset(source, input_pipeline.eval_transform(8))
-  eval_shards = [np.concatenate([b['index'] for b in input_pipeline.numpy_batches(
-      input_pipeline.eval_loader(evaluation, 16, num_workers=0, process_index=p,
+  evaluation = loaders.EvalDataset(source, data_transforms.eval_transform(8))
+  eval_shards = [np.concatenate([b['index'] for b in loaders.numpy_batches(
+      loaders.eval_loader(evaluation, 16, num_workers=0, process_index=p,
                                  process_count=2))]) for p in range(2)]
   assert len(eval_shards[0]) == len(eval_shards[1]) == 24  # 3 global batches of 16, halved

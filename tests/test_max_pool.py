@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from pcl_jax import max_pool
+from pcl_jax.kernels import max_pool
+from pcl_jax.kernels.onednn import library as onednn_library
+from pcl_jax.kernels.onednn import max_pool as onednn_max_pool
+from pcl_jax import kernels
 from pcl_jax import models
-from pcl_jax import onednn_conv
-from pcl_jax import onednn_max_pool
 
-ONEDNN, ONEDNN_WHY_NOT = onednn_conv.onednn_conv_available()
+ONEDNN, ONEDNN_WHY_NOT = onednn_library.available()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f'onednn unavailable: {ONEDNN_WHY_NOT}')
 
 
@@ -120,7 +121,7 @@ def test_onednn_pool_takes_what_floor_mode_allows():
 def test_resnet_stem_pool_runs_on_onednn_with_conv_impl_onednn():
   images = jnp.ones((2, 32, 32, 3))
   for conv_impl, expected in (('onednn', True), ('xla', False)):
-    model = models.create_encoder('resnet18', dim=4, width=4, conv_impl=conv_impl)
+    model = models.create_encoder('resnet18', dim=4, width=4, kernels=kernels.select(conv_impl))
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
     grad = jax.jit(jax.grad(lambda p, model=model, variables=variables: model.apply(
         {'params': p, 'batch_stats': variables['batch_stats']}, images, train=True,

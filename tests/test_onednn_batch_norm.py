@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pcl_jax.kernels.onednn import batch_norm as onednn_batch_norm
+from pcl_jax.kernels.onednn import library as onednn_library
+from pcl_jax import kernels
 from pcl_jax import models
-from pcl_jax import onednn_batch_norm
-from pcl_jax import onednn_conv
 
-AVAILABLE, WHY_NOT = onednn_conv.onednn_conv_available()
+AVAILABLE, WHY_NOT = onednn_library.available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f'onednn unavailable: {WHY_NOT}')
 EPSILON = 1e-5
 
@@ -101,15 +102,15 @@ def test_gradients_match_numpy(groups, relu, shape, statistics_too):
 
 
 def _module_run(impl, x, dtype=jnp.float32):
-  module = models.GroupedBatchNorm(use_running_average=False, num_groups=2, relu=True, impl=impl,
-                                   dtype=dtype)
+  module = models.GroupedBatchNorm(use_running_average=False, num_groups=2, relu=True,
+                                   kernels=kernels.select(impl), dtype=dtype)
   variables = module.init(jax.random.PRNGKey(0), x)
   apply = jax.jit(lambda v, x: module.apply(v, x, mutable=['batch_stats']))
   return apply(variables, x), apply.lower(variables, x).as_text()
 
 
 def test_grouped_batch_norm_module_onednn_equals_xla():
-  """models.GroupedBatchNorm(impl='onednn'): same output and running statistics as XLA's."""
+  """models.GroupedBatchNorm with oneDNN's kernels: same output and running statistics as XLA's."""
   x = _inputs((4, 6, 6, 8), seed=2)[0]
   (got, got_stats), text = _module_run('onednn', x)
   (want, want_stats), _ = _module_run('xla', x)
@@ -129,7 +130,7 @@ def test_bfloat16_falls_back_to_xla():
 def test_onednn_encoder_runs_every_training_batch_norm_on_onednn():
   """A ResNet-18 with conv_impl=onednn: each of its 20 BN layers is one forward custom call
   (the ReLU fused where the block has one), and evaluation keeps XLA's BN."""
-  model = models.create_encoder('resnet18', dim=8, small_stem=True, width=8, conv_impl='onednn')
+  model = models.create_encoder('resnet18', dim=8, small_stem=True, width=8, kernels=kernels.select('onednn'))
   images = jnp.ones((4, 8, 8, 3))
   variables = model.init(jax.random.PRNGKey(0), images, train=False)
   train = jax.jit(lambda v: model.apply(v, images, train=True, mutable=['batch_stats']))

@@ -1,4 +1,4 @@
-"""model.conv_impl=onednn: oneDNN convolutions as XLA custom calls, against XLA's convolutions.
+"""runtime.conv_impl=onednn: oneDNN convolutions as XLA custom calls, against XLA's convolutions.
 
 The whole-encoder check runs in test_cpu_conv, beside the torch path's.
 """
@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcl_jax import cpu_conv
-from pcl_jax import onednn_conv
+from pcl_jax import kernels
+from pcl_jax.kernels.onednn import conv as onednn_conv
+from pcl_jax.kernels.onednn import library as onednn_library
 
-AVAILABLE, WHY_NOT = onednn_conv.onednn_conv_available()
+AVAILABLE, WHY_NOT = onednn_library.available()
 needs_onednn = pytest.mark.skipif(not AVAILABLE, reason=f'onednn conv unavailable: {WHY_NOT}')
 
 
@@ -93,7 +94,7 @@ def test_bfloat16_goes_to_the_torch_path():
 
 
 def test_missing_onednn_is_a_clear_error(monkeypatch):
-  monkeypatch.setattr(onednn_conv, '_onednn_prefix', lambda: None)
-  with pytest.raises(ValueError, match=r'model.conv_impl=onednn cannot run here.*pip install '
+  monkeypatch.setattr(onednn_library, '_onednn_prefix', lambda: None)
+  with pytest.raises(ValueError, match=r'runtime.conv_impl=onednn cannot run here.*pip install '
                                        r'onednn-cpu-gomp'):
-    cpu_conv.resolve_conv_impl('onednn')
+    kernels.resolve('onednn')

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pcl_jax.kernels.onednn import library as onednn_library
+from pcl_jax.kernels.onednn import residual as onednn_residual
+from pcl_jax import kernels
 from pcl_jax import models
-from pcl_jax import onednn_conv
-from pcl_jax import onednn_residual
 
-AVAILABLE, WHY_NOT = onednn_conv.onednn_conv_available()
+AVAILABLE, WHY_NOT = onednn_library.available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f'onednn unavailable: {WHY_NOT}')
 
 
@@ -72,7 +73,7 @@ def test_onednn_encoder_joins_every_block_on_onednn(arch, joins):
   ops); none with conv_impl=xla."""
   images = jnp.ones((4, 8, 8, 3))
   for conv_impl, want in (('onednn', joins), ('xla', 0)):
-    model = models.create_encoder(arch, dim=8, small_stem=True, width=8, conv_impl=conv_impl)
+    model = models.create_encoder(arch, dim=8, small_stem=True, width=8, kernels=kernels.select(conv_impl))
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
 
     def loss(params, variables=variables, model=model):

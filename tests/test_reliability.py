@@ -18,6 +18,7 @@ from configs import test as test_config
 from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
 from pcl_jax import run_files
+from pcl_jax import stop as stop_lib
 from pcl_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +96,7 @@ def test_sigterm_mid_epoch_saves_epoch_start_and_resume_is_exact(reference, tmp_
     return False
 
   previous_handler = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(train.TrainingInterrupted, match='SIGTERM: stopped in epoch 1') as info:
+  with pytest.raises(stop_lib.TrainingInterrupted, match='SIGTERM: stopped in epoch 1') as info:
     train.train_and_evaluate(_config(), workdir, should_stop=send_sigterm_in_epoch_1)
   assert info.value.signum == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is previous_handler  # handlers restored
@@ -209,7 +210,7 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
 
 
 def test_evaluate_and_training_write_through_the_atomic_writers():
-  source = open(os.path.join(ROOT, 'pcl_jax', 'evaluate.py')).read()
+  source = open(os.path.join(ROOT, 'pcl_jax', 'evaluation', 'driver.py')).read()
   assert 'run_files.write_json_atomic(output, results)' in source
   assert not re.search(r"open\([^)]*results[^)]*'w'", source)
 
@@ -224,10 +225,10 @@ def test_workdir_lock_excludes_a_second_trainer(tmp_path):
 
 def test_stop_request_first_signal_sets_flag_second_interrupts():
   # A CI job started in the background by a non-interactive shell inherits SIGINT ignored, and
-  # _StopRequest rightly leaves an ignored signal alone: give this test Python's default.
+  # StopRequest rightly leaves an ignored signal alone: give this test Python's default.
   inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
-    with train._StopRequest() as stop:  # pylint: disable=protected-access
+    with stop_lib.StopRequest() as stop:
       assert not stop()
       signal.raise_signal(signal.SIGINT)  # delivered to this thread before it returns
       assert stop() and stop.reason == 'SIGINT'
@@ -240,7 +241,7 @@ def test_stop_request_first_signal_sets_flag_second_interrupts():
 
 def test_nothing_is_unpickled():
   """README 'Files and safety': no pickle, no torch.load, np.load never allows pickles."""
-  for path in glob.glob(os.path.join(ROOT, 'pcl_jax', '*.py')):
+  for path in glob.glob(os.path.join(ROOT, 'pcl_jax', '**', '*.py'), recursive=True):
     source = open(path).read()
     assert not re.search(r'\bimport pickle|\bpickle\.load|torch\.load|allow_pickle\s*=\s*True'
                          r'|\bcloudpickle|\bdill\b|joblib\.load', source), path

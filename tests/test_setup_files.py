@@ -48,7 +48,7 @@ def test_each_install_set_has_one_faiss_and_the_gpu_set_has_the_cpu_sets_rest():
   # faiss-cpu and faiss-gpu install the same `faiss` package: never both in one environment.
   assert [n for n in cpu if n.startswith('faiss')] == ['faiss-cpu']
   assert [n for n in gpu if n.startswith('faiss')] == ['faiss-gpu']
-  # oneDNN's CPU build serves model.conv_impl=onednn, which runs on a single CPU device only
+  # oneDNN's CPU build serves runtime.conv_impl=onednn, which runs on a single CPU device only
   # (on a GPU machine `auto` means XLA's convolutions), so the GPU set leaves it out.
   cpu_only = {'faiss-cpu', 'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'}
   assert cpu_only <= set(cpu) and set(cpu) - cpu_only <= set(gpu)

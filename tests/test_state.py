@@ -6,7 +6,7 @@ import numpy as np
 
 from pcl_jax import models
 from pcl_jax import state as state_lib
-from pcl_jax import train
+from pcl_jax import step as step_lib
 from configs import test as test_config
 
 
@@ -43,7 +43,7 @@ def test_enqueue_wraps_when_queue_is_not_a_multiple_of_the_batch():
 def test_create_state_copies_query_into_key_and_normalises_queue():
   config = test_config.get_config()
   model = models.encoder_from_config(config)
-  tx = train.make_optimizer(config.optim, train.make_lr_schedule(config.optim, 2, 5))
+  tx = step_lib.make_optimizer(config.optim, step_lib.make_lr_schedule(config.optim, 2, 5))
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16, 64)
   for q, k in zip(jax.tree_util.tree_leaves(state.params),
                   jax.tree_util.tree_leaves(state.key_params)):

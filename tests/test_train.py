@@ -15,6 +15,7 @@ import torch
 
 from configs import test as test_config
 from pcl_jax import run_files
+from pcl_jax import step as step_lib
 from pcl_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_optimizer_matches_torch_sgd_with_momentum_and_weight_decay():
   config = test_config.get_config()
   config.optim.lr, config.optim.weight_decay, config.optim.cos = 0.1, 0.01, False
-  schedule = train.make_lr_schedule(config.optim, 10, 5)
-  tx = train.make_optimizer(config.optim, schedule)
+  schedule = step_lib.make_lr_schedule(config.optim, 10, 5)
+  tx = step_lib.make_optimizer(config.optim, schedule)
   target = np.array([1.0, -2.0, 3.0], np.float32)
   params = jnp.zeros(3)
   opt_state = tx.init(params)
@@ -48,7 +49,7 @@ def test_lr_schedule_is_the_reference_adjust_learning_rate(cos, per, expected):
   config = test_config.get_config()
   config.optim.lr, config.optim.cos, config.optim.schedule_per = 0.1, cos, per
   config.optim.schedule = '2,3'
-  schedule = train.make_lr_schedule(config.optim, 4, 10)
+  schedule = step_lib.make_lr_schedule(config.optim, 4, 10)
   np.testing.assert_allclose([schedule(0), schedule(9), schedule(10)], expected, rtol=1e-6)
   if not cos:  # step decay x0.1 at epochs 2 and 3
     np.testing.assert_allclose([schedule(20), schedule(35)], [0.01, 0.001], rtol=1e-5)
@@ -57,7 +58,7 @@ def test_lr_schedule_is_the_reference_adjust_learning_rate(cos, per, expected):
 def test_cosine_per_step_decays_within_an_epoch():
   config = test_config.get_config()
   config.optim.lr, config.optim.schedule_per = 0.1, 'step'
-  schedule = train.make_lr_schedule(config.optim, 2, 10)
+  schedule = step_lib.make_lr_schedule(config.optim, 2, 10)
   assert float(schedule(5)) < 0.1
   np.testing.assert_allclose(schedule(10), 0.05, rtol=1e-6)
 
@@ -69,7 +70,7 @@ def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path, m
   config.schedule.mode = 'fixed'
   config.schedule.every = 1  # k changes every epoch after warm-up
   # The real jitted step (make_train_step), with a trace counter around the Python function.
-  monkeypatch.setattr(train, 'train_step', chex.assert_max_traces(train.train_step, n=1))
+  monkeypatch.setattr(step_lib, 'train_step', chex.assert_max_traces(step_lib.train_step, n=1))
   trainer = train.Trainer(config, str(tmp_path))
   state = trainer.initial_state()
   records = []

@@ -22,12 +22,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top  (pcl_jax first)
-from pcl_jax import fused_batch_norm  # pylint: disable=g-import-not-at-top
-from pcl_jax import host_threads  # pylint: disable=g-import-not-at-top
-from pcl_jax import onednn_batch_norm  # pylint: disable=g-import-not-at-top
-from pcl_jax import onednn_conv  # pylint: disable=g-import-not-at-top
-from pcl_jax import onednn_max_pool  # pylint: disable=g-import-not-at-top
-from pcl_jax import onednn_residual  # pylint: disable=g-import-not-at-top
+from pcl_jax.kernels import fused_batch_norm  # pylint: disable=g-import-not-at-top
+from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top
+from pcl_jax.kernels.onednn import batch_norm as onednn_batch_norm  # pylint: disable=g-import-not-at-top
+from pcl_jax.kernels.onednn import conv as onednn_conv
+from pcl_jax.kernels.onednn import max_pool as onednn_max_pool  # pylint: disable=g-import-not-at-top
+from pcl_jax.kernels.onednn import residual as onednn_residual  # pylint: disable=g-import-not-at-top
 
 # step_throughput's cases, plus the mini-ImageNet step: (arch, size, batch, width, small stem).
 CASES = {'resnet18': step_throughput.CASES['resnet18'], 'conv4': step_throughput.CASES['conv4'],

@@ -1,0 +1,228 @@
+"""The decoded-image cache: every image of a split decoded once into a memory-mapped uint8 array.
+
+This module owns `DIR/.cache/*.npy` (or `data.cache_dir`) and its JSON manifest: the cache is
+built atomically (temporary file, then rename; the manifest last), trusted only while the
+manifest matches the split's file list, sizes and the cache settings, and rebuilt otherwise.
+Decoding runs on threads (PIL releases the GIL). The files to decode come from `sources`.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import functional as tv_functional
+import tqdm
+
+from pcl_jax import run_files
+from pcl_jax.data import recipes
+from pcl_jax.errors import UserError
+
+MINI_IMAGENET_SIZE = 84
+CACHE_FORMAT = 1
+
+
+def cache_image_size(data_config) -> int:
+  """Side S of the cached [N, S, S, 3] images.
+
+  `data.cache_size` when set (> 0); else 84 for mini-ImageNet (its native resolution); else the
+  eval transform's resize size, so eval needs no further resize and training crops are taken at
+  the resolution the network sees.
+  """
+  size = int(data_config.get('cache_size', 0) or 0)
+  if size > 0:
+    return size
+  if data_config.name == 'mini_imagenet':
+    return MINI_IMAGENET_SIZE
+  return recipes.eval_resize_size(data_config.image_size)
+
+
+def _resize_mode(dataset_name: str) -> str:
+  # mini-ImageNet's standard preprocessing squashes every image to 84x84 (Lanczos); other
+  # folders keep the aspect ratio like torchvision's Resize + CenterCrop.
+  return 'squash' if dataset_name == 'mini_imagenet' else 'short_side_center_crop'
+
+
+def _decode_image(path: str, size: int, mode: str) -> np.ndarray:
+  """One file -> uint8 [size, size, 3]. Raises whatever PIL raises on a bad file."""
+  with Image.open(path) as image:
+    image = image.convert('RGB')
+  if mode == 'squash':
+    if image.size != (size, size):
+      image = image.resize((size, size), Image.LANCZOS)
+  else:
+    image = tv_functional.center_crop(tv_functional.resize(image, size), size)
+  return np.asarray(image)
+
+
+def _decode_rows(images: np.ndarray, paths: Sequence[str], start: int, stop: int, size: int,
+                 mode: str) -> List[Tuple[str, str]]:
+  """Decodes paths[start:stop] into rows of `images`; returns (path, error) of bad files."""
+  failures = []
+  for row in range(start, stop):
+    try:
+      images[row] = _decode_image(paths[row], size, mode)
+    except Exception as error:  # pylint: disable=broad-except
+      # Any failure is the file's fault (unreadable, truncated, not an image): report it by name.
+      failures.append((paths[row], f'{type(error).__name__}: {error}'))
+  return failures
+
+
+def _cache_paths(data_config, root: str, split: str, size: int, mode: str) -> Tuple[str, str]:
+  safe_split = re.sub(r'[^A-Za-z0-9_.-]', '_', split)
+  stem = f'{data_config.name}-{safe_split}-{size}px-{mode}'
+  if data_config.cache_dir:
+    # A shared cache directory holds several datasets: key the name by the dataset root too.
+    directory = os.path.abspath(os.path.expanduser(str(data_config.cache_dir)))
+    stem += '-' + hashlib.sha256(root.encode()).hexdigest()[:10]
+  else:
+    directory = os.path.join(root, '.cache')
+  return os.path.join(directory, stem + '.npy'), os.path.join(directory, stem + '.json')
+
+
+def _expected_manifest(data_config, files, size: int, mode: str) -> dict:
+  return {'format': CACHE_FORMAT, 'dataset': data_config.name, 'split': files.split,
+          'num_images': len(files.paths), 'files_sha256': files.fingerprint,
+          'image_size': size, 'resize': mode, 'shape': [len(files.paths), size, size, 3]}
+
+
+_CHECKED_FIELDS = ('format', 'num_images', 'files_sha256', 'image_size', 'resize', 'shape')
+
+
+def _load_valid_cache(npy_path: str, manifest_path: str, expected: dict):
+  """The memory-mapped cache if its manifest matches `expected`, else (None, reason)."""
+  if not os.path.exists(manifest_path) or not os.path.exists(npy_path):
+    return None, 'no cache yet'
+  try:
+    with open(manifest_path) as manifest_file:
+      manifest = json.load(manifest_file)
+  except (OSError, ValueError):
+    return None, 'unreadable manifest'
+  changed = [field for field in _CHECKED_FIELDS if manifest.get(field) != expected[field]]
+  if changed:
+    return None, f'dataset or settings changed ({", ".join(changed)})'
+  if os.path.getsize(npy_path) != manifest.get('npy_bytes'):
+    return None, 'cache file has the wrong size'
+  try:
+    images = np.load(npy_path, mmap_mode='r')
+  except (OSError, ValueError):
+    return None, 'unreadable cache file'
+  if list(images.shape) != expected['shape'] or images.dtype != np.uint8:
+    return None, 'cache file has the wrong shape'
+  return images, ''
+
+
+def _remove_stale_temporaries(npy_path: str) -> None:
+  """Deletes temp files of killed builds on this host (a live build keeps its own)."""
+  directory, base = os.path.split(npy_path)
+  prefix = f'{base}.tmp-{socket.gethostname()}-'
+  for name in os.listdir(directory):
+    if not name.startswith(prefix):
+      continue
+    try:
+      pid = int(name[len(prefix):])
+      os.kill(pid, 0)
+    except ValueError:
+      continue
+    except ProcessLookupError:
+      os.remove(os.path.join(directory, name))
+    except PermissionError:
+      pass  # alive, owned by someone else
+
+
+def _decode_threads() -> int:
+  # PIL releases the GIL while decoding and resizing, so threads scale with cores.
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count() or 1
+  return max(1, min(16, cores))
+
+
+def _build_cache(files, npy_path: str, manifest_path: str, expected: dict,
+                 setting_hint: str) -> None:
+  """Decodes every file of `files` into a new cache; atomic (temp file + rename)."""
+  num, size = expected['num_images'], expected['image_size']
+  directory = os.path.dirname(npy_path)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temporaries(npy_path)
+    free = shutil.disk_usage(directory).free
+  except OSError as error:
+    raise UserError(f'cannot write the decoded-image cache in {directory} ({error}); set '
+                    'data.cache_dir to a writable directory') from error
+  needed = num * size * size * 3
+  if needed > free:
+    raise UserError(f'the decoded-image cache of {files.split!r} needs {needed / 2**30:.2f} GiB '
+                    f'but {directory} has {free / 2**30:.2f} GiB free; set data.cache_dir to a '
+                    'larger disk')
+  temporary = f'{npy_path}.tmp-{socket.gethostname()}-{os.getpid()}'
+  start = time.perf_counter()
+  images = np.lib.format.open_memmap(temporary, mode='w+', dtype=np.uint8,
+                                     shape=(num, size, size, 3))
+  failures = []
+  executor = concurrent.futures.ThreadPoolExecutor(_decode_threads())
+  try:
+    chunk = 128
+    futures = {executor.submit(_decode_rows, images, files.paths, first,
+                               min(first + chunk, num), size, expected['resize']):
+                   min(first + chunk, num) - first
+               for first in range(0, num, chunk)}
+    with tqdm.tqdm(total=num, desc=f'decoding {expected["dataset"]}/{files.split} once',
+                   unit='img', dynamic_ncols=True) as progress:
+      for future in concurrent.futures.as_completed(futures):
+        failures.extend(future.result())
+        progress.update(futures[future])
+    images.flush()
+    del images
+    if failures:
+      failures.sort()
+      shown = '; '.join(f'{path}: {error}' for path, error in failures[:3])
+      more = f' (and {len(failures) - 3} more)' if len(failures) > 3 else ''
+      raise UserError(f'cannot decode {len(failures)} image(s) of {setting_hint} split '
+                      f'{files.split!r}: {shown}{more}. Replace or delete the file(s) (and drop '
+                      'them from the split CSV), then rerun')
+    os.replace(temporary, npy_path)
+  except BaseException:
+    executor.shutdown(wait=True, cancel_futures=True)
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+  executor.shutdown(wait=True)
+  # The manifest is written last: it is what marks the cache as complete.
+  run_files.write_json_atomic(manifest_path, {**expected, 'npy_bytes': os.path.getsize(npy_path),
+                                     'source': files.where,
+                                     'built': time.strftime('%Y-%m-%dT%H:%M:%S')})
+  logging.info('decoded %d images of %s into %s in %.1fs', num, files.split, npy_path,
+               time.perf_counter() - start)
+
+
+def cached_images(data_config, files) -> np.ndarray:
+  """The decoded images of `files` (a `sources.SplitFiles`) as a read-only memory-mapped uint8
+  [N, S, S, 3] array.
+
+  Built on first use (and whenever the file list, a file size or the image size changes), under
+  data.cache_dir, or DIR/.cache when that is ''.
+  """
+  root = os.path.abspath(os.path.expanduser(str(data_config.root)))
+  size, mode = cache_image_size(data_config), _resize_mode(data_config.name)
+  npy_path, manifest_path = _cache_paths(data_config, root, files.split, size, mode)
+  expected = _expected_manifest(data_config, files, size, mode)
+  images, reason = _load_valid_cache(npy_path, manifest_path, expected)
+  if images is not None:
+    return images
+  logging.info('building the decoded-image cache %s (%s)', npy_path, reason)
+  _build_cache(files, npy_path, manifest_path, expected, f'data.root={data_config.root}')
+  images, reason = _load_valid_cache(npy_path, manifest_path, expected)
+  if images is None:  # e.g. a concurrent build replaced it with a different dataset version
+    raise UserError(f'the decoded-image cache {npy_path} was changed while it was built '
+                    f'({reason}); rerun, with one run building it at a time')
+  return images

@@ -1,0 +1,427 @@
+"""Image sources: which images (and labels) a split holds, decoded into one uint8 array.
+
+This module owns finding the images of a split and serving them as an `ArraySource`: sklearn's
+digits and torchvision's FakeData (embedded, decoded in memory), mini-ImageNet in its CSV or
+folder layout and any torchvision ImageFolder tree (files listed and checked here, decoded once
+by `cache`). It never transforms images.
+
+Data layout (data.root = DIR):
+- `mini_imagenet`, Ravi & Larochelle layout: `DIR/images/*.jpg` and `DIR/{train,val,test}.csv`
+  (header `filename,label`); or the folder layout `DIR/{train,val,test}/<wnid>/*.jpg`. Images are
+  cached at 84x84 (each image squashed to 84x84 with Lanczos, the standard mini-ImageNet
+  preprocessing; a no-op for the usual 84x84 release).
+- `image_folder`: `DIR/<split>/<class>/**/<image>`; a DIR that holds class folders directly is one
+  split named `all`. Images are cached at the eval resize size (short side resized, bilinear,
+  then center-cropped to a square), so training crops come from that central square.
+Splits join with '+' ('train+val+test'); labels are the indices of the sorted class names over
+the union of every split of DIR, so a class has the same label in every split.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from pcl_jax import configuration
+from pcl_jax.data import cache
+from pcl_jax.errors import UserError
+
+DATASETS = configuration.DATASETS
+# torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+# (classes, images) of the standard Ravi & Larochelle split.
+MINI_IMAGENET_SPLITS = {'train': (64, 38400), 'val': (16, 9600), 'test': (20, 12000)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+  """Decoded images held in one uint8 array [N, H, W, 3] (in memory or memory-mapped).
+
+  `images` may also be a `ConcatenatedImages` view (splits joined with '+'); `class_names[l]` is
+  the name of label l when the source has named classes.
+  """
+  images: np.ndarray
+  labels: np.ndarray
+  name: str = ''
+  class_names: Tuple[str, ...] = ()
+
+  def __len__(self):
+    return len(self.labels)
+
+  def image(self, index: int) -> Image.Image:
+    return Image.fromarray(np.asarray(self.images[index]))
+
+
+class ConcatenatedImages:
+  """Read-only concatenation of image arrays (memory-mapped caches) that copies nothing."""
+
+  def __init__(self, parts: Sequence[np.ndarray]):
+    self.parts = list(parts)
+    self._ends = np.cumsum([len(part) for part in self.parts])
+    self.shape = (int(self._ends[-1]),) + tuple(self.parts[0].shape[1:])
+    self.dtype = self.parts[0].dtype
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice) and index.step in (None, 1):
+      return self._rows(*index.indices(self.shape[0])[:2])
+    if not isinstance(index, (int, np.integer)):
+      return np.asarray(self)[index]
+    index = int(index) + (self.shape[0] if index < 0 else 0)
+    if not 0 <= index < self.shape[0]:
+      raise IndexError(f'index {index} out of range for {self.shape[0]} images')
+    part = int(np.searchsorted(self._ends, index, side='right'))
+    start = int(self._ends[part - 1]) if part else 0
+    return self.parts[part][index - start]
+
+  def _rows(self, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) copied out of only the parts they lie in."""
+    pieces = []
+    for part, end in zip(self.parts, self._ends):
+      begin = end - len(part)
+      low, high = max(start, begin), min(stop, end)
+      if low < high:
+        pieces.append(part[low - begin:high - begin])
+    if not pieces:
+      return np.zeros((0,) + self.shape[1:], self.dtype)
+    return np.concatenate(pieces)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # A concatenation is always a copy.
+    array = np.concatenate(self.parts)
+    return array if dtype is None else array.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Split names.
+
+
+def split_names(split: str, setting: str = 'data split') -> list:
+  names = [name.strip() for name in str(split).split('+') if name.strip()]
+  if not names:
+    raise UserError(f'{setting}={split!r} is empty; use e.g. train, or train+val+test')
+  return names
+
+
+def _unknown_split(name: str, available: Sequence[str], where: str, setting: str) -> UserError:
+  return UserError(f'{setting}: split {name!r} does not exist in {where}; available: '
+                   f'{", ".join(available) or "none"} (join several with +, e.g. '
+                   f'{"+".join(available[:3]) or "train+val"})')
+
+
+def _concat(sources: Sequence[ArraySource], name: str) -> ArraySource:
+  if len(sources) == 1:
+    return dataclasses.replace(sources[0], name=name)
+  images = [s.images for s in sources]
+  if all(isinstance(part, np.memmap) for part in images):
+    joined = ConcatenatedImages(images)  # keep the caches on disk, shared by every worker
+  else:
+    joined = np.concatenate([np.asarray(part) for part in images])
+  return ArraySource(joined, np.concatenate([s.labels for s in sources]), name,
+                     sources[0].class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded sources: digits and fake.
+
+
+def digits_source(split: str, image_size: int, setting: str = 'data split') -> ArraySource:
+  """sklearn's bundled 8x8 digits, upscaled to `image_size`, split 60/20/20 per class (seeded)."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  pixels = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+  labels = digits.target.astype(np.int64)
+  order = np.random.default_rng(0).permutation(len(labels))
+  parts = {'train': [], 'val': [], 'test': []}
+  for label in np.unique(labels):
+    members = order[labels[order] == label]
+    cut1, cut2 = int(0.6 * len(members)), int(0.8 * len(members))
+    parts['train'] += list(members[:cut1])
+    parts['val'] += list(members[cut1:cut2])
+    parts['test'] += list(members[cut2:])
+  sources = []
+  for name in split_names(split, setting):
+    if name not in parts:
+      raise _unknown_split(name, list(parts), 'data.name=digits', setting)
+    index = np.sort(np.asarray(parts[name]))
+    upscaled = np.stack([
+        np.asarray(Image.fromarray(pixels[i]).resize((image_size, image_size),
+                                                     Image.BILINEAR).convert('RGB'))
+        for i in index])
+    sources.append(ArraySource(upscaled, labels[index], f'digits/{name}',
+                               tuple(str(d) for d in range(10))))
+  return _concat(sources, f'digits/{split}')
+
+
+def fake_source(split: str, image_size: int, size: int, num_classes: int,
+                setting: str = 'data split') -> ArraySource:
+  """torchvision FakeData (random images), decoded once; each split has its own images."""
+  from torchvision import datasets as tv_datasets  # pylint: disable=g-import-not-at-top
+  sources = []
+  for offset, name in enumerate(split_names(split, setting)):
+    fake = tv_datasets.FakeData(size=size, image_size=(3, image_size, image_size),
+                                num_classes=num_classes, random_offset=1000 * size * (offset + 1))
+    images, labels = zip(*[(np.asarray(img.convert('RGB')), int(lbl)) for img, lbl in fake])
+    sources.append(ArraySource(np.stack(images), np.asarray(labels, np.int64), f'fake/{name}',
+                               tuple(str(c) for c in range(num_classes))))
+  return _concat(sources, f'fake/{split}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files: mini-ImageNet (CSV or folder layout) and ImageFolder trees.
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitFiles:
+  """The image files of one split, in dataset-index order."""
+  split: str
+  paths: Tuple[str, ...]  # absolute paths
+  labels: np.ndarray  # [N] int64, indices into `class_names`
+  class_names: Tuple[str, ...]  # sorted over the union of every split of the dataset
+  fingerprint: str  # sha256 of (relative path, class, byte size) of every file, in order
+  where: str  # the directory or CSV the files come from (for messages)
+
+
+def _is_image(name: str) -> bool:
+  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _subdirs(path: str) -> List[str]:
+  """Sorted non-hidden subdirectory names (hidden ones hold e.g. our own .cache)."""
+  with os.scandir(path) as entries:
+    return sorted(e.name for e in entries if not e.name.startswith('.') and e.is_dir())
+
+
+def _holds_images(path: str) -> bool:
+  with os.scandir(path) as entries:
+    return any(_is_image(e.name) and e.is_file() for e in entries)
+
+
+def _check_root(data_config) -> str:
+  if not data_config.root:
+    raise UserError(f'data.name={data_config.name} needs data.root=DIR (see README "Data '
+                    'layout")')
+  root = os.path.abspath(os.path.expanduser(str(data_config.root)))
+  if not os.path.isdir(root):
+    raise UserError(f'data.root={data_config.root} does not exist (or is not a directory); set '
+                    'data.root to the dataset directory (see README "Data layout")')
+  try:
+    with os.scandir(root) as entries:
+      empty = not any(not e.name.startswith('.') for e in entries)
+  except OSError as error:
+    raise UserError(f'cannot read data.root={data_config.root} ({error}); fix its permissions or '
+                    'point data.root at a readable copy') from error
+  if empty:
+    raise UserError(f'data.root={data_config.root} is empty; put the dataset there or point '
+                    'data.root at it (see README "Data layout")')
+  return root
+
+
+def _folder_splits(root: str) -> Dict[str, str]:
+  """{split: directory} of an ImageFolder tree; a root holding class folders is split 'all'."""
+  subdirs = _subdirs(root)
+  if any(_holds_images(os.path.join(root, name)) for name in subdirs):
+    return {'all': root}
+  return {name: os.path.join(root, name) for name in subdirs
+          if _subdirs(os.path.join(root, name))}
+
+
+def _csv_header(path: str) -> str:
+  with open(path, newline='', encoding='utf-8-sig') as csv_file:
+    return csv_file.readline().strip().replace(' ', '')
+
+
+def _csv_splits(root: str) -> Dict[str, str]:
+  """{split: CSV path} of the Ravi & Larochelle layout (CSVs with a `filename,label` header)."""
+  if not os.path.isdir(os.path.join(root, 'images')):
+    return {}
+  with os.scandir(root) as entries:
+    csvs = sorted(e.name for e in entries if e.name.endswith('.csv') and e.is_file())
+  return {name[:-4]: os.path.join(root, name) for name in csvs
+          if _csv_header(os.path.join(root, name)) == 'filename,label'}
+
+
+def _read_csv(path: str) -> List[Tuple[str, str]]:
+  """(filename, label) rows of one split CSV; a malformed row is a UserError naming its line."""
+  import csv  # pylint: disable=g-import-not-at-top
+  rows = []
+  with open(path, newline='', encoding='utf-8-sig') as csv_file:
+    for line_number, row in enumerate(csv.reader(csv_file), start=1):
+      if line_number == 1 or not row or not ''.join(row).strip():
+        continue
+      if len(row) != 2 or not row[0].strip() or not row[1].strip():
+        raise UserError(f'{path}, line {line_number}: expected "filename,label", got {row!r}; '
+                        'fix the split CSV (see third_party/README.md for the originals)')
+      rows.append((row[0].strip(), row[1].strip()))
+  return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  kind: str  # 'csv' | 'folder'
+  root: str
+  splits: Dict[str, str]  # split -> CSV path or directory
+  class_names: Tuple[str, ...]
+
+
+def _layout(data_config) -> _Layout:
+  """Finds the dataset's splits and its class names (sorted over the union of all splits)."""
+  root = _check_root(data_config)
+  name = data_config.name
+  csv_splits = _csv_splits(root) if name == 'mini_imagenet' else {}
+  if csv_splits:
+    classes = set()
+    for path in csv_splits.values():
+      classes.update(label for _, label in _read_csv(path))
+    return _Layout('csv', root, csv_splits, tuple(sorted(classes)))
+  splits = _folder_splits(root)
+  if name == 'mini_imagenet' and (not splits or 'all' in splits):
+    hint = ''
+    if os.path.isdir(os.path.join(root, 'images')):
+      hint = (f' {root}/images exists but no CSV with a "filename,label" header sits next to '
+              'it: add train.csv, val.csv, test.csv (third_party/README.md says where from).')
+    raise UserError(
+        f'data.root={data_config.root} is not a mini-ImageNet directory.{hint} Expected either '
+        'DIR/images/*.jpg with DIR/train.csv, val.csv, test.csv (Ravi & Larochelle split) or '
+        'DIR/train/<wnid>/*.jpg, DIR/val/..., DIR/test/... (see README "Data layout")')
+  if not splits:
+    raise UserError(f'data.root={data_config.root} holds no class folders; expected '
+                    'DIR/<split>/<class>/<image> or DIR/<class>/<image> (see README "Data '
+                    'layout")')
+  classes = set()
+  for directory in splits.values():
+    classes.update(_subdirs(directory))
+  return _Layout('folder', root, splits, tuple(sorted(classes)))
+
+
+def _fingerprint(entries: Sequence[Tuple[str, str, int]]) -> str:
+  digest = hashlib.sha256()
+  for relative, class_name, size in entries:
+    digest.update(f'{relative}\t{class_name}\t{size}\n'.encode())
+  return digest.hexdigest()
+
+
+def _csv_split_files(layout: _Layout, split: str) -> SplitFiles:
+  csv_path = layout.splits[split]
+  images_dir = os.path.join(layout.root, 'images')
+  with os.scandir(images_dir) as entries:
+    sizes = {e.name: e.stat().st_size for e in entries if e.is_file()}
+  rows = _read_csv(csv_path)
+  if not rows:
+    raise UserError(f'{csv_path} lists no images; restore the split CSV (third_party/README.md)')
+  missing = [filename for filename, _ in rows if filename not in sizes]
+  if missing:
+    raise UserError(f'{csv_path} names {len(missing)} file(s) absent from {images_dir}, e.g. '
+                    f'{", ".join(missing[:3])}; restore the images or use the CSVs that match '
+                    'them (data.root)')
+  label_of = {name: label for label, name in enumerate(layout.class_names)}
+  entries = [(f'images/{filename}', class_name, sizes[filename]) for filename, class_name in rows]
+  return SplitFiles(split, tuple(os.path.join(images_dir, filename) for filename, _ in rows),
+                    np.asarray([label_of[c] for _, c in rows], np.int64), layout.class_names,
+                    _fingerprint(entries), csv_path)
+
+
+def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
+  """The files of one ImageFolder split, in torchvision ImageFolder order."""
+  directory = layout.splits[split]
+  label_of = {name: label for label, name in enumerate(layout.class_names)}
+  paths, labels, entries, empty = [], [], [], []
+  for class_name in _subdirs(directory):
+    count = len(paths)
+    for walk_root, _, filenames in sorted(os.walk(os.path.join(directory, class_name),
+                                                  followlinks=True)):
+      for filename in sorted(filenames):
+        if _is_image(filename):
+          path = os.path.join(walk_root, filename)
+          paths.append(path)
+          labels.append(label_of[class_name])
+          entries.append((os.path.relpath(path, layout.root), class_name,
+                          os.stat(path).st_size))
+    if len(paths) == count:
+      empty.append(class_name)
+  if not paths:
+    raise UserError(f'split {split!r} of data.root={layout.root} holds no images (looked for '
+                    f'{directory}/<class>/*{{{",".join(IMAGE_EXTENSIONS)}}}); put the images '
+                    'there or fix data.root')
+  if empty:
+    logging.warning('split %r: class folder(s) without images: %s', split, ', '.join(empty[:5]))
+  return SplitFiles(split, tuple(paths), np.asarray(labels, np.int64), layout.class_names,
+                    _fingerprint(entries), directory)
+
+
+def list_split_files(data_config, split: str, setting: str = 'data split') -> List[SplitFiles]:
+  """The image files of every split named in `split` ('+'-joined), validated; no decoding."""
+  layout = _layout(data_config)
+  logging.info('%s: %s layout in %s, splits %s', data_config.name, layout.kind, layout.root,
+               ', '.join(sorted(layout.splits)))
+  result = []
+  for name in split_names(split, setting):
+    if name not in layout.splits:
+      where = f'data.root={data_config.root}'
+      if layout.splits.keys() == {'all'}:
+        raise UserError(f'{setting}={split!r}: data.root={data_config.root} holds class folders '
+                        "directly, so it is one split named 'all': set the split to all (an "
+                        'eval on it sees the training images), or arrange DIR/train/<class>/ and '
+                        'DIR/test/<class>/')
+      csv_path = os.path.join(layout.root, f'{name}.csv')
+      if layout.kind == 'csv' and os.path.isfile(csv_path):
+        raise UserError(f'{setting}={split!r}: {csv_path} does not start with the header '
+                        '"filename,label"; fix its first line (third_party/README.md)')
+      raise _unknown_split(name, sorted(layout.splits), where, setting)
+    if layout.kind == 'csv':
+      result.append(_csv_split_files(layout, name))
+    else:
+      result.append(_folder_split_files(layout, name))
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources of image files, from the decoded-image cache.
+
+
+def _warn_if_not_standard(data_config, files: SplitFiles) -> None:
+  standard = MINI_IMAGENET_SPLITS.get(files.split)
+  if data_config.name != 'mini_imagenet' or standard is None:
+    return
+  found = (len(np.unique(files.labels)), len(files.paths))
+  if found != standard:
+    logging.warning('mini-ImageNet split %r has %d classes and %d images; the standard '
+                    '(Ravi & Larochelle) one has %d and %d: results will not be comparable with '
+                    'published ones', files.split, found[0], found[1], *standard)
+
+
+def folder_source(data_config, split: str, setting: str = 'data split') -> ArraySource:
+  """mini-ImageNet or ImageFolder split(s) served from the decoded-image cache."""
+  sources = []
+  for files in list_split_files(data_config, split, setting):
+    _warn_if_not_standard(data_config, files)
+    sources.append(ArraySource(cache.cached_images(data_config, files), files.labels,
+                               f'{data_config.name}/{files.split}', files.class_names))
+  return _concat(sources, f'{data_config.name}/{split}')
+
+
+def load_source(data_config, split: str, *, setting: str = 'data split') -> ArraySource:
+  """The image source named by `data.name` for one split (or '+'-joined splits).
+
+  Args:
+    data_config: the `data` section of the config.
+    split: split name(s), e.g. 'train' or 'train+val+test'.
+    setting: the config field `split` came from, for error messages.
+  Raises:
+    UserError: unknown dataset or split, missing/empty root, bad CSV, undecodable image.
+  """
+  name = data_config.name
+  if name == 'digits':
+    return digits_source(split, max(data_config.image_size, 8), setting)
+  if name == 'fake':
+    return fake_source(split, data_config.image_size, data_config.fake_size,
+                       data_config.fake_classes, setting)
+  if name in ('image_folder', 'mini_imagenet'):
+    return folder_source(data_config, split, setting)
+  raise UserError(f'data.name={name!r} is unknown; use one of {", ".join(DATASETS)}')

@@ -1,0 +1,282 @@
+r"""Downstream evaluation of a checkpoint: kNN, linear probe, few-shot episodes, clustering quality.
+
+This module owns `--mode=eval` (restore the key encoder from an Orbax checkpoint without building
+an optimizer, embed the data under the eval transform, score the features, write
+`WORKDIR/eval/results.json`); the metrics themselves live beside it (`knn`, `linear_probe`,
+`fewshot`, `clustering_quality`, and `protocol` for reference/query sets). It never trains the
+encoder, never writes checkpoints and never touches metrics.jsonl. The array work on features (kNN, the few-shot classifiers, both
+logistic regressions) is jitted and batched and runs on CPU and GPU; index and label bookkeeping
+runs on the host, vectorised (episode sampling in numpy, NMI/AMI/ARI via sklearn, the Hungarian
+matching via scipy), as does k-means' driver (pcl_jax.clustering).
+
+  python -m pcl_jax.main --config=configs/digits.py --workdir=/tmp/pcl_digits --mode=eval
+
+Protocols (all randomness below uses the fixed `EVAL_SEED`, not `config.seed`, so every run and
+every checkpoint is scored on the same episodes and splits):
+- Features: the momentum (key) encoder in eval mode, `eval.feature_layer` (`head`: the
+  L2-normalised embedding; `backbone`: the L2-normalised pooled backbone features).
+- Reference/query sets of kNN and the linear probe. When every class of `data.eval_split` occurs
+  in `data.train_split` (digits), the reference is the train split and the queries are the eval
+  split (`protocol: "train_to_eval"`). When the eval classes are not all in the train split
+  (mini-ImageNet `test`, 20 classes disjoint from `train`) or the two splits are the same, the eval
+  split is cut per class into halves (`n // 2` reference, the rest queries; `"eval_halves"`) and
+  the train split is never embedded.
+- kNN: weighted cosine kNN (InstDisc / solo-learn): the `eval.knn_k` most similar references vote
+  for their class with weight `exp(cos / eval.knn_t)`; top-1 in percent.
+- Linear probe: multinomial logistic regression (optax Adam, full batch, `PROBE_STEPS` steps,
+  L2 `PROBE_WEIGHT_DECAY`) on the reference features standardised with their own mean/std; the
+  learning rate is picked from `PROBE_LEARNING_RATES` by top-1 on a held-out 20% of the reference
+  set, and the model trained with it on the other 80% is scored on the queries.
+- Few-shot: `FEWSHOT_SETTINGS` N-way K-shot episodes on the eval split, `eval.fewshot_queries`
+  queries per class, `eval.fewshot_episodes` episodes, classes with fewer than K + queries images
+  never drawn. Two classifiers on the L2-normalised features of each episode:
+  nearest centroid (squared Euclidean distance to the class mean of the support features) and
+  logistic regression with sklearn's `LogisticRegression()` objective (multinomial, intercept,
+  L2 penalty 1/(2C)*||W||^2 with C = `FEWSHOT_LOGREG_C`, summed cross-entropy; the "RFS" few-shot
+  protocol), solved by `FEWSHOT_LOGREG_STEPS` steps of Nesterov-accelerated gradient descent with
+  step 1/L (L the Lipschitz bound of the gradient) in the span of the support features.
+  Accuracy per episode over its N * queries; mean over episodes and 95% interval
+  1.96 * std / sqrt(episodes) (population std), in percent.
+- Clustering quality: `clustering.kmeans` (the project backend `clustering.backend`, niter, nredo,
+  spherical) with k = number of classes of the eval split; NMI (arithmetic normalisation), AMI and
+  ARI as sklearn.metrics compute them (fractions in [0, 1]) and the accuracy of the best
+  one-to-one cluster-to-class matching (Hungarian, in percent).
+
+results.json (DESIGN.md section 3 keys first; accuracies in percent, NMI/AMI/ARI in [0, 1];
+entries that could not be computed are null with a `skipped` reason):
+  {
+    "knn_top1": float, "linear_top1": float,
+    "fewshot": {
+      "5way1shot": {"mean": float, "ci95": float, "episodes": int,   # nearest centroid
+                    "ways": 5, "shots": 1, "queries": int,
+                    "logreg": {"mean": float, "ci95": float}},     # logistic regression
+      "5way5shot": {... same ...}},
+    "clustering": {"k": int, "nmi": float, "ami": float, "ari": float, "acc": float,
+                   "backend": str},
+    "split": str, "checkpoint_step": int,
+    "protocol": "train_to_eval" | "eval_halves",
+    "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
+    "linear_probe": {"lr": float, "holdout_top1": {lr_string: float}, "steps": int},
+    "num_images": int, "feature_dim": int, "feature_layer": str,
+    "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
+                 "clustering": float, "total": float}
+  }
+"""
+
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import configuration
+from pcl_jax import features as features_lib
+from pcl_jax import models
+from pcl_jax import run_files
+from pcl_jax.data import loaders
+from pcl_jax.errors import UserError
+from pcl_jax.evaluation import clustering_quality
+from pcl_jax.evaluation import fewshot
+from pcl_jax.evaluation import knn
+from pcl_jax.evaluation import linear_probe
+from pcl_jax.evaluation import protocol
+
+
+def _timed(timing: dict, name: str, fn, *args, **kwargs):
+  start = time.perf_counter()
+  result = fn(*args, **kwargs)
+  jax.block_until_ready(result)
+  timing[name] = time.perf_counter() - start
+  return result
+
+
+def evaluate_features(config, eval_features, eval_labels, train_features=None,
+                      train_labels=None, *, same_split: bool = False,
+                      kmeans_fn: Optional[Callable] = None) -> dict:
+  """Every metric of results.json from features (no checkpoint, no files).
+
+  Args:
+    config: the run config (sections `eval` and `clustering` are read).
+    eval_features: [N, D] features of the eval split; eval_labels: [N].
+    train_features, train_labels: the train split, or None (then within-eval halves).
+    same_split: the two splits are the same images (forces within-eval halves).
+    kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+  Returns:
+    The results dict of the module docstring without `split` and `checkpoint_step`.
+  """
+  timing = {}
+  start = time.perf_counter()
+  eval_labels = np.asarray(eval_labels)
+  eval_features = jnp.asarray(eval_features, jnp.float32)
+  protocol_name, ref_f, ref_l, query_f, query_l = protocol.reference_and_queries(
+      eval_features, eval_labels, train_features, train_labels, same_split=same_split)
+  _, ref_y, query_y = protocol.dense_labels(ref_l, query_l)
+  results = {'protocol': protocol_name, 'num_images': int(eval_labels.size),
+             'feature_dim': int(eval_features.shape[1])}
+
+  results['knn_top1'] = _timed(timing, 'knn', knn.knn_top1, ref_f, ref_y, query_f, query_y,
+                               k=config.eval.knn_k, temperature=config.eval.knn_t)
+  results['knn'] = {'k': int(config.eval.knn_k), 'temperature': float(config.eval.knn_t),
+                    'num_reference': int(ref_y.size), 'num_query': int(query_y.size)}
+
+  probe = _timed(timing, 'linear_probe', linear_probe.linear_probe, ref_f, ref_y, query_f, query_y)
+  results['linear_top1'] = probe.pop('top1')
+  results['linear_probe'] = probe
+
+  def all_fewshot():
+    scores = {}
+    for ways, shots in fewshot.FEWSHOT_SETTINGS:
+      name = f'{ways}way{shots}shot'
+      try:
+        scores[name] = fewshot.fewshot_eval(eval_features, eval_labels, ways=ways, shots=shots,
+                                     queries=config.eval.fewshot_queries,
+                                     episodes=config.eval.fewshot_episodes)
+      except ValueError as error:
+        logging.warning('few-shot %s skipped: %s', name, error)
+        scores[name] = {'mean': None, 'ci95': None, 'episodes': 0, 'ways': ways,
+                         'shots': shots, 'queries': config.eval.fewshot_queries,
+                         'logreg': {'mean': None, 'ci95': None}, 'skipped': str(error)}
+    return scores
+
+  results['fewshot'] = _timed(timing, 'fewshot', all_fewshot)
+  results['clustering'] = _timed(
+      timing, 'clustering', clustering_quality.clustering_quality, eval_features, eval_labels,
+      backend=config.clustering.backend, niter=config.clustering.niter,
+      nredo=config.clustering.nredo, spherical=config.clustering.spherical,
+      use_float16=config.clustering.use_float16, kmeans_fn=kmeans_fn)
+  results['clustering']['backend'] = config.clustering.backend
+  timing['total'] = time.perf_counter() - start
+  results['timing_s'] = timing
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# From a checkpoint.
+
+
+def _fmt(value, digits: int = 2, suffix: str = '') -> str:
+  return 'n/a' if value is None else f'{value:.{digits}f}{suffix}'
+
+
+def format_table(results: dict) -> str:
+  """A readable summary of a results dict (printed by `evaluate_checkpoint`)."""
+  knn, probe, clusters = results['knn'], results['linear_probe'], results['clustering']
+  rows = [
+      (f"kNN top-1 (k={knn['k']}, T={knn['temperature']:g})", _fmt(results['knn_top1'],
+                                                                    suffix=' %')),
+      (f"linear probe top-1 (lr={probe['lr']:g})", _fmt(results['linear_top1'], suffix=' %')),
+  ]
+  for name, entry in results['fewshot'].items():
+    setting = f"{entry['ways']}-way {entry['shots']}-shot"
+    if entry['mean'] is None:
+      rows.append((setting, f"skipped: {entry.get('skipped', '')}"))
+      continue
+    rows.append((f'{setting} nearest centroid', f"{entry['mean']:.2f} +- {entry['ci95']:.2f} %"))
+    rows.append((f'{setting} logistic regression',
+                 f"{entry['logreg']['mean']:.2f} +- {entry['logreg']['ci95']:.2f} %"))
+  rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI",
+            f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
+           (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
+  header = (f"eval of checkpoint {results.get('checkpoint_step')} on split "
+            f"{results.get('split')!r}: {results['num_images']} images, D={results['feature_dim']}"
+            f", kNN/probe {results['protocol']} ({knn['num_reference']} reference, "
+            f"{knn['num_query']} queries)")
+  width = max(len(name) for name, _ in rows)
+  lines = [header, '-' * len(header)] + [f'{name:<{width}}  {value}' for name, value in rows]
+  timing = results.get('timing_s', {})
+  if timing:
+    lines.append('time: ' + ', '.join(f'{name} {seconds:.1f}s' for name, seconds in
+                                      timing.items()))
+  return '\n'.join(lines)
+
+
+def results_path(workdir: str) -> str:
+  return os.path.join(workdir, 'eval', 'results.json')
+
+
+def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None):
+  """Embeds the eval (and, for shared classes, train) split with `variables` and scores them.
+
+  Args:
+    config: the run config (data, model, eval, clustering sections).
+    variables: {'params', 'batch_stats'} of the encoder (the key encoder of a checkpoint, or a
+      fresh initialisation for a baseline).
+    kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+  Returns:
+    (results without `checkpoint_step`, eval features [N, D] device array, eval labels [N]).
+  """
+  start = time.perf_counter()
+  model = models.encoder_from_config(config)
+  embed_fn = features_lib.make_embed_fn(model, config.eval.feature_layer)
+  batch_size, workers = config.train.batch_size, config.data.num_workers
+  split = config.data.eval_split
+  eval_dataset = loaders.build_eval_dataset(config, split)
+  eval_features, eval_labels = features_lib.extract_features(embed_fn, variables, eval_dataset,
+                                                      batch_size, workers)
+  # Embed the train split only when kNN / the probe go train -> eval (shared classes).
+  same_split = config.data.train_split == split
+  train_features = train_labels = None
+  if not same_split:
+    train_dataset = loaders.build_eval_dataset(config, config.data.train_split)
+    source_labels = getattr(getattr(train_dataset, 'source', None), 'labels', None)
+    if source_labels is None or protocol.shares_classes(source_labels, eval_labels):
+      train_features, train_labels = features_lib.extract_features(embed_fn, variables, train_dataset,
+                                                            batch_size, workers)
+  jax.block_until_ready((eval_features, train_features))
+  feature_s = time.perf_counter() - start
+
+  results = evaluate_features(config, eval_features, eval_labels, train_features, train_labels,
+                              same_split=same_split, kmeans_fn=kmeans_fn)
+  results['timing_s'] = {'features': feature_s, **results['timing_s']}
+  results['timing_s']['total'] += feature_s
+  results.update(split=split, feature_layer=config.eval.feature_layer)
+  return results, eval_features, eval_labels
+
+
+def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None, *,
+                        overwrite: bool = False, best: bool = False,
+                        kmeans_fn: Optional[Callable] = None) -> dict:
+  """`--mode=eval`: restores a checkpoint's key encoder, scores it, writes WORKDIR/eval/.
+
+  No optimizer or training state is built: the raw saved tree is restored and only
+  `key_params` / `key_batch_stats` are used.
+
+  Args:
+    config: the run config; its `model` must match the checkpoint's.
+    workdir: the run directory (WORKDIR/checkpoints is read).
+    epochs_done: the checkpoint (epochs done) to evaluate; default the latest.
+    overwrite: replace an existing WORKDIR/eval/results.json (otherwise UserError).
+    best: evaluate the best-by-validation checkpoint (WORKDIR/checkpoints_best).
+    kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+  Returns:
+    The results dict written to results.json (also printed as a table).
+  Raises:
+    FileNotFoundError: no (such) checkpoint. UserError: config/checkpoint mismatch,
+    or results.json exists and overwrite is False.
+  """
+  configuration.validate(config)
+  output = results_path(workdir)
+  if os.path.exists(output) and not overwrite:
+    raise UserError(f'{output} exists; pass --overwrite to replace it')
+  tree, meta, step = checkpoint_lib.restore_for_eval(workdir, epochs_done, best=best)
+  checkpoint_path = os.path.join(checkpoint_lib.checkpoint_dir(workdir, best), str(step))
+  checkpoint_lib.check_model_matches(config, meta, checkpoint_path)
+  if meta.get('image_size') not in (None, config.data.image_size):
+    logging.warning('evaluating at data.image_size=%s but the checkpoint was trained at %s',
+                    config.data.image_size, meta['image_size'])
+
+  variables = {'params': tree['key_params'], 'batch_stats': tree['key_batch_stats']}
+  results, eval_features, eval_labels = evaluate_variables(config, variables,
+                                                           kmeans_fn=kmeans_fn)
+  results['checkpoint_step'] = int(step)
+  if config.eval.save_features:
+    arrays = dict(features=np.asarray(eval_features), labels=np.asarray(eval_labels))
+    run_files.write_atomic(os.path.join(workdir, 'eval', f'features_{results["split"]}.npz'),
+                           lambda tmp: np.savez(tmp, **arrays), binary=True)
+  run_files.write_json_atomic(output, results)
+  print(format_table(results), flush=True)
+  return results

@@ -1,0 +1,211 @@
+"""The PCL M-step: learning rate, optimizer, the prototype bank and the jitted `train_step`.
+
+This module owns one step of training (DESIGN.md section 1, M-step): the key encoder's momentum
+update and shuffle-BN keys, InfoNCE and ProtoNCE on the query encoder, SGD, the enqueue. It is
+pure and jitted once: lr, smoothing and the cluster count enter as arrays, never as Python
+constants, and clustering results arrive as a padded `prototype_bank` with static shapes. Loss
+formulas live in losses.py, the state's layout in state.py; the loop that calls the step is
+train.py's.
+"""
+
+import functools
+from typing import Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pcl_jax import configuration
+from pcl_jax import losses
+from pcl_jax import parallel
+from pcl_jax import state as state_lib
+from pcl_jax.data import device_augment
+from pcl_jax.data import device_transforms
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and learning rate.
+
+
+def lr_at_epoch(optim_config, epochs: int, epoch):
+  """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
+  lr = optim_config.lr
+  if optim_config.cos:
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
+  milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
+                           or [10**9], jnp.float32)
+  return lr * 0.1 ** jnp.sum(epoch >= milestones)
+
+
+def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
+  per_epoch = optim_config.schedule_per == 'epoch'
+
+  def schedule(step):
+    epoch = step // steps_per_epoch if per_epoch else step / steps_per_epoch
+    return lr_at_epoch(optim_config, epochs, jnp.asarray(epoch, jnp.float32))
+
+  return schedule
+
+
+def make_optimizer(optim_config, lr_schedule) -> optax.GradientTransformation:
+  """PyTorch SGD semantics: g + wd * p, then heavy-ball momentum, then -lr."""
+  return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
+                     optax.sgd(lr_schedule, momentum=optim_config.momentum))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prototype bank: clustering results with static shapes.
+
+
+def empty_prototype_bank(num_levels: int, max_k: int, dim: int, num_samples: int) -> dict:
+  """A bank with no active level (warm-up epochs): ProtoNCE contributes nothing."""
+  return {
+      'prototypes': jnp.zeros((num_levels, max_k, dim), jnp.float32),
+      'concentration': jnp.ones((num_levels, max_k), jnp.float32),
+      'valid': jnp.zeros((num_levels, max_k), bool),
+      'im2cluster': jnp.zeros((num_levels, num_samples), jnp.int32),
+      'active': jnp.zeros((num_levels,), bool),
+  }
+
+
+def prototype_bank(levels: Sequence[dict], num_levels: int, max_k: int) -> dict:
+  """Pads per-level clustering results to `[num_levels, max_k, ...]` with validity masks.
+
+  Args:
+    levels: dicts with 'centroids' [k, D], 'im2cluster' [N], 'concentration' [k].
+    num_levels: static number of level slots (schedule.num_levels).
+    max_k: static prototype slots per level (the largest k the run can use).
+  """
+  dim = levels[0]['centroids'].shape[1]
+  num_samples = levels[0]['im2cluster'].shape[0]
+  bank = empty_prototype_bank(num_levels, max_k, dim, num_samples)
+  for slot, level in enumerate(levels):
+    k = level['centroids'].shape[0]
+    if k > max_k:
+      raise ValueError(f'level with k={k} exceeds the {max_k} prototype slots')
+    bank['prototypes'] = bank['prototypes'].at[slot, :k].set(level['centroids'])
+    bank['concentration'] = bank['concentration'].at[slot, :k].set(level['concentration'])
+    bank['valid'] = bank['valid'].at[slot, :k].set(True)
+    bank['im2cluster'] = bank['im2cluster'].at[slot].set(level['im2cluster'].astype(jnp.int32))
+    bank['active'] = bank['active'].at[slot].set(True)
+  return bank
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+
+def _shuffled_keys(key_model, key_variables, im_k, rng):
+  """Key embeddings under emulated shuffle-BN: permute, embed (grouped BN), un-permute.
+
+  The permutation puts each key into a BN group different from its query's, so BN statistics
+  cannot leak which key is the positive (MoCo's reason for shuffling across GPUs).
+  """
+  permutation = jax.random.permutation(rng, im_k.shape[0])
+  shuffled, new_vars = key_model.apply(key_variables, im_k[permutation], train=True,
+                                       mutable=['batch_stats'])
+  keys = jnp.zeros_like(shuffled).at[permutation].set(shuffled)
+  return keys, new_vars['batch_stats']
+
+
+def _level_losses(q, index, bank, rng, num_negatives, smoothing):
+  """ProtoNCE of every level slot, averaged over the active ones."""
+  num_levels = bank['active'].shape[0]
+  per_level = jax.vmap(losses.proto_nce, in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
+  level_loss, level_acc = per_level(q, index, bank['im2cluster'], bank['prototypes'],
+                                    bank['concentration'], bank['valid'],
+                                    jax.random.split(rng, num_levels), num_negatives, smoothing)
+  active = bank['active']
+  count = jnp.maximum(active.sum(), 1)
+  loss = jnp.sum(jnp.where(active, level_loss, 0.0)) / count
+  acc = jnp.sum(jnp.where(active, level_acc, 0.0)) / count
+  return loss, acc
+
+
+def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
+                  aug_plus: bool) -> jnp.ndarray:
+  """View `name` ('q' or 'k') as the network takes it. With `data.augment_on_device` the batch
+  holds the cached images and each view's draws ('augment_q' / 'augment_k'): augmented here."""
+  if f'augment_{name}' in batch:
+    if not view_size:
+      raise ValueError('a batch with augmentation draws needs train_step(view_size=...)')
+    return device_transforms.normalize(
+        device_augment.augment(batch['image'], batch[f'augment_{name}'], view_size, aug_plus))
+  return device_transforms.network_input(batch[f'im_{name}'])
+
+
+def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
+               hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
+               moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False):
+  """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
+
+  Args:
+    state: the training state.
+    batch: 'im_q', 'im_k' [B, H, W, 3] (uint8 pixels, normalised here; or float32 already
+      normalised) and 'index' [B]; or with `data.augment_on_device` 'image' [B, H, W, 3] uint8
+      and the views' draws 'augment_q', 'augment_k' [B, P] (`device_augment`) instead of views.
+    bank: the prototype bank (see `prototype_bank`); all levels inactive during warm-up.
+    hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
+    model: the encoder (with grouped BN); used for both query and key networks.
+    tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
+    temperature, moco_m, num_negatives: PCL constants.
+    view_size, aug_plus: for batches of draws, the side of a view (`data.image_size`) and the
+      recipe (`data.aug_plus`).
+  Returns:
+    (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  shuffle_rng, proto_rng = jax.random.split(rng)
+
+  # Step 1: momentum update of the key encoder from the pre-step query encoder (reference order),
+  # then the keys. They are targets: no gradient flows into the key encoder.
+  key_params = state_lib.momentum_update(state.key_params, state.params, moco_m)
+  keys, key_batch_stats = _shuffled_keys(
+      model, {'params': key_params, 'batch_stats': state.key_batch_stats},
+      _network_view(batch, 'k', view_size, aug_plus), shuffle_rng)
+  keys = jax.lax.stop_gradient(keys)
+
+  # Step 2: query embeddings, InfoNCE against the queue and ProtoNCE against the prototypes.
+  def loss_fn(params):
+    queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    _network_view(batch, 'q', view_size, aug_plus),
+                                    train=True, mutable=['batch_stats'])
+    loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
+    loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
+                                          num_negatives, hparams['smoothing'])
+    aux = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,
+               acc_proto=acc_proto, batch_stats=new_vars['batch_stats'])
+    return loss_inst + loss_proto, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+  # Step 3: SGD on the query encoder; enqueue this batch's keys.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  queue, queue_ptr = state_lib.enqueue(state.queue, state.queue_ptr, keys)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
+                            key_params=key_params, key_batch_stats=key_batch_stats,
+                            opt_state=opt_state, queue=queue, queue_ptr=queue_ptr)
+  metrics = dict(loss=loss, loss_inst=aux['loss_inst'], acc_inst=aux['acc_inst'],
+                 loss_proto=aux['loss_proto'], acc_proto=aux['acc_proto'],
+                 lr=lr_schedule(state.step))
+  return new_state, metrics
+
+
+def make_train_step(config, model, tx, lr_schedule, mesh=None):
+  """`train_step` with the run's constants bound, jitted once with the state donated.
+
+  Data-parallel over `mesh` (default: every device of every process): the batch is split over
+  the `data` axis, the state, prototypes and metrics are replicated. Losses are means over the
+  global batch and BN groups are fixed by config, so N devices compute what 1 device does.
+  """
+  mesh = mesh or parallel.data_mesh()
+  replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                           temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
+                           num_negatives=config.pcl.num_negatives,
+                           view_size=config.data.image_size, aug_plus=config.data.aug_plus)
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(replicated, split, replicated, replicated),
+                 out_shardings=(replicated, replicated))
