@@ -30,15 +30,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# pcl_jax first: host_memory tunes malloc before jax starts its threads.
-import pcl_jax  # pylint: disable=g-import-not-at-top,unused-import
+# First, as pcl_jax.main does: malloc tuned before jax starts its threads (host_memory).
+from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
+host_memory.tune_malloc()
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import choices  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax.data import loaders
 from pcl_jax import features as features_lib
 from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,7 +63,7 @@ def _config(args):
   config.pcl.num_negatives = max(args.batch, config.pcl.num_negatives // args.batch * args.batch)
   config.data.num_workers = args.workers
   config.clustering.backend = args.backend
-  config.model.conv_impl = args.conv_impl
+  config.runtime.conv_impl = args.conv_impl
   config.data.augment_on_device = args.augment_on_device
   num_images = args.num_images
   # Keep the listed window but never ask for more clusters than images.
@@ -197,8 +198,8 @@ def main():
   parser.add_argument('--steps', type=int, default=10, help='steps for the step/loader rates')
   parser.add_argument('--epoch-steps', type=int, default=0,
                       help='cap on M-steps in the timed epoch (0: the full epoch)')
-  parser.add_argument('--conv-impl', default='auto', choices=list(configuration.CONV_IMPLS),
-                      help='model.conv_impl (auto: oneDNN custom calls, else PyTorch kernels, on '
+  parser.add_argument('--conv-impl', default='auto', choices=list(choices.CONV_IMPLS),
+                      help='runtime.conv_impl (auto: oneDNN custom calls, else PyTorch kernels, on '
                       'one CPU device)')
   parser.add_argument('--augment-on-device', action='store_true',
                       help='data.augment_on_device: the augmentation in the jitted step, the '
@@ -219,8 +220,8 @@ def main():
   logging.getLogger('pcl_jax.train').setLevel(logging.INFO)
   config = _config(args)
   # Before JAX starts its CPU client, as pcl_jax.main does (host_threads).
-  host_threads.limit_xla_threads(config.model.conv_impl, config.model.arch,
-                                 config.model.xla_cpu_threads)
+  host_threads.limit_xla_threads(config.runtime.conv_impl, config.model.arch,
+                                 config.runtime.xla_cpu_threads)
   config.train.steps_per_epoch = args.epoch_steps
   trainer = train.Trainer(config, '/tmp/pcl_epoch_benchmark')
   state = trainer.initial_state()
@@ -228,7 +229,7 @@ def main():
         f'{config.model.arch} {config.data.image_size}px batch {config.train.batch_size} '
         f'{config.train.dtype}; N={trainer.datasets.num_train} ({config.data.name}); '
         f'levels {trainer.schedule.active}; workers {config.data.num_workers}; conv '
-        f'{trainer.model.backbone.conv_impl}', flush=True)
+        f'{trainer.model.backbone.kernels.name}', flush=True)
   jax_step = _resident_step(trainer, state)
   step_rate = jax_step(args.steps)
   _report('step (resident batch) img/s', step_rate)

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks in one or two device calls (../shared/DEVICE.md): the `gpu`-marked tests, the
-# issue-7 table (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet
+# GPU speed table (benchmarks/epoch.py, ResNet-18 at 84 px, batch 256, the whole mini-ImageNet
 # size on FakeData, with the PyTorch reference: all of it in bfloat16, the step in float32), the
-# jax k-means alone and the digits job. Session 8 on an H200: ~16 s for the 2 gpu tests of then
-# (2 more since, each a warm-up and a ProtoNCE epoch: limit 180 s); ~90 s to build and compile
-# before the first E-step, which compiled the jax k-means for 3 cluster counts (over 85 s
-# there); float32 step-only ~100 s. With the new stages, about 11 minutes with the machine's
-# start: rerun a single stage, not the whole script, if one fails. Session 9 added `augment`:
-# the epoch with data.augment_on_device (the step augments; the loader only draws), untimed on a
-# GPU so far.
+# jax k-means alone and the digits job. Measured on an H200 (benchmarks/RESULTS.md): ~16 s for
+# two of the gpu tests (the two that run a warm-up and a ProtoNCE epoch have a 180 s limit); ~90 s
+# to build and compile before the first E-step; float32 step-only ~100 s. All stages take about
+# 11 minutes with the machine's start: rerun a single stage, not the whole script, if one fails.
+# `augment` is the epoch with data.augment_on_device (the step augments; the loader only draws),
+# not yet timed on a GPU.
 #
 #   OUT=/tmp/gpu_checks bash benchmarks/gpu_checks.sh     # from the repo root, on a GPU machine
 #   bash benchmarks/gpu_checks.sh tests epoch              # only these stages
@@ -66,7 +65,7 @@ stage step && timeout "${STEP_S:-120}" python3 benchmarks/epoch.py --num-images 
   --batch 256 --dtype float32 --workers "$WORKERS" --steps 30 --torch-reference --step-only \
   2>&1 | grep -v cuda_timer | tee "$OUT/epoch_float32.log"
 # The main job on the GPU: with k padded on an accelerator its 7 cluster counts share one k-means
-# compilation (session 8, before the padding: 10-15 s per count against 1.7 s epochs).
+# compilation (without the padding it took 10-15 s per count on an H200, against 1.7 s epochs).
 stage digits && timeout "${DIGITS_S:-90}" python3 -m pcl_jax.main --config=configs/digits.py \
   --workdir=/tmp/digits_gpu 2>&1 | tr '\r' '\n' | grep -v -e '%|' -e cuda_timer | tail -40 \
   | tee "$OUT/digits.log"

@@ -18,7 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import pcl_jax  # pylint: disable=g-import-not-at-top,unused-import
+from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
+host_memory.tune_malloc()  # as pcl_jax.main does, before jax starts its threads
 import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax
 import jax.numpy as jnp

@@ -5,11 +5,11 @@ r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo
 
 Both sides do the same work per step: momentum update of the key encoder, key forward (train-mode
 BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (momentum, weight
-decay), enqueue. The JAX step is timed with `model.conv_impl=auto` (on one CPU device: oneDNN
+decay), enqueue. The JAX step is timed with `runtime.conv_impl=auto` (on one CPU device: oneDNN
 custom calls, `pcl_jax.onednn_conv`, where they build) and with each host or XLA kernel: torch
-(PyTorch's oneDNN kernels through `pcl_jax.cpu_conv`) and xla (XLA's own). The PyTorch side is
+(PyTorch's oneDNN kernels through `pcl_jax.kernels.torch_conv`) and xla (XLA's own). The PyTorch side is
 what a PyTorch user would run on this machine: eager mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
-runs in a fresh process with `pcl_jax.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
+runs in a fresh process with `pcl_jax.kernels.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
 faster PyTorch one (>= 1.0 means JAX is at least as fast). Then (--interleaved ROUNDS, default
 10) the JAX step and PyTorch's channels-last step alternate, 3 steps a round, and the median
@@ -27,8 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# pcl_jax first: host_memory tunes malloc before jax starts its threads.
-import pcl_jax  # pylint: disable=g-import-not-at-top,unused-import
+# First, as pcl_jax.main does: malloc tuned before jax starts its threads (host_memory).
+from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
+host_memory.tune_malloc()
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, 
   """run(steps) -> images/s of the jitted step, the state carried between calls; warmed up."""
   config = default.get_config()
   config.model.arch, config.model.width, config.model.small_stem = arch, width, small_stem
-  config.model.conv_impl = conv_impl
+  config.runtime.conv_impl = conv_impl
   config.train.dtype = dtype
   config.pcl.num_negatives = num_negatives
   model = models.encoder_from_config(config, bn_groups=bn_groups)

@@ -9,22 +9,15 @@ import difflib
 
 import ml_collections
 
+from pcl_jax.choices import ARCHS
+from pcl_jax.choices import BACKENDS
+from pcl_jax.choices import CONV_IMPLS
+from pcl_jax.choices import DATASETS
+from pcl_jax.choices import DTYPES
+from pcl_jax.choices import FEATURE_LAYERS
+from pcl_jax.choices import SCHEDULE_METRICS
+from pcl_jax.choices import SCHEDULE_MODES
 from pcl_jax.errors import UserError
-
-# The values a setting may take. They live here, not in the modules that implement them
-# (models, kernels, data import them), so that checking a config imports neither
-# torch nor flax: a bad value fails in about a second.
-ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
-CONV_IMPLS = ('auto', 'xla', 'torch', 'onednn')
-DTYPES = ('float32', 'bfloat16')
-# 'faiss-cpu' / 'faiss-gpu' force a faiss build (clustering.resolve_backend); checked at start-up.
-BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')
-DATASETS = ('digits', 'fake', 'image_folder', 'mini_imagenet')
-SCHEDULE_MODES = ('plateau', 'fixed')
-FEATURE_LAYERS = ('head', 'backbone')
-# Per-epoch metrics the plateau detector can monitor (schedule.metric).
-SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
-
 
 # Settings that moved between sections: old dotted name -> new one. A config file or command
 # line that still names the old one is told where it went; a run directory written with the old

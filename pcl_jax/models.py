@@ -22,12 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pcl_jax import configuration
+from pcl_jax import choices
 from pcl_jax import kernels as kernels_lib
 from pcl_jax import linalg
 from pcl_jax.kernels import fused_batch_norm
 
-ARCHS = configuration.ARCHS
+ARCHS = choices.ARCHS
 # The `model.*` settings that make a network (and a checkpoint's parameter tree): a checkpoint
 # resumes or evaluates only under the same values.
 IDENTITY_FIELDS = ('arch', 'dim', 'mlp', 'small_stem', 'width')

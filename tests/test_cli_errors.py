@@ -152,6 +152,8 @@ CASES = [
     # --- Command line and config file.
     Case('unknown_field', ('--config.optim.lrr=0.1',), "no field 'lrr' (did you mean --config.optim.lr?)"),
     Case('unknown_section', ('--config.optimizer.lr=0.1',), "no field 'optimizer'"),
+    Case('moved_field', ('--config.model.conv_impl=xla',),
+         "no field 'conv_impl' (it is now --config.runtime.conv_impl)"),
     Case('wrong_type_float', ('--config.optim.lr=abc',), '--config.optim.lr=abc'),
     Case('wrong_type_int', ('--config.train.batch_size=3.5',), '--config.train.batch_size=3.5'),
     Case('wrong_type_bool', ('--config.clustering.spherical=maybe',), 'not a boolean'),

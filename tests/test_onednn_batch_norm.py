@@ -1,7 +1,7 @@
 """oneDNN's training batch norm (+ ReLU) as XLA custom calls, against a numpy reference.
 
 The whole-encoder check (conv_impl=onednn runs these with oneDNN's convolutions, against XLA)
-is test_cpu_conv's encoder test.
+is test_torch_conv's encoder test.
 """
 
 import jax

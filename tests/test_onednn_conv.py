@@ -1,6 +1,6 @@
 """runtime.conv_impl=onednn: oneDNN convolutions as XLA custom calls, against XLA's convolutions.
 
-The whole-encoder check runs in test_cpu_conv, beside the torch path's.
+The whole-encoder check runs in test_torch_conv, beside the torch path's.
 """
 
 import jax

@@ -1,7 +1,7 @@
 """A residual block's join, relu(y + shortcut), as oneDNN custom calls, against numpy.
 
 The whole-encoder check (conv_impl=onednn, these with oneDNN's convolutions and batch norms,
-against XLA) is test_cpu_conv's encoder test.
+against XLA) is test_torch_conv's encoder test.
 """
 
 import jax

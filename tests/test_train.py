@@ -220,8 +220,8 @@ def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_a_protonce_epoch_runs_on_the_gpu(tmp_path, dtype):
-  """The warm-up epoch, then the first E-step (the jax k-means) and a ProtoNCE epoch: session 8's
-  GPU runs reached the E-step but never a ProtoNCE epoch."""
+  """The warm-up epoch, then the first E-step (the jax k-means) and a ProtoNCE epoch: the whole
+  path a GPU run takes, not only up to the E-step."""
   config = test_config.get_config()
   config.train.dtype = dtype
   config.clustering.backend = 'jax'

@@ -1,7 +1,7 @@
-"""PyTorch's oneDNN calls (what `pcl_jax.cpu_conv` runs) against oneDNN called directly
+"""PyTorch's oneDNN calls (what `pcl_jax.kernels.torch_conv` runs) against oneDNN called directly
 (`convolutions.cpp`, what an XLA FFI custom call would run), for ResNet-18's convolutions at
 32 px, batch 64, small stem: one forward pass, and one backward pass (d images and d kernel;
-d kernel alone for the first layer, as cpu_conv). Rounds alternate the two sides, each in its own
+d kernel alone for the first layer, as torch_conv). Rounds alternate the two sides, each in its own
 process, so both see the same machine state; prints medians and ratios.
 
 Run through run.sh, which fetches oneDNN and builds the C++ side.
@@ -42,7 +42,7 @@ def _tensors(layer):
 
 def torch_pass_ms(repeats: int, copy: bool):
   """(forward ms, backward ms), medians; `copy`: also copy each result into a preallocated
-  buffer, as cpu_conv must to hand it to XLA."""
+  buffer, as torch_conv must to hand it to XLA."""
   layers = [_tensors(layer) for layer in resnet18_small_stem_convolutions()]
   outputs = [(torch.empty_like(g), torch.empty_like(x), torch.empty_like(w))
              for x, w, g, _, _ in layers]

@@ -1,14 +1,14 @@
-"""The jitted ResNet-18 step with `model.conv_impl=onednn` (oneDNN custom calls writing XLA's
-buffers, `pcl_jax/onednn_conv.py`) against `model.conv_impl=torch` (PyTorch's oneDNN through
+"""The jitted ResNet-18 step with `runtime.conv_impl=onednn` (oneDNN custom calls writing XLA's
+buffers, `pcl_jax/kernels/onednn/`) against `runtime.conv_impl=torch` (PyTorch's oneDNN through
 buffer_callbacks, results copied into XLA's buffers): both steps in one process, taking turns
 and swapping order every round, so both see the same machine state. One XLA thread, as
 pcl_jax.main sets for a ResNet with host convolutions (host_threads); XLA's default for Conv4.
 
 With `--layer bn`, `pool` or `residual`, both steps are conv_impl=onednn and differ in that
 layer only: the BN (+ ReLU) layers in XLA's ops (`fused_batch_norm.grouped_batch_norm`, the
-model's own XLA path) against `onednn_batch_norm`, the stem pool as `max_pool.max_pool` against
-`onednn_max_pool`, the blocks' joins as `relu(y + shortcut)` against `onednn_residual`, or (`layout`)
-every convolution on NHWC activations against `onednn_conv.blocked_layout`'s choice.
+model's own XLA path) against `onednn.batch_norm`, the stem pool as `max_pool.max_pool` against
+`onednn.max_pool`, the blocks' joins as `relu(y + shortcut)` against `onednn.residual`, or
+(`layout`) every convolution on NHWC activations against `onednn.conv.blocked_layout`'s choice.
 
   python benchmarks/onednn_direct/ffi_step.py [--case resnet18|resnet18_84|conv4] [--rounds N]
       [--layer conv|bn|pool|residual|layout]
@@ -25,7 +25,7 @@ from benchmarks import step_throughput  # pylint: disable=g-import-not-at-top  (
 from pcl_jax.kernels import fused_batch_norm  # pylint: disable=g-import-not-at-top
 from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top
 from pcl_jax.kernels.onednn import batch_norm as onednn_batch_norm  # pylint: disable=g-import-not-at-top
-from pcl_jax.kernels.onednn import conv as onednn_conv
+from pcl_jax.kernels.onednn import conv as onednn_conv  # pylint: disable=g-import-not-at-top
 from pcl_jax.kernels.onednn import max_pool as onednn_max_pool  # pylint: disable=g-import-not-at-top
 from pcl_jax.kernels.onednn import residual as onednn_residual  # pylint: disable=g-import-not-at-top
 

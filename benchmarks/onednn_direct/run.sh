@@ -1,11 +1,11 @@
 #!/bin/bash
 # oneDNN called directly (PyPI's CPU-only onednn-cpu-gomp 2023.2 = oneDNN 3.2) against PyTorch's
 # own oneDNN calls, for the convolutions of ResNet-18 at 32 px: how much an XLA FFI custom call
-# with its own oneDNN could gain over `pcl_jax.cpu_conv`. Needs g++ and network to PyPI; nothing
+# with its own oneDNN could gain over `pcl_jax.kernels.torch_conv`. Needs g++ and network to PyPI; nothing
 # is installed (the wheels are unpacked under $ONEDNN_DIRECT_DIR, default /tmp/onednn_direct).
 #   bash benchmarks/onednn_direct/run.sh [--rounds N]          # the convolutions alone
 #   bash benchmarks/onednn_direct/run.sh step [--case resnet18|resnet18_84] [--rounds N]
-#       # the whole jitted step, model.conv_impl=onednn against torch
+#       # the whole jitted step, runtime.conv_impl=onednn against torch
 #   bash benchmarks/onednn_direct/run.sh step --layer bn|pool|residual [--case ...]
 #       # both steps onednn; the BN (+ ReLU), the stem pool or the residual join in XLA's ops
 #       # against oneDNN's
@@ -14,7 +14,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 work="${ONEDNN_DIRECT_DIR:-/tmp/onednn_direct}"
 data="$work/unpacked"
 if [ "${1:-}" = step ]; then
-  # model.conv_impl=onednn builds its own library against the installed oneDNN (requirements.txt).
+  # runtime.conv_impl=onednn builds its own library against the installed oneDNN (requirements.txt).
   shift
   exec python "$here/ffi_step.py" "$@"
 fi

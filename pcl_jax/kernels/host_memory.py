@@ -11,7 +11,8 @@ landing in fresh space for up to ~20 calls (3-13 growth steps in 30 runs, a heap
 before every call reused it.
 
 It must run before the threads that allocate exist (XLA creates its CPU thread pool on first
-use), which is why `pcl_jax/__init__.py` calls it on import. Set `PCL_JAX_TUNE_MALLOC=0` to
+use), which is why the program calls it first (`python -m pcl_jax.main`, and the benchmarks);
+importing pcl_jax as a library leaves the process's allocator alone. Set `PCL_JAX_TUNE_MALLOC=0` to
 leave the allocator alone.
 """
 

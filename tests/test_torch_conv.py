@@ -1,4 +1,4 @@
-"""cpu_conv: PyTorch-kernel convolutions in jitted JAX agree with XLA's, values and gradients."""
+"""kernels.torch_conv (and the kernel sets): PyTorch-kernel convolutions in jitted JAX agree with XLA's, values and gradients."""
 
 import os
 import subprocess

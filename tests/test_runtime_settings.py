@@ -1,0 +1,78 @@
+"""Kernel and thread choices are runtime settings, not model identity: a checkpoint resumes and
+evaluates under any of them, and run directories that stored them under `model` still resume."""
+
+import json
+import logging
+import os
+import shutil
+
+from configs import test as test_config
+from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import configuration
+from pcl_jax import run_files
+from pcl_jax import train
+from pcl_jax.evaluation import driver
+
+LEGACY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'legacy_run')
+
+
+def _config(epochs: int, conv_impl: str):
+  config = test_config.get_config()
+  config.train.epochs = epochs
+  config.runtime.conv_impl = conv_impl
+  config.eval.fewshot_episodes = 20
+  return config
+
+
+def _epochs(workdir: str):
+  return [record['epoch'] for record in run_files.read_metrics(
+      os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def test_a_run_resumes_and_evaluates_under_another_kernel_set(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_config(1, 'auto'), workdir)
+  train.train_and_evaluate(_config(2, 'xla'), workdir)  # another kernel set: no refusal
+  assert _epochs(workdir) == [0, 1]
+  assert checkpoint_lib.read_meta(workdir, 2)['model'] == {
+      'arch': 'conv4', 'dim': 16, 'mlp': False, 'small_stem': False, 'width': 8}
+  results = driver.evaluate_checkpoint(_config(2, 'torch'), workdir)
+  assert results['checkpoint_step'] == 2 and 0.0 <= results['knn_top1'] <= 100.0
+
+
+def test_a_run_directory_with_kernel_choices_under_model_still_resumes(tmp_path, caplog):
+  workdir = str(tmp_path / 'legacy_run')
+  shutil.copytree(LEGACY_RUN, workdir)
+  saved = checkpoint_lib.read_meta(workdir, 1)['model']
+  assert saved['conv_impl'] == 'auto' and 'conv_impl' in json.load(
+      open(os.path.join(workdir, 'config.json')))['model']  # the older format, as written then
+  with caplog.at_level(logging.WARNING, logger='pcl_jax'):
+    train.train_and_evaluate(_config(2, 'xla'), workdir)
+  assert _epochs(workdir) == [0, 1]
+  # The moved fields read as their new names: only the real change is reported.
+  changed = [r.getMessage() for r in caplog.records if 'changed settings' in r.getMessage()]
+  assert len(changed) == 1 and 'runtime.conv_impl' in changed[0]
+  assert 'model.conv_impl' not in changed[0] and 'xla_cpu_threads' not in changed[0]
+  assert 'runtime' in json.load(open(os.path.join(workdir, 'config.json')))
+  results = driver.evaluate_checkpoint(_config(2, 'auto'), workdir)
+  assert results['checkpoint_step'] == 2
+
+
+def test_saved_configs_are_read_with_moved_fields_at_their_new_places():
+  old = {'model': {'arch': 'conv4', 'conv_impl': 'torch', 'xla_cpu_threads': 2}, 'seed': 0}
+  assert configuration.upgrade_saved_config(old) == {
+      'model': {'arch': 'conv4'}, 'runtime': {'conv_impl': 'torch', 'xla_cpu_threads': 2},
+      'seed': 0}
+  assert old['model']['conv_impl'] == 'torch'  # the input is left as it was
+
+
+def test_a_config_file_with_a_moved_field_says_where_it_went():
+  config = test_config.get_config()
+  with config.unlocked():
+    config.model.conv_impl = 'xla'
+  try:
+    configuration.check_fields(config)
+  except configuration.UserError as error:
+    assert 'model.conv_impl' in str(error) and 'it is now runtime.conv_impl' in str(error)
+  else:
+    raise AssertionError('a config with model.conv_impl passed the field check')
