@@ -79,7 +79,8 @@ def _feature_input_images_per_s(trainer, batches, on_device):
   timed."""
   batch_size = trainer.config.train.batch_size
   images = features_lib.feature_pass_batches(trainer.datasets.train_eval, batch_size,
-                                      trainer.config.data.num_workers, trainer.mesh, on_device)
+                                             trainer.config.data.num_workers, trainer.mesh,
+                                             on_device)
   start = None
   for count, batch in enumerate(images):
     jax.block_until_ready(batch)
@@ -96,9 +97,9 @@ def _feature_pass_images_per_s(trainer, state, on_device):
   dataset = trainer.datasets.train_eval
   start = time.perf_counter()
   features, _ = features_lib.extract_features(trainer.embed, variables, dataset,
-                                       trainer.config.train.batch_size,
-                                       trainer.config.data.num_workers, mesh=trainer.mesh,
-                                       transform_on_device=on_device)
+                                              trainer.config.train.batch_size,
+                                              trainer.config.data.num_workers, mesh=trainer.mesh,
+                                              transform_on_device=on_device)
   jax.block_until_ready(features)
   return len(dataset) / (time.perf_counter() - start)
 
@@ -148,7 +149,7 @@ def _resident_step(trainer, state):
              'index': np.arange(batch)}
   resident = parallel.global_batch(views, sharding)
   bank = step_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
-                                    trainer.config.model.dim, trainer.datasets.num_train)
+                                       trainer.config.model.dim, trainer.datasets.num_train)
   bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
                                  parallel.replicated(trainer.mesh))
 

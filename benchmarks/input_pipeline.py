@@ -193,7 +193,7 @@ def main():
     tx = step_lib.make_optimizer(config.optim, lr_schedule)
     step_fn = step_lib.make_train_step(config, model, tx, lr_schedule)
     bank = step_lib.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
-                                      datasets.num_train)
+                                         datasets.num_train)
     hparams = {'smoothing': jnp.float32(0.0)}
     state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, args.image_size,
                                    config.pcl.num_negatives)

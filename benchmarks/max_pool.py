@@ -3,7 +3,7 @@ r"""ResNet's stem max-pool (3x3, stride 2, padding 1): forward and forward + bac
   python benchmarks/max_pool.py                      # mini-ImageNet stem: 96 x 42 x 42 x 64
   python benchmarks/max_pool.py --batch 256 --size 42
 
-Compares `pcl_jax.max_pool.max_pool` (winner index + a select-and-scatter-free backward) with
+Compares `pcl_jax.kernels.max_pool.max_pool` (winner index + a select-and-scatter-free backward) with
 flax's `nn.max_pool` (XLA's reduce-window, select-and-scatter gradient) and PyTorch's eager
 max_pool2d on the same channels-last tensor, all jitted / warmed up, the median of alternating
 rounds. The input is a ReLU output (many ties), as in the network; both JAX versions are checked

@@ -6,17 +6,19 @@ r"""Images/s of the jitted PCL/MoCo train step versus an equivalent PyTorch MoCo
 Both sides do the same work per step: momentum update of the key encoder, key forward (train-mode
 BN), query forward + backward, InfoNCE against a queue of r negatives, SGD (momentum, weight
 decay), enqueue. The JAX step is timed with `runtime.conv_impl=auto` (on one CPU device: oneDNN
-custom calls, `pcl_jax.onednn_conv`, where they build) and with each host or XLA kernel: torch
-(PyTorch's oneDNN kernels through `pcl_jax.kernels.torch_conv`) and xla (XLA's own). The PyTorch side is
-what a PyTorch user would run on this machine: eager mode, all cores, and the faster of NCHW and channels-last (both are timed). Every measurement
-runs in a fresh process with `pcl_jax.kernels.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
+custom calls, `pcl_jax/kernels/onednn/`, where they build) and with each host or XLA kernel:
+torch (PyTorch's oneDNN kernels through `pcl_jax.kernels.torch_conv`) and xla (XLA's own). The
+PyTorch side is what a PyTorch user would run on this machine: eager mode, all cores, and the
+faster of NCHW and channels-last (both are timed). Every measurement runs in a fresh process with
+`pcl_jax.kernels.host_memory`'s allocator settings (PCL_JAX_TUNE_MALLOC=0:
 all without). Prints images/s of each and the ratio of the JAX step that `auto` runs to the
 faster PyTorch one (>= 1.0 means JAX is at least as fast). Then (--interleaved ROUNDS, default
 10) the JAX step and PyTorch's channels-last step alternate, 3 steps a round, and the median
 paired ratio is printed: the shared machine's speed drifts 10-20% between the separate processes
 above, which moves their ratio more than the code does. The PyTorch side of that pair runs in a
 second, concurrently alive process (`torch_reference.TorchStepProcess`) that takes turns with the
-JAX one, so each process has a single OpenMP team, as a real run has (`pcl_jax.host_threads`).
+JAX one, so each process has a single OpenMP team, as a real run has
+(`pcl_jax.kernels.host_threads`).
 """
 
 import argparse

@@ -127,7 +127,7 @@ class TorchStepProcess:
   Why a process: in the JAX process PyTorch already serves the convolutions from XLA's thread
   with one OpenMP team. A PyTorch step on the main thread would add a second team, and libgomp
   then throttles its spin-waiting (more threads than cores), which slowed the JAX step ~10% in
-  the same process (`pcl_jax.host_threads`). A PyTorch user's process has one team; so does
+  the same process (`pcl_jax.kernels.host_threads`). A PyTorch user's process has one team; so does
   this one. The two processes take turns: the idle one sleeps in a pipe read.
   """
 

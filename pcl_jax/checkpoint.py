@@ -5,12 +5,23 @@ the PCLState pytree (StandardSave), `meta` a JSON dict of host-side state (the c
 controller, the config's model fields). The checkpoint step is the number of completed epochs.
 It never decides *when* to save (train.py does) and never unpickles anything.
 
+Integrity: once a checkpoint is committed, `seal` writes `checksums.json` beside its items (the
+size and SHA-256 of every file), and `damage` checks a checkpoint against it before it is
+restored, so a truncated, altered or missing file is found and named, whatever Orbax or
+TensorStore would make of it. A checkpoint without the file (written by an older version, or the
+newest one of a run killed before sealing it) can only be judged by restoring it.
+
 Conv kernels are saved in `models.CONV_KERNEL_LAYOUT` (OHWI), recorded in `meta` under
 'conv_kernel_layout'. Checkpoints written before that key existed hold flax's HWIO kernels; both
 restores transpose them, so those runs still resume and evaluate.
 """
 
+import hashlib
+import json
+import logging
 import os
+import re
+import sys
 from typing import Any, Optional, Tuple
 
 import jax
@@ -18,9 +29,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pcl_jax import models
+from pcl_jax import run_files
 from pcl_jax.errors import UserError
 
 KERNEL_LAYOUT_KEY = 'conv_kernel_layout'
+CHECKSUMS_FILE = 'checksums.json'
 _LAYOUT_BEFORE_THE_KEY = 'HWIO'
 
 
@@ -70,9 +83,72 @@ def checkpoint_dir(workdir: str, best: bool = False) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints_best' if best else 'checkpoints')
 
 
+def saved_steps(directory: str):
+  """The committed checkpoints (epochs done) in a checkpoint directory, listed without Orbax:
+  Orbax names each `<step>` and commits it by renaming its temporary directory to that name."""
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def step_dir(workdir: str, epochs_done: int, best: bool = False) -> str:
+  """The directory of checkpoint `epochs_done`."""
+  return os.path.join(checkpoint_dir(workdir, best), str(epochs_done))
+
+
+def _digest(path: str) -> Tuple[int, str]:
+  """(size in bytes, SHA-256 hex digest) of a file."""
+  digest, size = hashlib.sha256(), 0
+  with open(path, 'rb') as handle:
+    for block in iter(lambda: handle.read(1 << 22), b''):
+      digest.update(block)
+      size += len(block)
+  return size, digest.hexdigest()
+
+
+def _files(directory: str):
+  """Every file below `directory` but the checksums, as sorted relative paths."""
+  found = []
+  for root, _, names in os.walk(directory):
+    found += [os.path.relpath(os.path.join(root, name), directory) for name in names]
+  return sorted(name for name in found if name != CHECKSUMS_FILE)
+
+
+def seal(directory: str) -> None:
+  """Writes `directory`/checksums.json for a committed checkpoint, once (atomically)."""
+  path = os.path.join(directory, CHECKSUMS_FILE)
+  if os.path.exists(path):
+    return
+  files = {name: list(_digest(os.path.join(directory, name))) for name in _files(directory)}
+  run_files.write_json_atomic(path, {'algorithm': 'sha256', 'files': files})
+
+
+def damage(directory: str) -> Optional[str]:
+  """Why the checkpoint in `directory` cannot be trusted, naming the file; None when it matches
+  its checksums.json, or has none (then only a restore can tell)."""
+  path = os.path.join(directory, CHECKSUMS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as handle:
+      recorded = json.load(handle)['files']
+    recorded = {name: (int(size), str(digest)) for name, (size, digest) in recorded.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return f'{CHECKSUMS_FILE} is unreadable'
+  for name, (size, digest) in sorted(recorded.items()):
+    file_path = os.path.join(directory, name)
+    if not os.path.isfile(file_path):
+      return f'{name} is missing'
+    actual_size, actual_digest = _digest(file_path)
+    if actual_size != size:
+      return f'{name} has {actual_size} of its {size} bytes'
+    if actual_digest != digest:
+      return f'{name} has changed since it was written (checksum)'
+  return None
+
+
 def read_meta(workdir: str, epochs_done: int, best: bool = False) -> dict:
   """The JSON `meta` item of checkpoint `epochs_done`, read alone (cheap: no arrays, no model)."""
-  path = os.path.join(checkpoint_dir(workdir, best), str(epochs_done), 'meta')
+  path = os.path.join(step_dir(workdir, epochs_done, best), 'meta')
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)
 
 
@@ -122,16 +198,37 @@ class Checkpointer:
   def latest_epoch(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def reload(self) -> None:
+    """Rereads the checkpoint directory (after a checkpoint was moved away)."""
+    self.manager.reload()
+
+  @staticmethod
+  def _seal_committed(manager: ocp.CheckpointManager) -> None:
+    """Waits for `manager`'s pending save, then seals every committed checkpoint not yet sealed
+    (process 0 only: the others share its files)."""
+    manager.wait_until_finished()
+    if jax.process_index() != 0:
+      return
+    for step in manager.all_steps():
+      try:
+        seal(os.path.join(str(manager.directory), str(step)))
+      except FileNotFoundError:  # removed meanwhile (max_to_keep)
+        continue
+
   def save(self, epochs_done: int, state, meta: dict) -> None:
+    self._seal_committed(self.manager)
     self.manager.save(epochs_done, args=_composite_save(state, meta))
 
   def save_if_best(self, epochs_done: int, state, meta: dict, val_knn_top1: float) -> None:
     """Offers the state to the best-by-validation manager (it keeps the single best)."""
-    self._best().save(epochs_done, args=_composite_save(state, meta),
-                      metrics={'val_knn_top1': float(val_knn_top1)})
+    best = self._best()
+    self._seal_committed(best)
+    best.save(epochs_done, args=_composite_save(state, meta),
+              metrics={'val_knn_top1': float(val_knn_top1)})
 
   def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
+    _quiet_failed_reads()
     step = self.manager.latest_step() if epochs_done is None else epochs_done
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     layout = saved_kernel_layout(meta)
@@ -143,13 +240,77 @@ class Checkpointer:
     return state, meta
 
   def wait(self) -> None:
+    """Waits for pending saves and seals them."""
     for manager in self._open_managers():
-      manager.wait_until_finished()
+      self._seal_committed(manager)
 
   def close(self) -> None:
     for manager in self._open_managers():
-      manager.wait_until_finished()
+      self._seal_committed(manager)
       manager.close()
+
+
+def _quiet_failed_reads() -> None:
+  """Drops 'Event loop is closed' errors of I/O callbacks that outlive a failed Orbax restore.
+
+  When a restore fails, Orbax closes its event loop while TensorStore reads are still pending;
+  each read that completes later reports an unraisable RuntimeError with a traceback. They
+  would bury the one-line error that explains the failure. Other unraisable errors pass. The
+  abandoned reads can also report through asyncio's logger when they finish (a full suite under
+  load once printed a TensorStore spec beside the one-line error): that logger is silenced too.
+  """
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loop', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and 'Event loop is closed' in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  hook.ignores_closed_loop = True
+  sys.unraisablehook = hook
+
+
+def _raw_restore(directory: str, step: int) -> Tuple[dict, dict]:
+  """(state tree, meta) of checkpoint `step` in `directory`, as saved (no template)."""
+  _quiet_failed_reads()
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  state = transpose_conv_kernels(restored['state'], saved_kernel_layout(restored['meta']),
+                                 models.CONV_KERNEL_LAYOUT)
+  return state, restored['meta']
+
+
+def readable(workdir: str, epochs_done: int, best: bool = False) -> Optional[str]:
+  """None when checkpoint `epochs_done` is intact and restores as saved; else why not, naming
+  the file where it can (for telling a damaged checkpoint from one that fits another config)."""
+  directory = step_dir(workdir, epochs_done, best)
+  problem = damage(directory)
+  if problem:
+    return problem
+  try:
+    _raw_restore(checkpoint_dir(workdir, best), epochs_done)
+  except Exception as error:  # pylint: disable=broad-except
+    return failed_file(error, directory)
+  return None
+
+
+def failed_file(error: BaseException, directory: str) -> str:
+  """What a failed read of the checkpoint in `directory` says, with the file it names (Orbax and
+  TensorStore put the path in their messages) relative to `directory`."""
+  text = str(error)
+  match = re.search(re.escape(os.path.abspath(directory)) + r'/([^\s"\'\],:]+)', text)
+  first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  first_line = first_line[:160] + ('...' if len(first_line) > 160 else '')
+  if match:
+    return f'{match.group(1)} cannot be read ({type(error).__name__}: {first_line})'
+  return f'its files cannot be read ({type(error).__name__}: {first_line})'
 
 
 def restore_for_eval(workdir: str, epochs_done: Optional[int] = None,
@@ -166,19 +327,27 @@ def restore_for_eval(workdir: str, epochs_done: Optional[int] = None,
     (`key_params`, `key_batch_stats`, ...).
   Raises:
     FileNotFoundError: no checkpoint under WORKDIR/checkpoints (or not the requested one).
+    UserError: the checkpoint is damaged or cannot be read (names the file and the other
+      checkpoints `--step` can pick).
   """
   directory = checkpoint_dir(workdir, best)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint in {directory}; train first with the same --workdir')
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))
-  steps = manager.all_steps()
+  steps = saved_steps(directory)
   step = max(steps) if (epochs_done is None and steps) else epochs_done
   if step is None or step not in steps:
     raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in {directory} '
                             f'(available: {sorted(steps)}); train first or pass an existing --step')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  manager.close()
-  state = transpose_conv_kernels(restored['state'], saved_kernel_layout(restored['meta']),
-                                 models.CONV_KERNEL_LAYOUT)
-  return state, restored['meta'], step
+  path = step_dir(workdir, step, best)
+  others = sorted(set(steps) - {step})
+  another = (f'evaluate another with --step=N (available: {others})' if others else
+             'retrain, or restore the checkpoint from a copy')
+  problem = damage(path)
+  if problem:
+    raise UserError(f'checkpoint {path} is damaged: {problem}; {another}')
+  try:
+    state, meta = _raw_restore(directory, step)
+  except Exception as error:  # pylint: disable=broad-except
+    raise UserError(f'checkpoint {path} is damaged: {failed_file(error, path)}; '
+                    f'{another}') from error
+  return state, meta, step

@@ -11,7 +11,6 @@ last good checkpoint is kept). 128 + signal number: stopped by SIGTERM/SIGINT af
 checkpoint; rerunning the same command resumes.
 """
 
-import errno
 import logging as py_logging
 import os
 import re
@@ -42,8 +41,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERROR_STATUS = 2
 DIVERGED_STATUS = 3
-# OS errors the user fixes (space, permissions, read-only disk), reported without a traceback.
-_USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _fail(message: str, status: int = USER_ERROR_STATUS, prefix: str = 'error') -> None:
@@ -61,6 +58,10 @@ def _fail(message: str, status: int = USER_ERROR_STATUS, prefix: str = 'error') 
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
   sys.exit(status)
+
+
+def _not_an_orbax_error(record: py_logging.LogRecord) -> bool:
+  return not (record.levelno >= py_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
 
 
 def _verbose_requested(argv) -> bool:
@@ -199,6 +200,10 @@ def main(argv):
   # Orbax and XLA log every file operation at INFO through absl; keep absl at WARNING and give
   # the project's own loggers (pcl_jax.*) INFO on stderr.
   logging.set_verbosity(logging.WARNING)
+  if not FLAGS.verbose:
+    # Orbax logs the failures of its background threads at ERROR, then raises them again in the
+    # caller, where they become one `error:` line (or, for a damaged checkpoint, a warning).
+    logging.get_absl_handler().addFilter(_not_an_orbax_error)
   handler = py_logging.StreamHandler(sys.stderr)
   handler.setFormatter(py_logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
   project_logger = py_logging.getLogger('pcl_jax')
@@ -241,11 +246,6 @@ def main(argv):
     if FLAGS.verbose:
       raise
     _fail(error)
-  except OSError as error:
-    if FLAGS.verbose or error.errno not in _USER_OS_ERRNOS:
-      raise
-    _fail(f'{error}; free space or fix permissions, then rerun (the run resumes from its latest '
-          'checkpoint)')
   except FloatingPointError as error:
     if FLAGS.verbose:
       raise
@@ -257,6 +257,14 @@ def main(argv):
       raise
     _fail('interrupted; checkpoints on disk are intact: rerun the same command to resume from '
           'the latest', 128 + 2, prefix='stopped')
+  except Exception as error:  # pylint: disable=broad-except
+    failure = None if FLAGS.verbose else run_files.storage_failure(error)
+    if failure is None:
+      raise
+    code, path = failure
+    where = f' writing {path}' if path else ''
+    _fail(f'{os.strerror(code)}{where}; free space or fix permissions, then rerun (the files '
+          'already written are intact; training resumes from its latest checkpoint)')
 
 
 if __name__ == '__main__':

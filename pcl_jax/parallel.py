@@ -13,6 +13,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pcl_jax.errors import UserError
+
 DATA_AXIS = 'data'
 
 
@@ -53,14 +55,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_divides(batch_size: int, setting: str = 'train.batch_size') -> None:
   """The global batch must split evenly over devices and processes."""
-  from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
   devices, processes = jax.device_count(), jax.process_count()
   if batch_size % devices:
-    raise configuration.UserError(
+    raise UserError(
         f'{setting}={batch_size} is not divisible by the {devices} devices; use a multiple of '
         f'{devices}')
   if batch_size % processes:
-    raise configuration.UserError(
+    raise UserError(
         f'{setting}={batch_size} is not divisible by the {processes} processes')
 
 
@@ -87,6 +88,12 @@ def broadcast_from_process0(tree):
   if jax.process_count() == 1:
     return tree
   return multihost_utils.broadcast_one_to_all(tree)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches this point (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

@@ -1,9 +1,11 @@
 """Resuming a run: what a checkpoint must share with the config, and restoring it.
 
 This module owns the checks and repairs made when a run directory is reopened: the remains of
-an interrupted save are removed, the latest checkpoint's settings are compared with the config
-(before any data or model is built, so a mismatch fails in seconds), the state and the cluster
-schedule are restored, and config.json records what changed. Which checkpoint to save and when
+an interrupted save are removed; a damaged checkpoint (checksums, meta or arrays that do not
+read) is set aside in WORKDIR/checkpoints_damaged/ with a warning and the newest intact one is
+used; its settings are compared with the config (before any data or model is built, so a
+mismatch fails in seconds); the state and the cluster schedule are restored; and config.json
+records what changed. Which checkpoint to save and when
 is train.py's; the on-disk format is checkpoint.py's.
 """
 
@@ -11,15 +13,20 @@ import json
 import logging
 import os
 import shutil
-import sys
+from typing import Optional
 
 from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import cluster_schedule
 from pcl_jax import configuration
+from pcl_jax import parallel
 from pcl_jax import run_files
 from pcl_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Where damaged checkpoints are moved (WORKDIR/checkpoints_damaged/<epochs_done>): out of Orbax's
+# sight, never deleted.
+DAMAGED_DIR = 'checkpoints_damaged'
 
 
 def remove_partial_checkpoints(workdir: str) -> None:
@@ -39,18 +46,21 @@ def remove_partial_checkpoints(workdir: str) -> None:
         log.info('removed %s, the remains of an interrupted checkpoint save', name)
 
 
-def check_resumable(config, workdir: str, step: int) -> None:
-  """UserError when checkpoint `step` cannot resume under `config`: unreadable meta, another
-  network (`models.IDENTITY_FIELDS`), another image size or queue length, or a cluster schedule
-  that its saved controller state does not fit. Reads the JSON meta alone (cheap)."""
-  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+def _meta_problem(workdir: str, step: int):
+  """(meta, None) of checkpoint `step`, or (None, why it is damaged)."""
+  problem = checkpoint_lib.damage(checkpoint_lib.step_dir(workdir, step))
+  if problem:
+    return None, problem
   try:
-    meta = checkpoint_lib.read_meta(workdir, step)
+    return checkpoint_lib.read_meta(workdir, step), None
   except Exception as error:  # pylint: disable=broad-except
-    raise UserError(
-        f'checkpoint {path} is damaged: its meta cannot be read ({type(error).__name__}); '
-        'delete that directory to resume from the previous checkpoint, or pass a new '
-        '--workdir') from error
+    return None, f'its meta cannot be read ({type(error).__name__})'
+
+
+def _check_fits(config, meta: dict, path: str) -> None:
+  """UserError when a checkpoint with this `meta` cannot resume under `config`: another network
+  (`models.IDENTITY_FIELDS`), another image size or queue length, or a cluster schedule that its
+  saved controller state does not fit."""
   checkpoint_lib.check_model_matches(config, meta, path)
   for setting, key, current in (('data.image_size', 'image_size', config.data.image_size),
                                 ('pcl.num_negatives', 'num_negatives',
@@ -66,57 +76,95 @@ def check_resumable(config, workdir: str, step: int) -> None:
     raise UserError(f'{error} ({path})') from error
 
 
-def _restore_error(workdir: str, step: int, error: Exception) -> UserError:
-  """The UserError for a checkpoint that does not restore into this config's state."""
-  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), str(step))
+def set_aside(checkpointer, workdir: str, step: int, problem: str) -> str:
+  """Moves damaged checkpoint `step` to WORKDIR/checkpoints_damaged/ (renamed, never deleted);
+  returns what happened, for the warning (or the error, when no intact checkpoint is left)."""
+  source = checkpoint_lib.step_dir(workdir, step)
+  target_dir = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  target, copy = os.path.join(target_dir, str(step)), 1
+  while os.path.exists(target):
+    target, copy = os.path.join(target_dir, f'{step}.{copy}'), copy + 1
+  if parallel.is_main_process():  # the others share its files: they wait, then reread
+    os.makedirs(target_dir, exist_ok=True)
+    os.rename(source, target)
+  parallel.barrier(f'set_aside_checkpoint_{step}')
+  checkpointer.reload()
+  return f'checkpoint {source} is damaged ({problem}); moved it to {target}'
+
+
+def _report(moved, step: int) -> None:
+  """Warns of the checkpoints set aside on the way to checkpoint `step` (once each)."""
+  for what in moved:
+    log.warning('%s; resuming from checkpoint %d', what, step)
+  moved.clear()
+
+
+def _no_intact_checkpoint(workdir: str, moved) -> UserError:
+  damaged_dir = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  what = ''
+  if moved:
+    what = f' ({moved[0]}{f"; and {len(moved) - 1} more" if len(moved) > 1 else ""})'
+  return UserError(
+      f'no intact checkpoint in {checkpoint_lib.checkpoint_dir(workdir)}{what}: the damaged ones '
+      f'are set aside in {damaged_dir}; restore one from a copy, or start over with a new '
+      '--workdir (or after deleting that directory)')
+
+
+def resumable_step(config, workdir: str, checkpointer, moved=None) -> Optional[int]:
+  """The newest intact checkpoint, or None for a fresh run; fast (meta and checksums only).
+
+  Damaged checkpoints on the way are set aside (`set_aside`), with a warning once an intact one
+  is found. UserError when the newest intact one was trained with settings this config cannot
+  take (`_check_fits`), or when checkpoints existed but none is intact (then the error, not a
+  warning, says what was set aside). `moved` collects what was set aside and not yet reported.
+  """
+  moved = [] if moved is None else moved
+  damaged_dir = os.path.join(os.path.abspath(workdir), DAMAGED_DIR)
+  while True:
+    step = checkpointer.latest_epoch()
+    if step is None:
+      # Also on a rerun after every checkpoint was set aside: never a silent fresh start.
+      if moved or (os.path.isdir(damaged_dir) and os.listdir(damaged_dir)):
+        raise _no_intact_checkpoint(workdir, moved)
+      return None
+    meta, problem = _meta_problem(workdir, step)
+    if problem is None:
+      _check_fits(config, meta, checkpoint_lib.step_dir(workdir, step))
+      _report(moved, step)
+      return step
+    moved.append(set_aside(checkpointer, workdir, step, problem))
+
+
+def _mismatch_error(workdir: str, step: int, error: Exception) -> UserError:
+  """The UserError for an intact checkpoint that does not restore into this config's state."""
+  path = checkpoint_lib.step_dir(workdir, step)
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
   reason = f'{type(error).__name__}: {first_line[:160]}{"..." if len(first_line) > 160 else ""}'
-  try:
-    checkpoint_lib.restore_for_eval(workdir, step)  # raw: no template to mismatch
-  except Exception:  # pylint: disable=broad-except
-    return UserError(
-        f'checkpoint {path} is damaged and cannot be restored ({reason}); delete that directory '
-        'to resume from the previous checkpoint, or pass a new --workdir')
   return UserError(
       f'checkpoint {path} does not fit this config\'s training state ({reason}); resume with the '
       f'settings it was trained with ({os.path.join(workdir, "config.json")}) or pass a new '
       '--workdir')
 
 
-def _ignore_closed_loop_callbacks() -> None:
-  """Drops 'Event loop is closed' errors of I/O callbacks that outlive a failed Orbax restore.
-
-  When a restore fails, Orbax closes its event loop while TensorStore reads are still pending;
-  each read that completes later reports an unraisable RuntimeError with a traceback. They
-  would bury the one-line error that explains the failure. Other unraisable errors pass.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, 'ignores_closed_loop', False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and 'Event loop is closed' in str(unraisable.exc_value)):
-      previous(unraisable)
-
-  hook.ignores_closed_loop = True
-  sys.unraisablehook = hook
-
-
-def restore(checkpointer, workdir: str, step: int, initial_state, schedule):
-  """(state, epochs_done) of checkpoint `step` (already checked by `check_resumable`), restored
-  into the structure of `initial_state`; `schedule` takes its saved controller state."""
-  _ignore_closed_loop_callbacks()
-  try:
-    state, meta = checkpointer.restore(initial_state, step)
-  except Exception as error:  # pylint: disable=broad-except
-    # The abandoned reads can also report through asyncio's logger when they finish (a full
-    # suite under load once printed a TensorStore spec beside the one-line error); that one
-    # line, raised below, already says what failed.
-    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
-    raise _restore_error(workdir, step, error) from error
-  schedule.load_state_dict(meta['schedule'])
-  return state, int(meta['epochs_done'])
+def restore(config, checkpointer, workdir: str, step: Optional[int], initial_state, schedule):
+  """(state, epochs_done): checkpoint `step` (from `resumable_step`) restored into the structure
+  of `initial_state`, `schedule` taking its saved controller state; (initial_state, 0) when
+  `step` is None. A checkpoint that turns out damaged only now (one without checksums) is set
+  aside and the next intact one restored instead."""
+  moved = []
+  while step is not None:
+    try:
+      state, meta = checkpointer.restore(initial_state, step)
+    except Exception as error:  # pylint: disable=broad-except
+      problem = checkpoint_lib.readable(workdir, step)
+      if problem is None:  # it reads as saved: it was trained with other settings
+        raise _mismatch_error(workdir, step, error) from error
+      moved.append(set_aside(checkpointer, workdir, step, problem))
+      step = resumable_step(config, workdir, checkpointer, moved)
+      continue
+    schedule.load_state_dict(meta['schedule'])
+    return state, int(meta['epochs_done'])
+  return initial_state, 0
 
 
 def _config_changes(old: dict, new: dict, prefix: str = '') -> list:

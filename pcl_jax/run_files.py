@@ -8,12 +8,38 @@ is a writable directory, and a lock so that one trainer at a time writes it. Onl
 multi-host run should write these files.
 """
 
+import errno
 import fcntl
 import json
 import math
 import os
+import re
 import tempfile
-from typing import IO, Callable, List
+from typing import IO, Callable, List, Optional, Tuple
+
+# OS errors the user fixes (space, quota, permissions, a read-only disk).
+USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# How TensorStore (under Orbax, which raises it as a ValueError) reports the OS error it met, and
+# the file.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def storage_failure(error: BaseException) -> Optional[Tuple[int, str]]:
+  """(errno, file or '') when `error`, or an error it was raised from or while handling, is an
+  OS error the user fixes (`USER_OS_ERRNOS`: a full or read-only disk, permissions), whether
+  raised by Python or reported in the message of an Orbax/TensorStore error; else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in USER_OS_ERRNOS:
+      return error.errno, error.filename or ''
+    match = _TENSORSTORE_ERRNO.search(str(error))
+    if match and int(match.group(1)) in USER_OS_ERRNOS:
+      file_match = _TENSORSTORE_FILE.search(str(error))
+      return int(match.group(1)), file_match.group(1) if file_match else ''
+    error = error.__cause__ or error.__context__
+  return None
 
 
 class WorkdirError(OSError):
@@ -104,9 +130,11 @@ def write_atomic(path: str, write: Callable[[IO], None], binary: bool = False) -
       tmp.flush()
       os.fsync(tmp.fileno())
     os.replace(tmp_path, path)
-  except BaseException:
+  except BaseException as error:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
+    if isinstance(error, OSError) and error.filename in (None, tmp_path):
+      error.filename = path  # the file the user knows, not the temporary one
     raise
 
 
@@ -149,11 +177,20 @@ class MetricsLog:
 
   def append(self, record: dict) -> None:
     record = {key: _finite_or_none(value) for key, value in record.items()}
-    line = json.dumps(record, sort_keys=True, default=_json_default) + '\n'
-    # One os.write of the whole line: a kill leaves the line whole or absent.
+    line = (json.dumps(record, sort_keys=True, default=_json_default) + '\n').encode()
+    # One os.write of the whole line: a kill leaves the line whole or absent. A disk that fills
+    # mid-line writes part of it: that part is cut off again, so no torn line is left behind.
     fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-      os.write(fd, line.encode())
+      size = os.fstat(fd).st_size
+      try:
+        written = os.write(fd, line)
+      except OSError:
+        os.ftruncate(fd, size)
+        raise
+      if written != len(line):
+        os.ftruncate(fd, size)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
       os.fsync(fd)
     finally:
       os.close(fd)

@@ -95,8 +95,9 @@ class Trainer:
         jax.random.PRNGKey(self.config.seed))
 
   def _embed_dataset(self, variables, dataset):
-    return features_lib.extract_features(self.embed, variables, dataset, self.config.train.batch_size,
-                            self.config.data.num_workers, mesh=self.mesh)
+    return features_lib.extract_features(self.embed, variables, dataset,
+                                         self.config.train.batch_size,
+                                         self.config.data.num_workers, mesh=self.mesh)
 
   def _cluster(self, features, epoch: int):
     """Clusters every active level. faiss runs on host memory: in a multi-host run process 0
@@ -141,8 +142,8 @@ class Trainer:
     feature_s = time.perf_counter() - start
     levels = self._cluster(features, epoch)
     by_k = {level['k']: level for level in levels}
-    bank = step_lib.prototype_bank([by_k[k] for k in self.schedule.active], self.config.schedule.num_levels,
-                          self.max_k)
+    bank = step_lib.prototype_bank([by_k[k] for k in self.schedule.active],
+                                   self.config.schedule.num_levels, self.max_k)
     timing = {'estep_features_s': feature_s,
               'estep_clustering_s': sum(level['timing_s'] for level in levels),
               'estep_s': time.perf_counter() - start}
@@ -190,7 +191,7 @@ class Trainer:
                                           config.pcl.smoothing_cap)
     else:
       bank = step_lib.empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
-                                  self.datasets.num_train)
+                                           self.datasets.num_train)
       smoothing = 0.0
     # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
     bank, hparams = jax.device_put((bank, {'smoothing': jnp.asarray(smoothing, jnp.float32)}),
@@ -349,14 +350,11 @@ def checkpoint_meta(trainer: Trainer, epochs_done: int) -> dict:
 
 def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
   """`train_and_evaluate` once the workdir is locked and the checkpoint manager open."""
-  step = checkpointer.latest_epoch()
-  if step is not None:
-    # Settings that the checkpoint cannot take fail here, in seconds, before data and model.
-    resume.check_resumable(config, workdir, step)
+  # Settings that the checkpoint cannot take fail here, in seconds, before data and model.
+  step = resume.resumable_step(config, workdir, checkpointer)
   trainer = Trainer(config, workdir)
-  state, first_epoch = trainer.initial_state(), 0
-  if step is not None:
-    state, first_epoch = resume.restore(checkpointer, workdir, step, state, trainer.schedule)
+  state, first_epoch = resume.restore(config, checkpointer, workdir, step,
+                                      trainer.initial_state(), trainer.schedule)
   if config.train.epochs == 0 and step is None:
     # train.epochs=0 saves the initialisation as checkpoint 0: the baseline that --mode=eval
     # compares a trained run against.

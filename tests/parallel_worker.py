@@ -65,10 +65,20 @@ jax_kmeans._CPU_K_MULTIPLE = 1  # pylint: disable=protected-access
 assert padded_centroids.shape == (10, features.shape[1])
 np.testing.assert_allclose(parallel.to_host(padded_centroids), np.asarray(centroids), atol=1e-5)
 assert np.mean(parallel.to_host(padded_im2cluster) == np.asarray(im2cluster)) > 0.99
+# The E-step's clustering on the features as the trainer holds them (sharded over every device
+# of every process) with each backend: faiss gathers them once, then clusters on the host.
+levels = {}
+for backend in ('jax', 'faiss', 'auto'):
+  for level in clustering.cluster_levels(
+      sharded_features, [20, 10], backend=backend, niter=5, nredo=1, seed=0, spherical=True,
+      hierarchical=False, temperature=0.2, use_float16=False, max_points_factor=5 / 3,
+      min_points_factor=1 / 3):
+    for name in ('centroids', 'im2cluster', 'concentration'):
+      levels[f'{backend}_k{level["k"]}_{name}'] = parallel.to_host(level[name])
 leaves = [parallel.to_host(x) for x in jax.tree_util.tree_leaves(
     (state.params, state.batch_stats, state.key_params, state.queue))]
 if parallel.is_main_process():
-  np.savez(args.out, *leaves, features=features, im2cluster=np.asarray(im2cluster),
+  np.savez(args.out, *leaves, **levels, features=features, im2cluster=np.asarray(im2cluster),
            metrics=np.array([[r[k] for k in ('loss_inst', 'acc_inst')] for r in records]
                             + [[records[1]['loss_proto'], records[1]['acc_proto']]]))
 print('ok', jax.device_count())

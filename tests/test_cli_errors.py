@@ -257,7 +257,7 @@ CASES = [
          'trained with pcl.num_negatives=64', setup=_copy_trained(), needs_trained=True),
     Case('resume_other_cluster_list', ('--config.schedule.all_clusters=40,20,10',),
          'resume with the same schedule settings', setup=_copy_trained(), needs_trained=True),
-    Case('resume_damaged_checkpoint', (), 'is damaged and cannot be restored',
+    Case('resume_damaged_checkpoint', (), 'no intact checkpoint in',
          setup=_copy_trained(damage=True), needs_trained=True),
     # --- Divergence: its own status (3), same one-line form.
     Case('diverging_lr', ('--config.optim.lr=1e30', '--config.train.steps_per_epoch=3',

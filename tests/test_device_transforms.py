@@ -109,7 +109,7 @@ def test_feature_pass_on_device_equals_the_loader_path():
   embed = features_lib.make_embed_fn(model)
   on_device, labels = features_lib.extract_features(embed, variables, dataset, 96, num_workers=0)
   loader, loader_labels = features_lib.extract_features(embed, variables, dataset, 96, num_workers=0,
-                                                 transform_on_device=False)
+                                                        transform_on_device=False)
   assert on_device.shape == (len(dataset), config.model.dim)
   np.testing.assert_array_equal(labels, loader_labels)
   np.testing.assert_allclose(np.asarray(on_device), np.asarray(loader), rtol=0, atol=1e-5)
@@ -125,7 +125,7 @@ def test_a_custom_transform_goes_through_the_loader():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   embed = features_lib.make_embed_fn(model)
   standard, _ = features_lib.extract_features(embed, variables,
-                                       loaders.eval_dataset(source, 16), 64, 0)
+                                              loaders.eval_dataset(source, 16), 64, 0)
   custom, _ = features_lib.extract_features(embed, variables, flipped, 64, 0)
   assert not np.allclose(np.asarray(standard), np.asarray(custom), atol=1e-3)
 

@@ -88,7 +88,7 @@ def test_clustering_quality_uses_k_equal_to_number_of_classes():
     return np.zeros((k, x.shape[1])), labels * 3 + 1, np.zeros(labels.size)
 
   result = clustering_quality.clustering_quality(np.zeros((30, 4)), labels, backend='jax',
-                                       kmeans_fn=fake_kmeans)
+                                                 kmeans_fn=fake_kmeans)
   assert calls[0][0] == 3 and calls[0][1]['backend'] == 'jax'
   assert result['k'] == 3 and result['acc'] == 100.0 and result['nmi'] == pytest.approx(1.0)
 
@@ -220,7 +220,7 @@ def test_linear_probe_on_separable_features():
   order = np.random.default_rng(0).permutation(labels.size)
   train, test = order[:320], order[320:]
   result = linear_probe.linear_probe(features[train], labels[train] + 5, features[test],
-                                 labels[test] + 5, steps=150)
+                                     labels[test] + 5, steps=150)
   assert result['top1'] > 95.0
   assert result['lr'] in linear_probe.PROBE_LEARNING_RATES
   assert set(result['holdout_top1']) == {f'{lr:g}' for lr in linear_probe.PROBE_LEARNING_RATES}

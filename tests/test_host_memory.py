@@ -11,7 +11,7 @@ from pcl_jax.kernels import host_memory
 _FAULTS_PER_CALL = """
 import resource, sys
 from pcl_jax.kernels import host_memory
-host_memory.tune_malloc()  # as pcl_jax.main does (PCL_JAX_TUNE_MALLOC=0 skips it), before jax starts
+host_memory.tune_malloc()  # before jax starts, as pcl_jax.main does (PCL_JAX_TUNE_MALLOC=0: skip)
 import jax, jax.numpy as jnp
 x = jnp.ones((16, 1024, 1024))  # 64 MiB: far above glibc's largest mmap threshold
 add_one = jax.jit(lambda a: a + 1)

@@ -211,7 +211,7 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
 
 def test_evaluate_and_training_write_through_the_atomic_writers():
   source = open(os.path.join(ROOT, 'pcl_jax', 'evaluation', 'driver.py')).read()
-  assert 'run_files.write_json_atomic(output, results)' in source
+  assert 'run_files.write_json_atomic(path, results)' in source
   assert not re.search(r"open\([^)]*results[^)]*'w'", source)
 
 

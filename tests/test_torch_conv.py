@@ -1,4 +1,5 @@
-"""kernels.torch_conv (and the kernel sets): PyTorch-kernel convolutions in jitted JAX agree with XLA's, values and gradients."""
+"""kernels.torch_conv and the kernel sets: PyTorch-kernel convolutions in jitted JAX agree with
+XLA's, values and gradients."""
 
 import os
 import subprocess

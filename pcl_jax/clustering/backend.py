@@ -114,6 +114,8 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
       malformed weights/init.
   """
   resolved = resolve_backend(backend)
+  if resolved != 'jax':
+    x = faiss_kmeans.on_one_device(x)
   x = jnp.asarray(x, jnp.float32)
   if x.ndim != 2:
     raise ValueError(f'k-means features must be [N, D], got shape {x.shape}')
@@ -144,5 +146,5 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
     im2cluster, sq_dist = jax_kmeans.assign_to_centroids(x, centroids, num_valid=k)
     return (centroids if centroids.shape[0] == k else centroids[:k]), im2cluster, sq_dist
   centroids, im2cluster = faiss_kmeans.kmeans(x, k, on_gpu=resolved == 'faiss-gpu',
-                                            use_float16=use_float16, **options)
+                                              use_float16=use_float16, **options)
   return centroids, im2cluster, jax_kmeans.sq_dist_to_assigned(x, centroids, im2cluster)

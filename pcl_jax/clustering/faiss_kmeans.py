@@ -1,6 +1,8 @@
-"""faiss k-means (the `faiss` backend): faiss.Clustering on the host, a GPU index where there is one.
+"""faiss k-means (the `faiss` backend): faiss.Clustering on the host, with a GPU index where
+there is one.
 
-This module owns the hand-off of features to faiss and of its results back to JAX: the features
+This module owns the hand-off of features to faiss and of its results back to JAX: features
+sharded over several devices or processes are first gathered onto one (`on_one_device`), then
 cross to host memory once (`np.from_dlpack`, zero-copy for a CPU array), faiss's loop trains on
 them (on a GPU with a `GpuIndexFlat`, float16 per setting), and the final nearest-centroid search
 takes the device features over DLPack (`torch.from_dlpack` + `faiss.contrib.torch_utils`) without
@@ -10,6 +12,8 @@ a host copy on a GPU.
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pcl_jax import parallel
 
 
 def import_faiss():
@@ -23,6 +27,19 @@ def import_faiss():
 def sees_gpu(faiss) -> bool:
   get_num_gpus = getattr(faiss, 'get_num_gpus', None)
   return get_num_gpus is not None and get_num_gpus() > 0
+
+
+def on_one_device(x):
+  """`x` whole on one device, gathered once when it is sharded over several devices or
+  processes: faiss reads host memory and the DLPack hand-offs (`np.from_dlpack`, faiss-gpu's
+  torch bridge) take single-device arrays only. A single-device array or a numpy array is
+  returned as it is; an array spread over processes comes back as numpy (every process gets the
+  whole of it, `parallel.to_host`)."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  if not x.is_fully_addressable:
+    return parallel.to_host(x)
+  return jax.device_put(x, min(x.sharding.device_set, key=lambda device: device.id))
 
 
 def _to_host(x):

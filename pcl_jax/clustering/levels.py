@@ -18,6 +18,7 @@ import numpy as np
 from pcl_jax import linalg
 from pcl_jax.clustering import jax_kmeans
 from pcl_jax.clustering import backend as kmeans_backend
+from pcl_jax.clustering import faiss_kmeans
 
 # Cluster-count ratio between hierarchical levels below which the notes saw harm.
 _MIN_HIERARCHY_RATIO = 1.2
@@ -149,6 +150,9 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
   """
   features = jnp.asarray(features, jnp.float32)
   num_clusters = [int(k) for k in num_clusters]
+  if kmeans_backend.resolve_backend(backend) != 'jax':
+    # Once for every level: the levels' k-means and distances then share one device.
+    features = faiss_kmeans.on_one_device(features)
   num_samples = features.shape[0]
   for k in num_clusters:
     kmeans_backend.check_k(k, num_samples)

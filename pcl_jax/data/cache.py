@@ -1,9 +1,12 @@
 """The decoded-image cache: every image of a split decoded once into a memory-mapped uint8 array.
 
 This module owns `DIR/.cache/*.npy` (or `data.cache_dir`) and its JSON manifest: the cache is
-built atomically (temporary file, then rename; the manifest last), trusted only while the
-manifest matches the split's file list, sizes and the cache settings, and rebuilt otherwise.
-Decoding runs on threads (PIL releases the GIL). The files to decode come from `sources`.
+built atomically (temporary file, then rename; the manifest last) and trusted only while the
+manifest reads, matches the split's files (path, class, size, modification time) and the cache
+settings, and the array file matches the manifest's SHA-256; otherwise it is rebuilt, with a
+warning saying why. An image that was there when the cache was built and is gone now is an
+error naming it (the cache would otherwise be rebuilt silently without it). Decoding runs on
+threads (PIL releases the GIL). The files to decode come from `sources`.
 """
 
 import concurrent.futures
@@ -27,7 +30,8 @@ from pcl_jax.data import recipes
 from pcl_jax.errors import UserError
 
 MINI_IMAGENET_SIZE = 84
-CACHE_FORMAT = 1
+# 2: the manifest lists every file (with its modification time) and the array's SHA-256.
+CACHE_FORMAT = 2
 
 
 def cache_image_size(data_config) -> int:
@@ -97,27 +101,79 @@ def _expected_manifest(data_config, files, size: int, mode: str) -> dict:
 _CHECKED_FIELDS = ('format', 'num_images', 'files_sha256', 'image_size', 'resize', 'shape')
 
 
-def _load_valid_cache(npy_path: str, manifest_path: str, expected: dict):
-  """The memory-mapped cache if its manifest matches `expected`, else (None, reason)."""
-  if not os.path.exists(manifest_path) or not os.path.exists(npy_path):
-    return None, 'no cache yet'
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as handle:
+    for block in iter(lambda: handle.read(1 << 24), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _read_manifest(manifest_path: str):
+  """The manifest as a dict, or None when it is absent or unreadable."""
   try:
     with open(manifest_path) as manifest_file:
       manifest = json.load(manifest_file)
   except (OSError, ValueError):
-    return None, 'unreadable manifest'
+    return None
+  return manifest if isinstance(manifest, dict) else None
+
+
+def _files_changed(manifest: dict, files) -> str:
+  """What differs between the files a manifest was built from and `files` now (for messages)."""
+  try:
+    before = {entry[0]: tuple(entry[1:]) for entry in manifest['files']}
+  except (KeyError, TypeError, IndexError):
+    return 'the file list'
+  now = {entry[0]: tuple(entry[1:]) for entry in files.entries}
+  changed = sorted(name for name in now if before.get(name, now[name]) != now[name])
+  added = sorted(set(now) - set(before))
+  removed = sorted(set(before) - set(now))
+  parts = [f'{len(names)} {what} (e.g. {names[0]})' for names, what in (
+      (changed, 'rewritten or resized'), (added, 'added'), (removed, 'no longer listed'))
+           if names]
+  return 'files ' + ', '.join(parts) if parts else 'the file order'
+
+
+def _load_valid_cache(npy_path: str, manifest_path: str, expected: dict, files):
+  """The memory-mapped cache if it can be trusted for `files`, else (None, why not)."""
+  if not os.path.exists(manifest_path) or not os.path.exists(npy_path):
+    return None, 'no cache yet'
+  manifest = _read_manifest(manifest_path)
+  if manifest is None:
+    return None, f'its manifest {manifest_path} is unreadable'
   changed = [field for field in _CHECKED_FIELDS if manifest.get(field) != expected[field]]
+  if changed == ['files_sha256']:
+    return None, f'the data changed since it was built: {_files_changed(manifest, files)}'
   if changed:
     return None, f'dataset or settings changed ({", ".join(changed)})'
   if os.path.getsize(npy_path) != manifest.get('npy_bytes'):
-    return None, 'cache file has the wrong size'
+    return None, 'the array file has the wrong size'
   try:
     images = np.load(npy_path, mmap_mode='r')
   except (OSError, ValueError):
-    return None, 'unreadable cache file'
+    return None, 'the array file is unreadable'
   if list(images.shape) != expected['shape'] or images.dtype != np.uint8:
-    return None, 'cache file has the wrong shape'
+    return None, 'the array file has the wrong shape'
+  if _file_sha256(npy_path) != manifest.get('npy_sha256'):
+    return None, 'the array file differs from what was written (SHA-256)'
   return images, ''
+
+
+def _check_no_file_deleted(manifest_path: str, root: str, npy_path: str) -> None:
+  """UserError naming an image that the cache was built from and that is gone from disk: a
+  rebuild would silently drop it from the dataset."""
+  manifest = _read_manifest(manifest_path)
+  entries = manifest.get('files') if manifest else None
+  if not isinstance(entries, list):
+    return
+  gone = [entry[0] for entry in entries
+          if isinstance(entry, list) and entry and not os.path.exists(os.path.join(root, entry[0]))]
+  if gone:
+    more = f' (and {len(gone) - 1} more)' if len(gone) > 1 else ''
+    raise UserError(f'image {os.path.join(root, gone[0])}{more} was there when the decoded-image '
+                    f'cache {npy_path} was built and is gone now; restore it, or delete '
+                    f'{npy_path} and its .json to rebuild the cache without it')
 
 
 def _remove_stale_temporaries(npy_path: str) -> None:
@@ -190,6 +246,7 @@ def _build_cache(files, npy_path: str, manifest_path: str, expected: dict,
       raise UserError(f'cannot decode {len(failures)} image(s) of {setting_hint} split '
                       f'{files.split!r}: {shown}{more}. Replace or delete the file(s) (and drop '
                       'them from the split CSV), then rerun')
+    npy_sha256 = _file_sha256(temporary)
     os.replace(temporary, npy_path)
   except BaseException:
     executor.shutdown(wait=True, cancel_futures=True)
@@ -198,9 +255,10 @@ def _build_cache(files, npy_path: str, manifest_path: str, expected: dict,
     raise
   executor.shutdown(wait=True)
   # The manifest is written last: it is what marks the cache as complete.
-  run_files.write_json_atomic(manifest_path, {**expected, 'npy_bytes': os.path.getsize(npy_path),
-                                     'source': files.where,
-                                     'built': time.strftime('%Y-%m-%dT%H:%M:%S')})
+  run_files.write_json_atomic(manifest_path, {
+      **expected, 'npy_bytes': os.path.getsize(npy_path), 'npy_sha256': npy_sha256,
+      'files': [list(entry) for entry in files.entries], 'source': files.where,
+      'built': time.strftime('%Y-%m-%dT%H:%M:%S')})
   logging.info('decoded %d images of %s into %s in %.1fs', num, files.split, npy_path,
                time.perf_counter() - start)
 
@@ -209,19 +267,24 @@ def cached_images(data_config, files) -> np.ndarray:
   """The decoded images of `files` (a `sources.SplitFiles`) as a read-only memory-mapped uint8
   [N, S, S, 3] array.
 
-  Built on first use (and whenever the file list, a file size or the image size changes), under
+  Built on first use, and rebuilt whenever it cannot be trusted (module docstring), under
   data.cache_dir, or DIR/.cache when that is ''.
   """
   root = os.path.abspath(os.path.expanduser(str(data_config.root)))
   size, mode = cache_image_size(data_config), _resize_mode(data_config.name)
   npy_path, manifest_path = _cache_paths(data_config, root, files.split, size, mode)
   expected = _expected_manifest(data_config, files, size, mode)
-  images, reason = _load_valid_cache(npy_path, manifest_path, expected)
+  _check_no_file_deleted(manifest_path, root, npy_path)
+  images, reason = _load_valid_cache(npy_path, manifest_path, expected, files)
   if images is not None:
     return images
-  logging.info('building the decoded-image cache %s (%s)', npy_path, reason)
+  if os.path.exists(npy_path) or os.path.exists(manifest_path):
+    logging.warning('the decoded-image cache %s cannot be used: %s; rebuilding it', npy_path,
+                    reason)
+  else:
+    logging.info('building the decoded-image cache %s', npy_path)
   _build_cache(files, npy_path, manifest_path, expected, f'data.root={data_config.root}')
-  images, reason = _load_valid_cache(npy_path, manifest_path, expected)
+  images, reason = _load_valid_cache(npy_path, manifest_path, expected, files)
   if images is None:  # e.g. a concurrent build replaced it with a different dataset version
     raise UserError(f'the decoded-image cache {npy_path} was changed while it was built '
                     f'({reason}); rerun, with one run building it at a time')

@@ -281,9 +281,10 @@ def build_train_datasets(config) -> Datasets:
   _log_pretraining_split(config, source)
   if config.data.augment_on_device:
     train = DrawsOnlyDataset(source, transforms.AugmentationDraws(config.data.image_size,
-                                                       config.data.aug_plus))
+                                                                  config.data.aug_plus))
   else:
-    train = TwoCropDataset(source, transforms.train_transform(config.data.image_size, config.data.aug_plus))
+    train = TwoCropDataset(source, transforms.train_transform(config.data.image_size,
+                                                              config.data.aug_plus))
   return Datasets(train=train,
                   train_eval=eval_dataset(source, config.data.image_size),
                   num_train=len(source))

@@ -184,8 +184,18 @@ class SplitFiles:
   paths: Tuple[str, ...]  # absolute paths
   labels: np.ndarray  # [N] int64, indices into `class_names`
   class_names: Tuple[str, ...]  # sorted over the union of every split of the dataset
-  fingerprint: str  # sha256 of (relative path, class, byte size) of every file, in order
+  # (path relative to data.root, class, byte size, modification time in ns) of every file, in
+  # order: what the decoded-image cache is checked against.
+  entries: Tuple[Tuple[str, str, int, int], ...]
   where: str  # the directory or CSV the files come from (for messages)
+
+  @property
+  def fingerprint(self) -> str:
+    """sha256 of `entries`: equal while no file is added, removed, resized or rewritten."""
+    digest = hashlib.sha256()
+    for entry in self.entries:
+      digest.update('\t'.join(map(str, entry)).encode() + b'\n')
+    return digest.hexdigest()
 
 
 def _is_image(name: str) -> bool:
@@ -300,31 +310,25 @@ def _layout(data_config) -> _Layout:
   return _Layout('folder', root, splits, tuple(sorted(classes)))
 
 
-def _fingerprint(entries: Sequence[Tuple[str, str, int]]) -> str:
-  digest = hashlib.sha256()
-  for relative, class_name, size in entries:
-    digest.update(f'{relative}\t{class_name}\t{size}\n'.encode())
-  return digest.hexdigest()
-
-
 def _csv_split_files(layout: _Layout, split: str) -> SplitFiles:
   csv_path = layout.splits[split]
   images_dir = os.path.join(layout.root, 'images')
   with os.scandir(images_dir) as entries:
-    sizes = {e.name: e.stat().st_size for e in entries if e.is_file()}
+    stats = {e.name: e.stat() for e in entries if e.is_file()}
   rows = _read_csv(csv_path)
   if not rows:
     raise UserError(f'{csv_path} lists no images; restore the split CSV (third_party/README.md)')
-  missing = [filename for filename, _ in rows if filename not in sizes]
+  missing = [filename for filename, _ in rows if filename not in stats]
   if missing:
     raise UserError(f'{csv_path} names {len(missing)} file(s) absent from {images_dir}, e.g. '
                     f'{", ".join(missing[:3])}; restore the images or use the CSVs that match '
                     'them (data.root)')
   label_of = {name: label for label, name in enumerate(layout.class_names)}
-  entries = [(f'images/{filename}', class_name, sizes[filename]) for filename, class_name in rows]
+  entries = tuple((f'images/{filename}', class_name, stats[filename].st_size,
+                   stats[filename].st_mtime_ns) for filename, class_name in rows)
   return SplitFiles(split, tuple(os.path.join(images_dir, filename) for filename, _ in rows),
                     np.asarray([label_of[c] for _, c in rows], np.int64), layout.class_names,
-                    _fingerprint(entries), csv_path)
+                    entries, csv_path)
 
 
 def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
@@ -341,8 +345,9 @@ def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
           path = os.path.join(walk_root, filename)
           paths.append(path)
           labels.append(label_of[class_name])
-          entries.append((os.path.relpath(path, layout.root), class_name,
-                          os.stat(path).st_size))
+          stat = os.stat(path)
+          entries.append((os.path.relpath(path, layout.root), class_name, stat.st_size,
+                          stat.st_mtime_ns))
     if len(paths) == count:
       empty.append(class_name)
   if not paths:
@@ -352,7 +357,7 @@ def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
   if empty:
     logging.warning('split %r: class folder(s) without images: %s', split, ', '.join(empty[:5]))
   return SplitFiles(split, tuple(paths), np.asarray(labels, np.int64), layout.class_names,
-                    _fingerprint(entries), directory)
+                    tuple(entries), directory)
 
 
 def list_split_files(data_config, split: str, setting: str = 'data split') -> List[SplitFiles]:

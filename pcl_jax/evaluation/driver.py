@@ -2,9 +2,10 @@ r"""Downstream evaluation of a checkpoint: kNN, linear probe, few-shot episodes,
 
 This module owns `--mode=eval` (restore the key encoder from an Orbax checkpoint without building
 an optimizer, embed the data under the eval transform, score the features, write
-`WORKDIR/eval/results.json`); the metrics themselves live beside it (`knn`, `linear_probe`,
-`fewshot`, `clustering_quality`, and `protocol` for reference/query sets). It never trains the
-encoder, never writes checkpoints and never touches metrics.jsonl. The array work on features (kNN, the few-shot classifiers, both
+`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`); the metrics
+themselves live beside it (`knn`, `linear_probe`, `fewshot`, `clustering_quality`, and
+`protocol` for reference/query sets). It never trains the encoder, never writes checkpoints and
+never touches metrics.jsonl. The array work on features (kNN, the few-shot classifiers, both
 logistic regressions) is jitted and batched and runs on CPU and GPU; index and label bookkeeping
 runs on the host, vectorised (episode sampling in numpy, NMI/AMI/ARI via sklearn, the Hungarian
 matching via scipy), as does k-means' driver (pcl_jax.clustering).
@@ -63,8 +64,10 @@ entries that could not be computed are null with a `skipped` reason):
   }
 """
 
+import json
 import logging
 import os
+import re
 import time
 from typing import Callable, Optional
 
@@ -133,8 +136,8 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
       name = f'{ways}way{shots}shot'
       try:
         scores[name] = fewshot.fewshot_eval(eval_features, eval_labels, ways=ways, shots=shots,
-                                     queries=config.eval.fewshot_queries,
-                                     episodes=config.eval.fewshot_episodes)
+                                            queries=config.eval.fewshot_queries,
+                                            episodes=config.eval.fewshot_episodes)
       except ValueError as error:
         logging.warning('few-shot %s skipped: %s', name, error)
         scores[name] = {'mean': None, 'ci95': None, 'episodes': 0, 'ways': ways,
@@ -194,8 +197,41 @@ def format_table(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def results_path(workdir: str) -> str:
-  return os.path.join(workdir, 'eval', 'results.json')
+def results_path(workdir: str, split: Optional[str] = None) -> str:
+  """WORKDIR/eval/results.json (the last evaluation), or results_<split>.json (that split's)."""
+  if split is None:
+    return os.path.join(workdir, 'eval', 'results.json')
+  return os.path.join(workdir, 'eval', f"results_{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}.json")
+
+
+def _check_results_writable(workdir: str, split: str, overwrite: bool) -> None:
+  """Before an evaluation of `split`: nothing already written may be lost.
+
+  results.json (the last evaluation) is replaced by every evaluation, so one whose split has no
+  results_<split>.json of its own (a run directory from before those files) is first copied
+  there. UserError, unless `overwrite`, when `split` was evaluated before or when results.json
+  cannot be kept that way (unreadable, or no split recorded).
+  """
+  last = results_path(workdir)
+  if os.path.exists(last):
+    try:
+      with open(last) as handle:
+        last_split = json.load(handle).get('split')
+    except (OSError, ValueError, AttributeError):
+      last_split = None
+    if last_split is None:
+      if not overwrite:
+        raise UserError(f'{last} exists and records no split, so it cannot be kept beside the new '
+                        'results; pass --overwrite to replace it')
+    elif not os.path.exists(results_path(workdir, last_split)):
+      with open(last, 'rb') as handle:
+        kept = handle.read()
+      run_files.write_atomic(results_path(workdir, last_split), lambda tmp: tmp.write(kept),
+                             binary=True)
+  own = results_path(workdir, split)
+  if os.path.exists(own) and not overwrite:
+    raise UserError(f'{own} exists (split {split!r} was evaluated before); pass --overwrite to '
+                    'replace it, or evaluate another split with --config.data.eval_split')
 
 
 def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None):
@@ -216,7 +252,7 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   split = config.data.eval_split
   eval_dataset = loaders.build_eval_dataset(config, split)
   eval_features, eval_labels = features_lib.extract_features(embed_fn, variables, eval_dataset,
-                                                      batch_size, workers)
+                                                             batch_size, workers)
   # Embed the train split only when kNN / the probe go train -> eval (shared classes).
   same_split = config.data.train_split == split
   train_features = train_labels = None
@@ -224,8 +260,8 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
     train_dataset = loaders.build_eval_dataset(config, config.data.train_split)
     source_labels = getattr(getattr(train_dataset, 'source', None), 'labels', None)
     if source_labels is None or protocol.shares_classes(source_labels, eval_labels):
-      train_features, train_labels = features_lib.extract_features(embed_fn, variables, train_dataset,
-                                                            batch_size, workers)
+      train_features, train_labels = features_lib.extract_features(
+          embed_fn, variables, train_dataset, batch_size, workers)
   jax.block_until_ready((eval_features, train_features))
   feature_s = time.perf_counter() - start
 
@@ -249,19 +285,18 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     config: the run config; its `model` must match the checkpoint's.
     workdir: the run directory (WORKDIR/checkpoints is read).
     epochs_done: the checkpoint (epochs done) to evaluate; default the latest.
-    overwrite: replace an existing WORKDIR/eval/results.json (otherwise UserError).
+    overwrite: replace an existing WORKDIR/eval/results_<split>.json (otherwise UserError).
     best: evaluate the best-by-validation checkpoint (WORKDIR/checkpoints_best).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
   Returns:
-    The results dict written to results.json (also printed as a table).
+    The results dict written to results_<split>.json and results.json (also printed as a
+    table).
   Raises:
     FileNotFoundError: no (such) checkpoint. UserError: config/checkpoint mismatch,
-    or results.json exists and overwrite is False.
+    or the split's results exist and overwrite is False.
   """
   configuration.validate(config)
-  output = results_path(workdir)
-  if os.path.exists(output) and not overwrite:
-    raise UserError(f'{output} exists; pass --overwrite to replace it')
+  _check_results_writable(workdir, config.data.eval_split, overwrite)
   tree, meta, step = checkpoint_lib.restore_for_eval(workdir, epochs_done, best=best)
   checkpoint_path = os.path.join(checkpoint_lib.checkpoint_dir(workdir, best), str(step))
   checkpoint_lib.check_model_matches(config, meta, checkpoint_path)
@@ -277,6 +312,7 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     arrays = dict(features=np.asarray(eval_features), labels=np.asarray(eval_labels))
     run_files.write_atomic(os.path.join(workdir, 'eval', f'features_{results["split"]}.npz'),
                            lambda tmp: np.savez(tmp, **arrays), binary=True)
-  run_files.write_json_atomic(output, results)
+  for path in (results_path(workdir, results['split']), results_path(workdir)):
+    run_files.write_json_atomic(path, results)
   print(format_table(results), flush=True)
   return results

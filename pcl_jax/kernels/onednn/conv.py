@@ -47,9 +47,9 @@ def _call(name: str, results, *operands, stride, padding):
   images, kernel = operands[-2:]
   blocked_forward, blocked_backward = blocked_layout(images.shape, kernel.shape, stride)
   return library.call(name, results, *operands, stride_h=np.int64(stride[0]),
-              stride_w=np.int64(stride[1]), pad_h=np.int64(padding[0]),
-              pad_w=np.int64(padding[1]), blocked_forward=blocked_forward,
-              blocked_backward=blocked_backward)
+                      stride_w=np.int64(stride[1]), pad_h=np.int64(padding[0]),
+                      pad_w=np.int64(padding[1]), blocked_forward=blocked_forward,
+                      blocked_backward=blocked_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
