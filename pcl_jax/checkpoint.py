@@ -106,16 +106,20 @@ def _digest(path: str) -> Tuple[int, str]:
 
 
 def _files(directory: str):
-  """Every file below `directory` but the checksums, as sorted relative paths."""
+  """Every file below `directory` but the checksums (and a temporary one of a sealing cut
+  short, `run_files.write_atomic`'s), as sorted relative paths."""
   found = []
   for root, _, names in os.walk(directory):
     found += [os.path.relpath(os.path.join(root, name), directory) for name in names]
-  return sorted(name for name in found if name != CHECKSUMS_FILE)
+  return sorted(name for name in found
+                if name != CHECKSUMS_FILE and not os.path.basename(name).startswith('.tmp_'))
 
 
 def seal(directory: str) -> None:
   """Writes `directory`/checksums.json for a committed checkpoint, once (atomically)."""
   path = os.path.join(directory, CHECKSUMS_FILE)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint at {directory}')
   if os.path.exists(path):
     return
   files = {name: list(_digest(os.path.join(directory, name))) for name in _files(directory)}
@@ -180,6 +184,7 @@ class Checkpointer:
         item_names=('state', 'meta'))
     self.workdir = workdir
     self.best_manager = None  # opened on the first validation, so runs without one have no dir
+    self._unsealed = {}  # id(manager) -> steps saved by this run and not yet sealed
 
   def _best(self) -> ocp.CheckpointManager:
     """The over-fitting monitor's pick: one checkpoint, the best validation kNN top-1 so far."""
@@ -202,29 +207,34 @@ class Checkpointer:
     """Rereads the checkpoint directory (after a checkpoint was moved away)."""
     self.manager.reload()
 
-  @staticmethod
-  def _seal_committed(manager: ocp.CheckpointManager) -> None:
-    """Waits for `manager`'s pending save, then seals every committed checkpoint not yet sealed
-    (process 0 only: the others share its files)."""
+  def _seal_committed(self, manager: ocp.CheckpointManager) -> None:
+    """Waits for `manager`'s pending save, then seals the checkpoints this run saved with it
+    (process 0 only: the others share its files). Checkpoints it did not write are left as they
+    are: their bytes are not vouched for."""
     manager.wait_until_finished()
+    saved = self._unsealed.pop(id(manager), [])
     if jax.process_index() != 0:
       return
-    for step in manager.all_steps():
+    kept = set(manager.all_steps())  # a saved step may be gone again (max_to_keep, best_fn)
+    for step in (step for step in saved if step in kept):
       try:
         seal(os.path.join(str(manager.directory), str(step)))
-      except FileNotFoundError:  # removed meanwhile (max_to_keep)
+      except FileNotFoundError:  # not kept (max_to_keep, or the best one replaced)
         continue
 
+  def _save(self, manager: ocp.CheckpointManager, epochs_done: int, state, meta: dict,
+            **metrics) -> None:
+    self._seal_committed(manager)
+    manager.save(epochs_done, args=_composite_save(state, meta), **metrics)
+    self._unsealed.setdefault(id(manager), []).append(epochs_done)
+
   def save(self, epochs_done: int, state, meta: dict) -> None:
-    self._seal_committed(self.manager)
-    self.manager.save(epochs_done, args=_composite_save(state, meta))
+    self._save(self.manager, epochs_done, state, meta)
 
   def save_if_best(self, epochs_done: int, state, meta: dict, val_knn_top1: float) -> None:
     """Offers the state to the best-by-validation manager (it keeps the single best)."""
-    best = self._best()
-    self._seal_committed(best)
-    best.save(epochs_done, args=_composite_save(state, meta),
-              metrics={'val_knn_top1': float(val_knn_top1)})
+    self._save(self._best(), epochs_done, state, meta,
+               metrics={'val_knn_top1': float(val_knn_top1)})
 
   def restore(self, template_state, epochs_done: Optional[int] = None) -> Tuple[Any, dict]:
     """Restores (state, meta) into the structure, shapes and dtypes of `template_state`."""
