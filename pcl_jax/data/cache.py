@@ -135,11 +135,11 @@ def _files_changed(manifest: dict, files) -> str:
   return 'files ' + ', '.join(parts) if parts else 'the file order'
 
 
-def _load_valid_cache(npy_path: str, manifest_path: str, expected: dict, files):
-  """The memory-mapped cache if it can be trusted for `files`, else (None, why not)."""
+def _load_valid_cache(npy_path: str, manifest_path: str, manifest, expected: dict, files):
+  """The memory-mapped cache if it can be trusted for `files`, else (None, why not); `manifest`
+  is what `_read_manifest(manifest_path)` read."""
   if not os.path.exists(manifest_path) or not os.path.exists(npy_path):
     return None, 'no cache yet'
-  manifest = _read_manifest(manifest_path)
   if manifest is None:
     return None, f'its manifest {manifest_path} is unreadable'
   changed = [field for field in _CHECKED_FIELDS if manifest.get(field) != expected[field]]
@@ -160,15 +160,14 @@ def _load_valid_cache(npy_path: str, manifest_path: str, expected: dict, files):
   return images, ''
 
 
-def _check_no_file_deleted(manifest_path: str, root: str, npy_path: str) -> None:
-  """UserError naming an image that the cache was built from and that is gone from disk: a
-  rebuild would silently drop it from the dataset."""
-  manifest = _read_manifest(manifest_path)
+def _check_no_file_deleted(manifest, root: str, npy_path: str) -> None:
+  """UserError naming an image that the cache (with this manifest) was built from and that is
+  gone from disk: a rebuild would silently drop it from the dataset."""
   entries = manifest.get('files') if manifest else None
   if not isinstance(entries, list):
     return
-  gone = [entry[0] for entry in entries
-          if isinstance(entry, list) and entry and not os.path.exists(os.path.join(root, entry[0]))]
+  gone = [entry[0] for entry in entries if isinstance(entry, list) and entry
+          and not os.path.exists(os.path.join(root, entry[0]))]
   if gone:
     more = f' (and {len(gone) - 1} more)' if len(gone) > 1 else ''
     raise UserError(f'image {os.path.join(root, gone[0])}{more} was there when the decoded-image '
@@ -274,8 +273,9 @@ def cached_images(data_config, files) -> np.ndarray:
   size, mode = cache_image_size(data_config), _resize_mode(data_config.name)
   npy_path, manifest_path = _cache_paths(data_config, root, files.split, size, mode)
   expected = _expected_manifest(data_config, files, size, mode)
-  _check_no_file_deleted(manifest_path, root, npy_path)
-  images, reason = _load_valid_cache(npy_path, manifest_path, expected, files)
+  manifest = _read_manifest(manifest_path)
+  _check_no_file_deleted(manifest, root, npy_path)
+  images, reason = _load_valid_cache(npy_path, manifest_path, manifest, expected, files)
   if images is not None:
     return images
   if os.path.exists(npy_path) or os.path.exists(manifest_path):
@@ -284,7 +284,8 @@ def cached_images(data_config, files) -> np.ndarray:
   else:
     logging.info('building the decoded-image cache %s', npy_path)
   _build_cache(files, npy_path, manifest_path, expected, f'data.root={data_config.root}')
-  images, reason = _load_valid_cache(npy_path, manifest_path, expected, files)
+  images, reason = _load_valid_cache(npy_path, manifest_path, _read_manifest(manifest_path),
+                                     expected, files)
   if images is None:  # e.g. a concurrent build replaced it with a different dataset version
     raise UserError(f'the decoded-image cache {npy_path} was changed while it was built '
                     f'({reason}); rerun, with one run building it at a time')
