@@ -16,7 +16,6 @@ Conv kernels are saved in `models.CONV_KERNEL_LAYOUT` (OHWI), recorded in `meta`
 restores transpose them, so those runs still resume and evaluate.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -95,16 +94,6 @@ def step_dir(workdir: str, epochs_done: int, best: bool = False) -> str:
   return os.path.join(checkpoint_dir(workdir, best), str(epochs_done))
 
 
-def _digest(path: str) -> Tuple[int, str]:
-  """(size in bytes, SHA-256 hex digest) of a file."""
-  digest, size = hashlib.sha256(), 0
-  with open(path, 'rb') as handle:
-    for block in iter(lambda: handle.read(1 << 22), b''):
-      digest.update(block)
-      size += len(block)
-  return size, digest.hexdigest()
-
-
 def _files(directory: str):
   """Every file below `directory` but the checksums (and a temporary one of a sealing cut
   short, `run_files.write_atomic`'s), as sorted relative paths."""
@@ -122,7 +111,8 @@ def seal(directory: str) -> None:
     raise FileNotFoundError(f'no checkpoint at {directory}')
   if os.path.exists(path):
     return
-  files = {name: list(_digest(os.path.join(directory, name))) for name in _files(directory)}
+  files = {name: list(run_files.file_digest(os.path.join(directory, name)))
+           for name in _files(directory)}
   run_files.write_json_atomic(path, {'algorithm': 'sha256', 'files': files})
 
 
@@ -142,7 +132,7 @@ def damage(directory: str) -> Optional[str]:
     file_path = os.path.join(directory, name)
     if not os.path.isfile(file_path):
       return f'{name} is missing'
-    actual_size, actual_digest = _digest(file_path)
+    actual_size, actual_digest = run_files.file_digest(file_path)
     if actual_size != size:
       return f'{name} has {actual_size} of its {size} bytes'
     if actual_digest != digest:
@@ -297,17 +287,31 @@ def _raw_restore(directory: str, step: int) -> Tuple[dict, dict]:
   return state, restored['meta']
 
 
-def readable(workdir: str, epochs_done: int, best: bool = False) -> Optional[str]:
-  """None when checkpoint `epochs_done` is intact and restores as saved; else why not, naming
-  the file where it can (for telling a damaged checkpoint from one that fits another config)."""
+class _Damaged(Exception):
+  """A checkpoint that fails its checksums or does not restore as saved; the message says why,
+  naming the file where it can."""
+
+
+def _restore_intact(workdir: str, epochs_done: int, best: bool) -> Tuple[dict, dict]:
+  """`_raw_restore` of checkpoint `epochs_done` after its checksums; _Damaged when either
+  fails."""
   directory = step_dir(workdir, epochs_done, best)
   problem = damage(directory)
   if problem:
-    return problem
+    raise _Damaged(problem)
   try:
-    _raw_restore(checkpoint_dir(workdir, best), epochs_done)
+    return _raw_restore(checkpoint_dir(workdir, best), epochs_done)
   except Exception as error:  # pylint: disable=broad-except
-    return failed_file(error, directory)
+    raise _Damaged(failed_file(error, directory)) from error
+
+
+def readable(workdir: str, epochs_done: int, best: bool = False) -> Optional[str]:
+  """None when checkpoint `epochs_done` is intact and restores as saved; else why not, naming
+  the file where it can (for telling a damaged checkpoint from one that fits another config)."""
+  try:
+    _restore_intact(workdir, epochs_done, best)
+  except _Damaged as damaged:
+    return str(damaged)
   return None
 
 
@@ -352,12 +356,8 @@ def restore_for_eval(workdir: str, epochs_done: Optional[int] = None,
   others = sorted(set(steps) - {step})
   another = (f'evaluate another with --step=N (available: {others})' if others else
              'retrain, or restore the checkpoint from a copy')
-  problem = damage(path)
-  if problem:
-    raise UserError(f'checkpoint {path} is damaged: {problem}; {another}')
   try:
-    state, meta = _raw_restore(directory, step)
-  except Exception as error:  # pylint: disable=broad-except
-    raise UserError(f'checkpoint {path} is damaged: {failed_file(error, path)}; '
-                    f'{another}') from error
+    state, meta = _restore_intact(workdir, step, best)
+  except _Damaged as damaged:
+    raise UserError(f'checkpoint {path} is damaged: {damaged}; {another}') from damaged
   return state, meta, step

@@ -10,6 +10,7 @@ multi-host run should write these files.
 
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,17 @@ USER_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 # the file.
 _TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _TENSORSTORE_FILE = re.compile(r'local file "([^"]+)"')
+
+
+def file_digest(path: str) -> Tuple[int, str]:
+  """(size in bytes, SHA-256 hex digest) of a file, read in blocks: what checkpoint checksums
+  and the decoded-image cache's manifest record."""
+  digest, size = hashlib.sha256(), 0
+  with open(path, 'rb') as handle:
+    for block in iter(lambda: handle.read(1 << 24), b''):
+      digest.update(block)
+      size += len(block)
+  return size, digest.hexdigest()
 
 
 def storage_failure(error: BaseException) -> Optional[Tuple[int, str]]:

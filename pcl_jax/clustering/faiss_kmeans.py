@@ -83,7 +83,7 @@ def nearest(index, x, x_host, on_gpu):
 
 
 def kmeans(x, k, *, on_gpu, niter, nredo, seed, spherical, max_points, min_points,
-                  use_float16, weights, init_centroids):
+           use_float16, weights, init_centroids):
   """faiss.Clustering k-means; returns (centroids [k, D], im2cluster [N])."""
   faiss = import_faiss()
   x_host = _to_host(x)

@@ -101,14 +101,6 @@ def _expected_manifest(data_config, files, size: int, mode: str) -> dict:
 _CHECKED_FIELDS = ('format', 'num_images', 'files_sha256', 'image_size', 'resize', 'shape')
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as handle:
-    for block in iter(lambda: handle.read(1 << 24), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _read_manifest(manifest_path: str):
   """The manifest as a dict, or None when it is absent or unreadable."""
   try:
@@ -155,7 +147,7 @@ def _load_valid_cache(npy_path: str, manifest_path: str, manifest, expected: dic
     return None, 'the array file is unreadable'
   if list(images.shape) != expected['shape'] or images.dtype != np.uint8:
     return None, 'the array file has the wrong shape'
-  if _file_sha256(npy_path) != manifest.get('npy_sha256'):
+  if run_files.file_digest(npy_path)[1] != manifest.get('npy_sha256'):
     return None, 'the array file differs from what was written (SHA-256)'
   return images, ''
 
@@ -245,7 +237,7 @@ def _build_cache(files, npy_path: str, manifest_path: str, expected: dict,
       raise UserError(f'cannot decode {len(failures)} image(s) of {setting_hint} split '
                       f'{files.split!r}: {shown}{more}. Replace or delete the file(s) (and drop '
                       'them from the split CSV), then rerun')
-    npy_sha256 = _file_sha256(temporary)
+    npy_sha256 = run_files.file_digest(temporary)[1]
     os.replace(temporary, npy_path)
   except BaseException:
     executor.shutdown(wait=True, cancel_futures=True)
