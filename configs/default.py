@@ -29,7 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment_on_device = False
   config.data.num_workers = 2  # torch DataLoader worker processes
   config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)
-  config.data.cache_size = 0  # side of the decoded-image cache (0: 84 for mini_imagenet, else 8/7 crop)
+  config.data.cache_size = 0  # side of the decoded-image cache (0: 84 for mini_imagenet, else the
+  # eval transform's resize: the crop under eval_resize=whole, 8/7 of it under center)
+  # What the eval transform (E-step feature pass and evaluation) keeps of an image: whole (short
+  # side resized to the crop, center crop: all of a square image, the PyTorch reference's
+  # Resize(size) + CenterCrop(size)) | center (short side resized to 8/7 of the crop, center
+  # crop: ImageNet's 256 -> 224) | auto (whole when the stored images are not larger than 8/7 of
+  # the crop: digits, fake, mini-ImageNet at 84, small patches; center for larger photos).
+  config.data.eval_resize = 'auto'
   config.data.fake_size = 512  # number of images of data.name=fake
   config.data.fake_classes = 10  # number of classes of data.name=fake
 
@@ -109,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.val_every = 0  # epochs between validation kNN checks (0: off)
   config.eval.save_features = False
   config.eval.feature_layer = 'head'  # head | backbone
+  # The encoder evaluated: key (the momentum encoder, as the reference's feature pass and
+  # clustering) | query (as salesforce/PCL's eval_svm_voc.py and eval_cls_imagenet.py).
+  config.eval.encoder = 'key'
+
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1

@@ -13,5 +13,11 @@ BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')
 DATASETS = ('digits', 'fake', 'image_folder', 'mini_imagenet')
 SCHEDULE_MODES = ('plateau', 'fixed')
 FEATURE_LAYERS = ('head', 'backbone')
+# data.eval_resize: 'whole' (resize to the crop: all of a square image), 'center' (resize to 8/7
+# of the crop, then the center crop: ImageNet's), 'auto' (pcl_jax/data/recipes.resolve_eval_resize).
+EVAL_RESIZES = ('auto', 'whole', 'center')
+# eval.encoder: the momentum (key) encoder, as the reference's feature pass, or the query encoder,
+# as salesforce/PCL's eval_svm_voc.py / eval_cls_imagenet.py.
+EVAL_ENCODERS = ('key', 'query')
 # Per-epoch metrics the plateau detector can monitor (schedule.metric).
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')

@@ -14,6 +14,8 @@ from pcl_jax.choices import BACKENDS
 from pcl_jax.choices import CONV_IMPLS
 from pcl_jax.choices import DATASETS
 from pcl_jax.choices import DTYPES
+from pcl_jax.choices import EVAL_ENCODERS
+from pcl_jax.choices import EVAL_RESIZES
 from pcl_jax.choices import FEATURE_LAYERS
 from pcl_jax.choices import SCHEDULE_METRICS
 from pcl_jax.choices import SCHEDULE_MODES
@@ -145,6 +147,11 @@ def validate(config) -> None:
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
   _one_of(config.schedule.mode, SCHEDULE_MODES, 'schedule.mode')
   _one_of(config.eval.feature_layer, FEATURE_LAYERS, 'eval.feature_layer')
+  _one_of(config.eval.encoder, EVAL_ENCODERS, 'eval.encoder')
+  _require(config.data.eval_resize in EVAL_RESIZES,
+           f'data.eval_resize={config.data.eval_resize!r} is unknown; use one of '
+           f'{", ".join(EVAL_RESIZES)} (whole: resize to the crop; center: resize to 8/7 of the '
+           'crop, then the center crop; auto: whole for images stored at about the crop size)')
   _one_of(config.optim.schedule_per, ('epoch', 'step'), 'optim.schedule_per')
   batch, groups = config.train.batch_size, config.train.shuffle_bn_groups
   _require(batch >= 2, f'train.batch_size={batch} must be at least 2')
@@ -187,6 +194,12 @@ def validate(config) -> None:
            f'data.cache_size={config.data.cache_size} must be >= 0 (0: automatic)')
   _require(config.eval.val_every >= 0,
            f'eval.val_every={config.eval.val_every} must be >= 0 (0: no validation kNN)')
+  _require(not (config.eval.val_every and splits_overlap(config.data.train_split,
+                                                         config.data.val_split)),
+           f'data.val_split={config.data.val_split!r} is part of data.train_split='
+           f'{config.data.train_split!r}: the validation kNN would find each image itself among '
+           'the training references; set eval.val_every=0 or a data.val_split outside the '
+           'training split')
   _require(config.eval.knn_k >= 1, f'eval.knn_k={config.eval.knn_k} must be >= 1')
   _require(config.model.dim >= 1, f'model.dim={config.model.dim} must be >= 1')
   _require(config.checkpoint.every_epochs >= 1,
@@ -212,6 +225,13 @@ def validate(config) -> None:
              '(see README "Data layout")')
   _check_schedule(config)
   _check_backend(config)
+
+
+def splits_overlap(first: str, second: str) -> bool:
+  """Whether two split settings ('+'-joined names, e.g. 'train+val+test' and 'test') share a
+  split, so that their images overlap."""
+  names = lambda splits: {name.strip() for name in str(splits).split('+') if name.strip()}
+  return bool(names(first) & names(second))
 
 
 def validate_against_data(config, num_train: int) -> None:

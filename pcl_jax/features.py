@@ -43,15 +43,16 @@ def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
   """The network's input batches of a feature pass over an EvalDataset, in index order: global
   device arrays, batch-sharded over `mesh`, each process loading its own slice.
 
-  With the standard eval transform (`dataset.image_size` set) and `transform_on_device`, the host
-  only slices uint8 rows out of the cache and the transform runs on the device
-  (`device_transforms`, equal to torchvision's); otherwise a torch loader with `num_workers`
-  workers applies `dataset.transform`. The last batch is padded to full size.
+  With the standard eval transform (`dataset.image_size` and `dataset.eval_resize` set) and
+  `transform_on_device`, the host only slices uint8 rows out of the cache and the transform runs
+  on the device (`device_transforms`, equal to torchvision's); otherwise a torch loader with
+  `num_workers` workers applies `dataset.transform`. The last batch is padded to full size.
   """
   sharding = parallel.batch_sharding(mesh)
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if transform_on_device and dataset.image_size:
-    transform = device_transforms.jitted_eval_transform(dataset.image_size, mesh)
+  if transform_on_device and dataset.image_size and dataset.eval_resize:
+    transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
+                                                        mesh)
     batches = loaders.eval_image_batches(dataset.source, batch_size, **where)
   else:
     transform = lambda images: images

@@ -267,7 +267,8 @@ def test_train_and_eval_views_are_index_aligned(csv_root):
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:12],
                                 datasets.train_eval.source.labels)
   image = batches[1]['image'][2]  # index 7
-  expected = data_transforms.eval_transform(16)(datasets.train.source.image(7)).numpy()
+  assert datasets.train_eval.eval_resize == 'center'  # 84 px mini-ImageNet at crop 16: larger
+  expected = data_transforms.eval_transform(16, 'center')(datasets.train.source.image(7)).numpy()
   np.testing.assert_allclose(image, expected)
   assert batches[0]['image'].shape == (5, 16, 16, 3) and batches[0]['image'].dtype == np.float32
   evaluation = loaders.build_eval_dataset(config)
@@ -301,13 +302,105 @@ def test_training_batches_shapes_and_ranges(csv_root, aug_plus):
   assert sorted(index) == list(range(12))  # a permutation of the split
 
 
-def test_eval_transform_matches_torchvision_reference():
+@pytest.mark.parametrize('eval_resize,resize', [('center', 18), ('whole', 16)])
+def test_eval_transform_matches_torchvision_reference(eval_resize, resize):
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8))
-  reference = transforms.Compose([transforms.Resize(18), transforms.CenterCrop(16),
+  reference = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(16),
                                   transforms.ToTensor(),
                                   transforms.Normalize(recipes.MEAN, recipes.STD)])
-  np.testing.assert_allclose(data_transforms.eval_transform(16)(image).numpy(),
+  np.testing.assert_allclose(data_transforms.eval_transform(16, eval_resize)(image).numpy(),
                              reference(image).permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('setting,image_size,stored,resolved', [
+    ('auto', 32, 32, 'whole'),  # patches stored at the crop size (the dev set)
+    ('auto', 32, 8, 'whole'),  # smaller than the crop: upscaled whole either way
+    ('auto', 84, 84, 'whole'),  # mini-ImageNet at 84
+    ('auto', 32, 37, 'whole'),  # 8/7 of the crop, the largest kept whole
+    ('auto', 32, 38, 'center'),
+    ('auto', 64, 84, 'center'),  # mini-ImageNet at a smaller crop
+    ('auto', 224, 375, 'center'),  # ImageNet photos
+    ('auto', 32, None, 'center'),  # unknown: the ImageNet protocol
+    ('whole', 224, 375, 'whole'),
+    ('center', 32, 32, 'center'),
+])
+def test_eval_resize_resolution(setting, image_size, stored, resolved):
+  assert recipes.resolve_eval_resize(setting, image_size, stored) == resolved
+  size = recipes.eval_resize_size(image_size, resolved)
+  assert size == (image_size if resolved == 'whole' else round(image_size * 8 / 7))
+
+
+def test_eval_resize_of_each_dataset(csv_root, tmp_path):
+  def resolved(name, image_size, root=csv_root, **settings):
+    config = make_config(root, name=name, image_size=image_size)
+    for field, value in settings.items():
+      config.data[field] = value
+    return sources.stored_image_size(config.data), sources.resolved_eval_resize(config.data)
+
+  assert resolved('digits', 32) == (32, 'whole')
+  assert resolved('fake', 16) == (16, 'whole')
+  assert resolved('mini_imagenet', 84) == (84, 'whole')
+  assert resolved('mini_imagenet', 64) == (84, 'center')
+  assert resolved('mini_imagenet', 64, cache_size=72) == (72, 'whole')
+  assert resolved('digits', 32, eval_resize='center') == (32, 'center')
+  # Image folders: a fixed sample of the files' headers; 24x20 JPEGs (short side 20).
+  folder = make_folder_layout(tmp_path / 'photos')
+  assert resolved('image_folder', 16, folder) == (20, 'center')  # 20 > 18 = 8/7 of 16
+  assert resolved('image_folder', 18, folder) == (20, 'whole')  # 20 <= 21
+  assert resolved('image_folder', 32, folder) == (20, 'whole')
+
+
+def _write_png_patches(root, size, splits=('train', 'test'), classes=('a', 'b'), per_class=3):
+  """Crop-size PNGs, as the development patches: DIR/<split>/<class>/*.png, lossless."""
+  for split in splits:
+    for class_index, class_name in enumerate(classes):
+      os.makedirs(root / split / class_name)
+      for number in range(per_class):
+        pixels = np.random.default_rng(100 * class_index + number + (split == 'test')).integers(
+            0, 256, (size, size, 3), np.uint8)
+        Image.fromarray(pixels).save(root / split / class_name / f'{number}.png')
+  return root
+
+
+def test_whole_keeps_the_files_own_pixels_and_caches_at_the_crop(tmp_path, decode_counter):
+  """eval_resize auto -> whole on crop-size images: the cache holds the files' pixels (no
+  resampling), evaluation sees all of them (as the reference's Resize(32) + CenterCrop(32)),
+  training crops from them; 'center' lives in a cache file of its own, and switching back
+  reuses the first."""
+  root = _write_png_patches(tmp_path / 'patches', 16)
+  config = make_config(root, name='image_folder', image_size=16)
+  datasets = loaders.build_train_datasets(config)
+  assert datasets.train_eval.eval_resize == 'whole'
+  images = np.asarray(datasets.train.source.images)
+  assert images.shape == (6, 16, 16, 3)
+  with Image.open(root / 'train' / 'b' / '1.png') as image:
+    np.testing.assert_array_equal(images[4], np.asarray(image.convert('RGB')))
+  whole_view = datasets.train_eval[4][0].numpy()
+  np.testing.assert_allclose(whole_view, (images[4] / 255.0 - recipes.MEAN) / recipes.STD,
+                             atol=1e-5)
+  built = len(decode_counter)
+  assert built == 6
+  config.data.eval_resize = 'center'
+  center = loaders.build_train_datasets(config)
+  assert center.train_eval.eval_resize == 'center'
+  assert center.train.source.images.shape == (6, 18, 18, 3)  # 8/7 of the crop, its own file
+  assert len(decode_counter) == built + 6
+  cache_files = sorted(os.listdir(root / '.cache'))
+  assert [name for name in cache_files if name.endswith('.npy')] == [
+      'image_folder-train-16px-short_side_center_crop.npy',
+      'image_folder-train-18px-short_side_center_crop.npy']
+  config.data.eval_resize = 'auto'
+  loaders.build_train_datasets(config)
+  assert len(decode_counter) == built + 6  # the 16 px cache is trusted as it is
+
+
+def test_bad_eval_resize_names_the_setting_and_its_values(csv_root):
+  from pcl_jax import configuration  # pylint: disable=g-import-not-at-top
+  config = make_config(csv_root)
+  config.data.eval_resize = 'crop'
+  with pytest.raises(UserError, match=r"data\.eval_resize='crop' is unknown; use one of auto, "
+                     r'whole, center'):
+    configuration.validate(config)
 
 
 def _epoch(dataset, seed, epoch, num_workers):
@@ -454,7 +547,7 @@ def test_process_shards_are_disjoint_and_union_to_the_single_process_batches(tmp
   assert len(whole) == 5 and all(len(s) == 5 for s in shards)
   for step, batch in enumerate(whole):
     np.testing.assert_array_equal(np.concatenate([shards[0][step], shards[1][step]]), batch)
-  evaluation = loaders.EvalDataset(source, data_transforms.eval_transform(8))
+  evaluation = loaders.EvalDataset(source, data_transforms.eval_transform(8, 'whole'))
   eval_shards = [np.concatenate([b['index'] for b in loaders.numpy_batches(
       loaders.eval_loader(evaluation, 16, num_workers=0, process_index=p,
                                  process_count=2))]) for p in range(2)]

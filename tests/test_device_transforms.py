@@ -45,23 +45,30 @@ def test_bilinear_taps_weights_sum_to_one_in_fixed_point():
     assert first.min() >= 0 and first.max() < in_size
 
 
-@pytest.mark.parametrize('cache_size,image_size', [(84, 84), (37, 32), (18, 16), (8, 16),
+@pytest.mark.parametrize('eval_resize', ['center', 'whole'])
+@pytest.mark.parametrize('cache_size,image_size', [(84, 84), (37, 32), (32, 32), (18, 16), (8, 16),
                                                    (100, 32), (20, 16)])
-def test_eval_transform_equals_torchvision(cache_size, image_size):
-  """Resize(8/7) + CenterCrop + normalise, against the loader's transform and torchvision's."""
+def test_eval_transform_equals_torchvision(cache_size, image_size, eval_resize):
+  """Resize (8/7 of the crop, or the crop) + CenterCrop + normalise, against the loader's
+  transform and torchvision's (the PyTorch reference's Resize(size) + CenterCrop(size) under
+  'whole')."""
   images = _random_images(4, cache_size, seed=cache_size)
-  on_device = np.asarray(device_transforms.eval_transform(jnp.asarray(images), image_size))
-  loader = np.stack([data_transforms.eval_transform(image_size)(Image.fromarray(image)).numpy()
-                     for image in images])
+  on_device = np.asarray(device_transforms.eval_transform(jnp.asarray(images), image_size,
+                                                          eval_resize))
+  loader = np.stack([data_transforms.eval_transform(image_size, eval_resize)(
+      Image.fromarray(image)).numpy() for image in images])
+  resize = {'center': int(round(image_size * 8 / 7)), 'whole': image_size}[eval_resize]
   torchvision_reference = transforms.Compose([
-      transforms.Resize(recipes.eval_resize_size(image_size)),
-      transforms.CenterCrop(image_size), transforms.ToTensor(),
+      transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(),
       transforms.Normalize(recipes.MEAN, recipes.STD)])
   reference = np.stack([torchvision_reference(Image.fromarray(image)).permute(1, 2, 0).numpy()
                         for image in images])
   assert on_device.shape == (4, image_size, image_size, 3) and on_device.dtype == np.float32
   np.testing.assert_allclose(on_device, loader, rtol=0, atol=1e-6)
   np.testing.assert_allclose(on_device, reference, rtol=0, atol=1e-5)
+  if eval_resize == 'whole' and cache_size == image_size:  # the image's own pixels, all of them
+    np.testing.assert_allclose(on_device, (images / 255.0 - recipes.MEAN) / recipes.STD,
+                               rtol=0, atol=1e-5)
 
 
 def test_center_crop_offset_rounds_like_torchvision():
@@ -78,7 +85,7 @@ def test_eval_image_batches_are_the_eval_loaders_rows(process_count):
   source = sources.ArraySource(
       sources.ConcatenatedImages([part.images for part in parts]),
       np.concatenate([part.labels for part in parts]), 'digits/train+val')
-  dataset = loaders.eval_dataset(source, 16)
+  dataset = loaders.eval_dataset(source, 16, 'center')
   batch_size = 100
   for process in range(process_count):
     raw = list(loaders.eval_image_batches(source, batch_size, process_index=process,
@@ -99,11 +106,14 @@ def test_concatenated_images_slices_across_parts():
     np.testing.assert_array_equal(images[start:stop], whole[start:stop])
 
 
-def test_feature_pass_on_device_equals_the_loader_path():
+@pytest.mark.parametrize('eval_resize,resolved', [('auto', 'whole'), ('center', 'center')])
+def test_feature_pass_on_device_equals_the_loader_path(eval_resize, resolved):
   config = test_config.get_config()
   config.data.train_split = 'val'  # 359 images: the last batch of 96 is padded
   config.train.batch_size = 8
+  config.data.eval_resize = eval_resize
   dataset = loaders.build_train_datasets(config).train_eval
+  assert dataset.eval_resize == resolved  # digits are made at the crop size
   model = models.encoder_from_config(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   embed = features_lib.make_embed_fn(model)
@@ -120,12 +130,12 @@ def test_a_custom_transform_goes_through_the_loader():
   config = test_config.get_config()
   source = sources.load_source(config.data, 'val')
   flipped = loaders.EvalDataset(source, transforms.Compose([
-      transforms.RandomHorizontalFlip(p=1.0), data_transforms.eval_transform(16)]))
+      transforms.RandomHorizontalFlip(p=1.0), data_transforms.eval_transform(16, 'whole')]))
   model = models.encoder_from_config(config)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
   embed = features_lib.make_embed_fn(model)
   standard, _ = features_lib.extract_features(embed, variables,
-                                              loaders.eval_dataset(source, 16), 64, 0)
+                                              loaders.eval_dataset(source, 16, 'whole'), 64, 0)
   custom, _ = features_lib.extract_features(embed, variables, flipped, 64, 0)
   assert not np.allclose(np.asarray(standard), np.asarray(custom), atol=1e-3)
 
@@ -164,7 +174,7 @@ def test_on_a_gpu_the_transforms_are_still_exact():
   """Integer resampling and float32 normalisation on the accelerator (`pytest -m gpu`)."""
   images = _random_images(16, 84, seed=3)
   on_gpu = np.asarray(jax.jit(_eval_transform_84)(jax.device_put(images, jax.devices('gpu')[0])))
-  loader = np.stack([data_transforms.eval_transform(84)(Image.fromarray(image)).numpy()
+  loader = np.stack([data_transforms.eval_transform(84, 'center')(Image.fromarray(image)).numpy()
                      for image in images])
   np.testing.assert_allclose(on_gpu, loader, rtol=0, atol=1e-6)
   normalised = np.asarray(jax.jit(device_transforms.normalize)(jax.device_put(
@@ -175,4 +185,4 @@ def test_on_a_gpu_the_transforms_are_still_exact():
 
 
 def _eval_transform_84(images):
-  return device_transforms.eval_transform(images, 84)
+  return device_transforms.eval_transform(images, 84, 'center')

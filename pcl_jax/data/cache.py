@@ -34,19 +34,22 @@ MINI_IMAGENET_SIZE = 84
 CACHE_FORMAT = 2
 
 
-def cache_image_size(data_config) -> int:
+def cache_image_size(data_config, eval_resize: str) -> int:
   """Side S of the cached [N, S, S, 3] images.
 
   `data.cache_size` when set (> 0); else 84 for mini-ImageNet (its native resolution); else the
-  eval transform's resize size, so eval needs no further resize and training crops are taken at
-  the resolution the network sees.
+  eval transform's resize size (`eval_resize` is `data.eval_resize` resolved, 'whole' or
+  'center'), so eval needs no further resize and training crops are taken at the resolution the
+  network sees: under 'whole' the crop size itself, so images stored at crop size are cached
+  as they are (the PyTorch reference crops and evaluates the files' own pixels). Each size is a
+  cache file of its own (the size is in its name and manifest).
   """
   size = int(data_config.get('cache_size', 0) or 0)
   if size > 0:
     return size
   if data_config.name == 'mini_imagenet':
     return MINI_IMAGENET_SIZE
-  return recipes.eval_resize_size(data_config.image_size)
+  return recipes.eval_resize_size(data_config.image_size, eval_resize)
 
 
 def _resize_mode(dataset_name: str) -> str:
@@ -254,15 +257,15 @@ def _build_cache(files, npy_path: str, manifest_path: str, expected: dict,
                time.perf_counter() - start)
 
 
-def cached_images(data_config, files) -> np.ndarray:
+def cached_images(data_config, files, eval_resize: str) -> np.ndarray:
   """The decoded images of `files` (a `sources.SplitFiles`) as a read-only memory-mapped uint8
-  [N, S, S, 3] array.
+  [N, S, S, 3] array, S = `cache_image_size(data_config, eval_resize)`.
 
   Built on first use, and rebuilt whenever it cannot be trusted (module docstring), under
   data.cache_dir, or DIR/.cache when that is ''.
   """
   root = os.path.abspath(os.path.expanduser(str(data_config.root)))
-  size, mode = cache_image_size(data_config), _resize_mode(data_config.name)
+  size, mode = cache_image_size(data_config, eval_resize), _resize_mode(data_config.name)
   npy_path, manifest_path = _cache_paths(data_config, root, files.split, size, mode)
   expected = _expected_manifest(data_config, files, size, mode)
   manifest = _read_manifest(manifest_path)

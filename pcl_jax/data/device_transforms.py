@@ -17,6 +17,8 @@ Both equal the torchvision path bit for bit, not approximately:
   shrinking, as antialiasing), its 22-bit fixed-point weights, a horizontal pass rounded to uint8,
   then a vertical pass (Pillow's order). int32 sums are exact, so every pixel equals Pillow's.
 - CenterCrop(size) uses torchvision's offsets, int(round((R - size) / 2)).
+R is the crop itself under `data.eval_resize` 'whole' (a cache of crop-size images passes
+unresampled) and 8/7 of it under 'center' (`recipes.eval_resize_size`).
 """
 
 import functools
@@ -100,15 +102,16 @@ def center_crop_offset(size: int, crop: int) -> int:
   return int(round((size - crop) / 2.0))
 
 
-def eval_transform(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
+def eval_transform(images: jnp.ndarray, image_size: int, eval_resize: str) -> jnp.ndarray:
   """uint8 [B, S, S, 3] -> the network's float32 [B, image_size, image_size, 3].
 
-  Equal to `transforms.eval_transform(image_size)` applied to each image.
+  Equal to `transforms.eval_transform(image_size, eval_resize)` applied to each image
+  (`eval_resize`: 'whole' or 'center', `recipes.resolve_eval_resize`).
   """
   batch, height, width, channels = images.shape
   if height != width:
     raise ValueError(f'eval_transform expects square cached images, got {height}x{width}')
-  resized = recipes.eval_resize_size(image_size)
+  resized = recipes.eval_resize_size(image_size, eval_resize)
   pixels = images.astype(jnp.int32)
   pixels = _resample_axis(pixels, resized, axis=2)  # horizontal first, as Pillow
   pixels = _resample_axis(pixels, resized, axis=1)
@@ -119,8 +122,9 @@ def eval_transform(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_eval_transform(image_size: int, mesh):
-  """`eval_transform` jitted once per (size, mesh), batch-sharded in and out."""
+def jitted_eval_transform(image_size: int, eval_resize: str, mesh):
+  """`eval_transform` jitted once per (size, resize, mesh), batch-sharded in and out."""
   sharding = parallel.batch_sharding(mesh)
-  return jax.jit(functools.partial(eval_transform, image_size=image_size),
+  return jax.jit(functools.partial(eval_transform, image_size=image_size,
+                                   eval_resize=eval_resize),
                  in_shardings=sharding, out_shardings=sharding)

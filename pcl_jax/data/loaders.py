@@ -49,13 +49,16 @@ class TwoCropDataset(torch_data.Dataset):
 class EvalDataset(torch_data.Dataset):
   """One deterministic view per image: (image, label, index), indices aligned with training.
 
-  `image_size` is set when `transform` is `eval_transform(image_size)` (see `eval_dataset`):
-  the feature pass then runs that transform on the device from uint8 rows of the cache
-  (`eval_image_batches`, `device_transforms`) instead of through loader workers.
+  `image_size` and `eval_resize` are set when `transform` is `eval_transform(image_size,
+  eval_resize)` (see `eval_dataset`): the feature pass then runs that transform on the device
+  from uint8 rows of the cache (`eval_image_batches`, `device_transforms`) instead of through
+  loader workers.
   """
 
-  def __init__(self, source, transform, image_size: Optional[int] = None):
+  def __init__(self, source, transform, image_size: Optional[int] = None,
+               eval_resize: Optional[str] = None):
     self.source, self.transform, self.image_size = source, transform, image_size
+    self.eval_resize = eval_resize
 
   def __len__(self):
     return len(self.source)
@@ -274,11 +277,21 @@ def _log_pretraining_split(config, source: ArraySource) -> None:
                     'published ones when pretraining on train', data.train_split)
 
 
+def eval_resize(data_config) -> str:
+  """`data.eval_resize` resolved ('whole' or 'center', `sources.resolved_eval_resize`), logged."""
+  resolved = sources.resolved_eval_resize(data_config)
+  if data_config.eval_resize == 'auto':
+    logging.info('eval transform: data.eval_resize=auto -> %s (stored images %s px, crop %d)',
+                 resolved, sources.stored_image_size(data_config), data_config.image_size)
+  return resolved
+
+
 def build_train_datasets(config) -> Datasets:
   """Training pairs and their index-aligned eval view, from `config.data`."""
   source = sources.load_source(config.data, config.data.train_split, setting='data.train_split')
   check_split_fits_batch(len(source), config.train.batch_size, config.data.train_split)
   _log_pretraining_split(config, source)
+  resize = eval_resize(config.data)
   if config.data.augment_on_device:
     train = DrawsOnlyDataset(source, transforms.AugmentationDraws(config.data.image_size,
                                                                   config.data.aug_plus))
@@ -286,7 +299,7 @@ def build_train_datasets(config) -> Datasets:
     train = TwoCropDataset(source, transforms.train_transform(config.data.image_size,
                                                               config.data.aug_plus))
   return Datasets(train=train,
-                  train_eval=eval_dataset(source, config.data.image_size),
+                  train_eval=eval_dataset(source, config.data.image_size, resize),
                   num_train=len(source))
 
 
@@ -294,9 +307,11 @@ def build_eval_dataset(config, split: Optional[str] = None) -> EvalDataset:
   """Eval-transform dataset of `split` (default `data.eval_split`)."""
   setting = 'data.eval_split' if split is None else 'data split'
   source = sources.load_source(config.data, split or config.data.eval_split, setting=setting)
-  return eval_dataset(source, config.data.image_size)
+  return eval_dataset(source, config.data.image_size, sources.resolved_eval_resize(config.data))
 
 
-def eval_dataset(source: ArraySource, image_size: int) -> EvalDataset:
-  """`source` under the standard eval transform (which the feature pass runs on the device)."""
-  return EvalDataset(source, transforms.eval_transform(image_size), image_size=image_size)
+def eval_dataset(source: ArraySource, image_size: int, eval_resize: str) -> EvalDataset:
+  """`source` under the standard eval transform (which the feature pass runs on the device);
+  `eval_resize` is 'whole' or 'center' (`sources.resolved_eval_resize`)."""
+  return EvalDataset(source, transforms.eval_transform(image_size, eval_resize),
+                     image_size=image_size, eval_resize=eval_resize)

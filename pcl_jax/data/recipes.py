@@ -1,9 +1,9 @@
 """The numbers both augmentation paths share, torch-free: the host transforms (`transforms`) and
 the on-device ones (`device_transforms`, `device_augment`) import them from here.
 
-This module owns the normalisation statistics, the eval transform's resize, the layout of one
-view's augmentation draws (`AUGMENT_PARAMS`) and Pillow's box-blur weights for a Gaussian blur.
-It imports numpy only.
+This module owns the normalisation statistics, the eval transform's resize (and how
+`data.eval_resize=auto` resolves), the layout of one view's augmentation draws
+(`AUGMENT_PARAMS`) and Pillow's box-blur weights for a Gaussian blur. It imports numpy only.
 """
 
 from typing import Tuple
@@ -15,9 +15,40 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def eval_resize_size(image_size: int) -> int:
-  """The eval transform's resize (short side) before the center crop: 8/7 of the crop."""
-  return int(round(image_size * 8 / 7))
+# `data.eval_resize`, resolved: what the eval transform keeps of an image (pcl_jax/choices.py).
+EVAL_RESIZE_WHOLE = 'whole'  # short side resized to the crop, center crop: all of a square image
+EVAL_RESIZE_CENTER = 'center'  # short side resized to 8/7 of the crop, center crop: ImageNet's
+
+
+def eval_resize_size(image_size: int, eval_resize: str) -> int:
+  """The eval transform's resize (short side) before the center crop to `image_size`: the crop
+  itself for 'whole' (torchvision's Resize(size) + CenterCrop(size), the PyTorch reference's eval
+  transform on small images), 8/7 of it for 'center' (ImageNet's 256 -> 224)."""
+  if eval_resize == EVAL_RESIZE_WHOLE:
+    return int(image_size)
+  if eval_resize == EVAL_RESIZE_CENTER:
+    return int(round(image_size * 8 / 7))
+  raise ValueError(f'eval_resize={eval_resize!r} is not resolved; use '
+                   f'{EVAL_RESIZE_WHOLE!r} or {EVAL_RESIZE_CENTER!r} (resolve_eval_resize)')
+
+
+def resolve_eval_resize(setting: str, image_size: int, stored_size) -> str:
+  """`data.eval_resize` as the eval transform applies it: 'whole' or 'center'.
+
+  'auto' keeps the whole image when the stored images are not larger than 8/7 of the crop
+  (`stored_size`, their short side: digits, fake data, mini-ImageNet's 84 px at crop 84, 32 px
+  patches at crop 32), as the PyTorch reference's Resize(size) + CenterCrop(size) does: cutting
+  their border away would lose what the network was trained to see. Larger photos get ImageNet's
+  center crop. `stored_size` None (unknown) resolves 'auto' to 'center'. Pure.
+  """
+  if setting in (EVAL_RESIZE_WHOLE, EVAL_RESIZE_CENTER):
+    return setting
+  if setting != 'auto':
+    raise ValueError(f'data.eval_resize={setting!r} is unknown; use auto, '
+                     f'{EVAL_RESIZE_WHOLE} or {EVAL_RESIZE_CENTER}')
+  if stored_size is not None and stored_size <= eval_resize_size(image_size, EVAL_RESIZE_CENTER):
+    return EVAL_RESIZE_WHOLE
+  return EVAL_RESIZE_CENTER
 
 
 # One view's augmentation under `data.augment_on_device`, as float32 values in this order:

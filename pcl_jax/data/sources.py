@@ -3,7 +3,8 @@
 This module owns finding the images of a split and serving them as an `ArraySource`: sklearn's
 digits and torchvision's FakeData (embedded, decoded in memory), mini-ImageNet in its CSV or
 folder layout and any torchvision ImageFolder tree (files listed and checked here, decoded once
-by `cache`). It never transforms images.
+by `cache`), and how large the stored images are (`stored_image_size`, which resolves
+`data.eval_resize=auto`). It never transforms images.
 
 Data layout (data.root = DIR):
 - `mini_imagenet`, Ravi & Larochelle layout: `DIR/images/*.jpg` and `DIR/{train,val,test}.csv`
@@ -12,7 +13,9 @@ Data layout (data.root = DIR):
   preprocessing; a no-op for the usual 84x84 release).
 - `image_folder`: `DIR/<split>/<class>/**/<image>`; a DIR that holds class folders directly is one
   split named `all`. Images are cached at the eval resize size (short side resized, bilinear,
-  then center-cropped to a square), so training crops come from that central square.
+  then center-cropped to a square), so training crops come from that central square: the crop
+  size itself under `data.eval_resize` 'whole', 8/7 of it under 'center'. With 'auto' a fixed
+  sample of the files' headers decides (`stored_image_size`, `recipes.resolve_eval_resize`).
 Splits join with '+' ('train+val+test'); labels are the indices of the sorted class names over
 the union of every split of DIR, so a class has the same label in every split.
 """
@@ -28,6 +31,7 @@ from PIL import Image
 
 from pcl_jax import choices
 from pcl_jax.data import cache
+from pcl_jax.data import recipes
 from pcl_jax.errors import UserError
 
 DATASETS = choices.DATASETS
@@ -403,12 +407,85 @@ def _warn_if_not_standard(data_config, files: SplitFiles) -> None:
 
 def folder_source(data_config, split: str, setting: str = 'data split') -> ArraySource:
   """mini-ImageNet or ImageFolder split(s) served from the decoded-image cache."""
+  eval_resize = resolved_eval_resize(data_config)
   sources = []
   for files in list_split_files(data_config, split, setting):
     _warn_if_not_standard(data_config, files)
-    sources.append(ArraySource(cache.cached_images(data_config, files), files.labels,
-                               f'{data_config.name}/{files.split}', files.class_names))
+    sources.append(ArraySource(cache.cached_images(data_config, files, eval_resize),
+                               files.labels, f'{data_config.name}/{files.split}',
+                               files.class_names))
   return _concat(sources, f'{data_config.name}/{split}')
+
+
+# ----------------------------------------------------------------------------------------------
+# The size of the stored images, for data.eval_resize=auto.
+
+# Image folders: headers read of the first files of up to this many classes per split.
+SAMPLE_CLASSES = 8
+SAMPLE_FILES_PER_CLASS = 4
+
+
+def _sample_image_paths(layout: _Layout) -> List[str]:
+  """A few image files of every split of an ImageFolder tree, always the same ones: the first
+  `SAMPLE_FILES_PER_CLASS` (in ImageFolder order) of up to `SAMPLE_CLASSES` class folders spread
+  evenly over each split's sorted classes."""
+  paths = []
+  for split in sorted(layout.splits):
+    directory = layout.splits[split]
+    classes = _subdirs(directory)
+    for class_name in classes[::max(1, len(classes) // SAMPLE_CLASSES)][:SAMPLE_CLASSES]:
+      found = []
+      for walk_root, dirnames, filenames in os.walk(os.path.join(directory, class_name),
+                                                    followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(walk_root, name) for name in sorted(filenames) if _is_image(name)]
+        if len(found) >= SAMPLE_FILES_PER_CLASS:
+          break
+      paths += found[:SAMPLE_FILES_PER_CLASS]
+  return paths
+
+
+def _median_short_side(paths: Sequence[str]):
+  """The median (lower) short side of the images at `paths`, from their headers only (PIL
+  decodes no pixels for `.size`); files that do not open are skipped (the cache names them).
+  None when none opens."""
+  sides = []
+  for path in paths:
+    try:
+      with Image.open(path) as image:
+        sides.append(min(image.size))
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return sorted(sides)[(len(sides) - 1) // 2] if sides else None
+
+
+def stored_image_size(data_config):
+  """Short side of the images the eval transform receives, for `data.eval_resize=auto`.
+
+  digits and fake: `data.image_size` (they are made at that size); mini-ImageNet: its cache's
+  side (84, or `data.cache_size`); an image folder: `data.cache_size` when set, else the median
+  short side of a fixed sample of its files (`_sample_image_paths`, headers only: milliseconds),
+  None when no sampled file opens.
+  """
+  name = data_config.name
+  if name == 'digits':
+    return max(int(data_config.image_size), 8)
+  if name == 'fake':
+    return int(data_config.image_size)
+  cache_size = int(data_config.get('cache_size', 0) or 0)
+  if cache_size > 0:
+    return cache_size
+  if name == 'mini_imagenet':
+    return cache.MINI_IMAGENET_SIZE
+  return _median_short_side(_sample_image_paths(_layout(data_config)))
+
+
+def resolved_eval_resize(data_config) -> str:
+  """`data.eval_resize` resolved for this dataset: 'whole' or 'center'
+  (`recipes.resolve_eval_resize`; 'auto' looks at `stored_image_size`)."""
+  setting = data_config.eval_resize
+  stored = stored_image_size(data_config) if setting == 'auto' else None
+  return recipes.resolve_eval_resize(setting, int(data_config.image_size), stored)
 
 
 def load_source(data_config, split: str, *, setting: str = 'data split') -> ArraySource:

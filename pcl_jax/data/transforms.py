@@ -128,10 +128,11 @@ def train_transform(image_size: int, aug_plus: bool) -> Callable:
   return transforms.Compose(augment + [ToUint8HWC()])
 
 
-def eval_transform(image_size: int) -> Callable:
-  """Resize to 8/7 of the crop, then center-crop (no augmentation)."""
+def eval_transform(image_size: int, eval_resize: str) -> Callable:
+  """Resize the short side (to the crop for 'whole', to 8/7 of it for 'center': `eval_resize`
+  as `recipes.resolve_eval_resize` gives it), then center-crop; no augmentation."""
   return transforms.Compose([
-      transforms.Resize(recipes.eval_resize_size(image_size)),
+      transforms.Resize(recipes.eval_resize_size(image_size, eval_resize)),
       transforms.CenterCrop(image_size),
       ToNormalizedHWC(),
   ])

@@ -1,8 +1,9 @@
 r"""Downstream evaluation of a checkpoint: kNN, linear probe, few-shot episodes, clustering quality.
 
-This module owns `--mode=eval` (restore the key encoder from an Orbax checkpoint without building
-an optimizer, embed the data under the eval transform, score the features, write
-`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`); the metrics
+This module owns `--mode=eval` (restore an encoder from an Orbax checkpoint without building an
+optimizer, embed the data under the eval transform, score the features, write
+`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`; with
+`eval.save_features` also `features_<split>.npz`); the metrics
 themselves live beside it (`knn`, `linear_probe`, `fewshot`, `clustering_quality`, and
 `protocol` for reference/query sets). It never trains the encoder, never writes checkpoints and
 never touches metrics.jsonl. The array work on features (kNN, the few-shot classifiers, both
@@ -14,14 +15,19 @@ matching via scipy), as does k-means' driver (pcl_jax.clustering).
 
 Protocols (all randomness below uses the fixed `EVAL_SEED`, not `config.seed`, so every run and
 every checkpoint is scored on the same episodes and splits):
-- Features: the momentum (key) encoder in eval mode, `eval.feature_layer` (`head`: the
-  L2-normalised embedding; `backbone`: the L2-normalised pooled backbone features).
+- Features: the momentum (key) encoder in eval mode (BN running statistics), as the reference's
+  feature pass (`eval.encoder=query`: the query encoder, as salesforce/PCL's own transfer
+  evaluations), `eval.feature_layer` (`head`: the L2-normalised embedding; `backbone`: the
+  L2-normalised pooled backbone features), under the eval transform (`data.eval_resize`).
+  `pcl_jax.evaluation.score` scores saved features (`eval.save_features`, or any model's) with
+  `evaluate_features`, the same code.
 - Reference/query sets of kNN and the linear probe. When every class of `data.eval_split` occurs
   in `data.train_split` (digits), the reference is the train split and the queries are the eval
   split (`protocol: "train_to_eval"`). When the eval classes are not all in the train split
-  (mini-ImageNet `test`, 20 classes disjoint from `train`) or the two splits are the same, the eval
-  split is cut per class into halves (`n // 2` reference, the rest queries; `"eval_halves"`) and
-  the train split is never embedded.
+  (mini-ImageNet `test`, 20 classes disjoint from `train`) or the eval split is part of the train
+  split (the same split, or `test` within `train+val+test`: every query would find itself), the
+  eval split is cut per class into halves (`n // 2` reference, the rest queries;
+  `"eval_halves"`) and the train split is never embedded.
 - kNN: weighted cosine kNN (InstDisc / solo-learn): the `eval.knn_k` most similar references vote
   for their class with weight `exp(cos / eval.knn_t)`; top-1 in percent.
 - Linear probe: multinomial logistic regression (optax Adam, full batch, `PROBE_STEPS` steps,
@@ -58,7 +64,7 @@ entries that could not be computed are null with a `skipped` reason):
     "protocol": "train_to_eval" | "eval_halves",
     "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
     "linear_probe": {"lr": float, "holdout_top1": {lr_string: float}, "steps": int},
-    "num_images": int, "feature_dim": int, "feature_layer": str,
+    "num_images": int, "feature_dim": int, "feature_layer": str, "encoder": str,
     "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
                  "clustering": float, "total": float}
   }
@@ -184,7 +190,8 @@ def format_table(results: dict) -> str:
   rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI",
             f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
            (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
-  header = (f"eval of checkpoint {results.get('checkpoint_step')} on split "
+  step = results.get('checkpoint_step')
+  header = (f"eval of {'saved features' if step is None else f'checkpoint {step}'} on split "
             f"{results.get('split')!r}: {results['num_images']} images, D={results['feature_dim']}"
             f", kNN/probe {results['protocol']} ({knn['num_reference']} reference, "
             f"{knn['num_query']} queries)")
@@ -234,16 +241,24 @@ def _check_results_writable(workdir: str, split: str, overwrite: bool) -> None:
                     'replace it, or evaluate another split with --config.data.eval_split')
 
 
+def eval_split_in_training(config, split: Optional[str] = None) -> bool:
+  """Whether the eval split's images are among `data.train_split`'s (the same split, or one of
+  its '+'-joined parts, e.g. test of train+val+test): kNN and the probe then use within-eval
+  halves, never the training split as references (each query would find itself there)."""
+  return configuration.splits_overlap(config.data.train_split, split or config.data.eval_split)
+
+
 def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None):
   """Embeds the eval (and, for shared classes, train) split with `variables` and scores them.
 
   Args:
     config: the run config (data, model, eval, clustering sections).
-    variables: {'params', 'batch_stats'} of the encoder (the key encoder of a checkpoint, or a
-      fresh initialisation for a baseline).
+    variables: {'params', 'batch_stats'} of the encoder (the key or query encoder of a
+      checkpoint, `eval.encoder`, or a fresh initialisation for a baseline).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
   Returns:
-    (results without `checkpoint_step`, eval features [N, D] device array, eval labels [N]).
+    (results without `checkpoint_step`, {split: (features [N, D] device array, labels [N])} of
+    the eval split and, when it was embedded, the train split).
   """
   start = time.perf_counter()
   model = models.encoder_from_config(config)
@@ -254,7 +269,7 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   eval_features, eval_labels = features_lib.extract_features(embed_fn, variables, eval_dataset,
                                                              batch_size, workers)
   # Embed the train split only when kNN / the probe go train -> eval (shared classes).
-  same_split = config.data.train_split == split
+  same_split = eval_split_in_training(config, split)
   train_features = train_labels = None
   if not same_split:
     train_dataset = loaders.build_eval_dataset(config, config.data.train_split)
@@ -270,16 +285,46 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   results['timing_s'] = {'features': feature_s, **results['timing_s']}
   results['timing_s']['total'] += feature_s
   results.update(split=split, feature_layer=config.eval.feature_layer)
-  return results, eval_features, eval_labels
+  embedded = {split: (eval_features, eval_labels)}
+  if train_features is not None:
+    embedded[config.data.train_split] = (train_features, train_labels)
+  return results, embedded
+
+
+def features_path(directory: str, split: str) -> str:
+  """DIR/features_<split>.npz (`eval.save_features`; `pcl_jax.evaluation.score` reads it)."""
+  return os.path.join(directory, f"features_{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}.npz")
+
+
+def save_features(directory: str, split: str, features, labels, **meta) -> str:
+  """Writes features_<split>.npz: `features` [N, D] float32 and `labels` [N] (what the PyTorch
+  reference script writes too), plus `split` and `meta` (e.g. feature_layer, encoder,
+  checkpoint_step) as 0-d arrays that `score` reads back. Atomic. Returns the path."""
+  arrays = dict(features=np.asarray(features, np.float32), labels=np.asarray(labels),
+                split=np.asarray(split))
+  arrays.update({name: np.asarray(value) for name, value in meta.items()})
+  path = features_path(directory, split)
+  run_files.write_atomic(path, lambda tmp: np.savez(tmp, **arrays), binary=True)
+  return path
+
+
+def encoder_variables(tree: dict, encoder: str) -> dict:
+  """{'params', 'batch_stats'} of a restored checkpoint's key (momentum) or query encoder
+  (`eval.encoder`)."""
+  if encoder == 'query':
+    return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+  return {'params': tree['key_params'], 'batch_stats': tree['key_batch_stats']}
 
 
 def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None, *,
                         overwrite: bool = False, best: bool = False,
                         kmeans_fn: Optional[Callable] = None) -> dict:
-  """`--mode=eval`: restores a checkpoint's key encoder, scores it, writes WORKDIR/eval/.
+  """`--mode=eval`: restores a checkpoint's encoder (`eval.encoder`), scores it, writes
+  WORKDIR/eval/ (and with `eval.save_features` the features of every split it embedded,
+  `save_features`).
 
-  No optimizer or training state is built: the raw saved tree is restored and only
-  `key_params` / `key_batch_stats` are used.
+  No optimizer or training state is built: the raw saved tree is restored and only the
+  evaluated encoder's parameters and BN statistics are used.
 
   Args:
     config: the run config; its `model` must match the checkpoint's.
@@ -304,14 +349,15 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     logging.warning('evaluating at data.image_size=%s but the checkpoint was trained at %s',
                     config.data.image_size, meta['image_size'])
 
-  variables = {'params': tree['key_params'], 'batch_stats': tree['key_batch_stats']}
-  results, eval_features, eval_labels = evaluate_variables(config, variables,
-                                                           kmeans_fn=kmeans_fn)
+  variables = encoder_variables(tree, config.eval.encoder)
+  results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn)
   results['checkpoint_step'] = int(step)
+  results['encoder'] = config.eval.encoder
   if config.eval.save_features:
-    arrays = dict(features=np.asarray(eval_features), labels=np.asarray(eval_labels))
-    run_files.write_atomic(os.path.join(workdir, 'eval', f'features_{results["split"]}.npz'),
-                           lambda tmp: np.savez(tmp, **arrays), binary=True)
+    for split, (features, labels) in embedded.items():
+      save_features(os.path.join(workdir, 'eval'), split, features, labels,
+                    feature_layer=config.eval.feature_layer, encoder=config.eval.encoder,
+                    checkpoint_step=int(step))
   for path in (results_path(workdir, results['split']), results_path(workdir)):
     run_files.write_json_atomic(path, results)
   print(format_table(results), flush=True)
