@@ -2,6 +2,9 @@ r"""mini-ImageNet, coarse->fine: the ascending cluster list of the notes (compar
 
   python -m pcl_jax.main --config=configs/mini_imagenet_ascending.py --workdir=runs/mini_asc \
       --config.data.root=/data/mini-imagenet
+
+Splits as mini_imagenet.py: pretraining on all 100 classes, evaluation on `test` (transductive,
+the notes' setting); mini_imagenet_fewshot.py is the standard few-shot protocol.
 """
 
 from configs import mini_imagenet

@@ -33,6 +33,31 @@ def test_mini_imagenet_is_the_researchers_best_run():
   assert (config.optim.lr, config.optim.cos, config.pcl.num_negatives) == (0.08, True, 640)
   assert (config.pcl.moco_m, config.pcl.temperature, config.data.aug_plus) == (0.999, 0.2, False)
   assert config.schedule.all_clusters == '3200,2400,1600,800,400,200,100,50,25,20,10,5,2'
+  # All 100 classes, as the notes: evaluation on classes seen in pretraining (transductive).
+  assert (config.data.train_split, config.data.eval_split) == ('train+val+test', 'test')
+  assert 'transductive' in mini_imagenet.__doc__
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if n.startswith('mini_imagenet')])
+def test_mini_imagenet_configs_say_which_protocol_they_follow(name):
+  """mini_imagenet_fewshot: the standard protocol (64 train classes, 20 unseen test classes);
+  every other mini_imagenet config pretrains on all 100 (transductive) and says so."""
+  from pcl_jax.evaluation import driver  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config()
+  assert config.data.eval_split == 'test'
+  if name == 'mini_imagenet_fewshot':
+    assert (config.data.train_split, config.data.val_split) == ('train', 'val')
+    assert not driver.eval_split_in_training(config)
+    assert 'standard few-shot protocol' in module.__doc__
+    reference = importlib.import_module('configs.mini_imagenet').get_config()
+    for section in ('model', 'train', 'optim', 'pcl', 'schedule'):
+      assert config[section].to_dict() == reference[section].to_dict()
+  else:
+    assert config.data.train_split == 'train+val+test'
+    assert driver.eval_split_in_training(config)  # kNN / probe on within-test halves
+    assert config.eval.val_every == 0  # val is inside the training split
+    assert 'transductive' in module.__doc__ and 'mini_imagenet_fewshot.py' in module.__doc__
 
 
 @pytest.mark.parametrize('pair', [('digits', 'digits_ascending'),
@@ -41,3 +66,15 @@ def test_schedule_pairs_run_in_opposite_directions(pair):
   lists = [cluster_schedule.parse_cluster_list(importlib.import_module(f'configs.{n}')
                                                .get_config().schedule.all_clusters) for n in pair]
   assert lists[0] == sorted(lists[0], reverse=True) and lists[1] == sorted(lists[1])
+
+
+def test_a_validation_split_inside_the_training_split_is_refused():
+  from configs import mini_imagenet  # pylint: disable=g-import-not-at-top
+  config = mini_imagenet.get_config()
+  config.data.root = '/data/mini-imagenet'
+  config.eval.val_every = 5
+  with pytest.raises(configuration.UserError,
+                     match=r"data\.val_split='val' is part of data\.train_split='train\+val\+test'"):
+    configuration.validate(config)
+  config.data.train_split = 'train'
+  configuration.validate(config)
