@@ -85,6 +85,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl.warmup_epochs = 20  # epochs of InfoNCE only, before the first E-step
   config.pcl.smoothing_cap = 0.2
   config.pcl.max_clusters = 0  # 0: the largest entry of schedule.all_clusters
+  # Switches for PCL's known flaws (docs/remedies.md has what each measured); off = PCL as published.
+  config.pcl.mask_same_cluster_negatives = False  # InfoNCE drops queue keys of the query's cluster
+  config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE
+  config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
+  config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too
+  config.pcl.debias_prior = 0.0  # tau+ of debiased InfoNCE (Chuang et al. 2020); 0: off
 
   config.clustering = ml_collections.ConfigDict()
   config.clustering.backend = 'auto'  # auto | faiss | jax
@@ -119,7 +125,6 @@ def get_config() -> ml_collections.ConfigDict:
   # The encoder evaluated: key (the momentum encoder, as the reference's feature pass and
   # clustering) | query (as salesforce/PCL's eval_svm_voc.py and eval_cls_imagenet.py).
   config.eval.encoder = 'key'
-
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1

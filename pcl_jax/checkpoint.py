@@ -24,6 +24,7 @@ import sys
 from typing import Any, Optional, Tuple
 
 import jax
+from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -75,6 +76,15 @@ def _as_template(tree):
   return jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, 'sharding', None)),
       tree)
+
+
+def _fields_added_since(state_directory, template_state) -> Tuple[str, ...]:
+  """The state fields of `template_state` (a PCLState) that a checkpoint saved before they
+  existed lacks, e.g. `queue_index`; they restore at their initial values (a queue row of
+  unknown sample is never masked)."""
+  saved = ocp.StandardCheckpointHandler().metadata(epath.Path(state_directory))
+  saved_fields = set(getattr(saved, 'tree', saved).keys())
+  return tuple(name for name in vars(template_state) if name not in saved_fields)
 
 
 def checkpoint_dir(workdir: str, best: bool = False) -> str:
@@ -234,9 +244,16 @@ class Checkpointer:
     layout = saved_kernel_layout(meta)
     template = transpose_conv_kernels(_as_template(template_state), models.CONV_KERNEL_LAYOUT,
                                       layout)
+    added = _fields_added_since(os.path.join(str(self.manager.directory), str(step), 'state'),
+                                template_state)
+    if added:  # restore what was saved, then give the newer fields their initial values
+      template = {name: value for name, value in vars(template).items() if name not in added}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template)))
     state = transpose_conv_kernels(restored['state'], layout, models.CONV_KERNEL_LAYOUT)
+    if added:
+      state = template_state.replace(**state, **{name: getattr(template_state, name)
+                                                 for name in added})
     return state, meta
 
   def wait(self) -> None:

@@ -19,5 +19,6 @@ EVAL_RESIZES = ('auto', 'whole', 'center')
 # eval.encoder: the momentum (key) encoder, as the reference's feature pass, or the query encoder,
 # as salesforce/PCL's eval_svm_voc.py / eval_cls_imagenet.py.
 EVAL_ENCODERS = ('key', 'query')
+PROTO_COLUMNS = ('unique', 'reference')  # pcl.proto_columns
 # Per-epoch metrics the plateau detector can monitor (schedule.metric).
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')

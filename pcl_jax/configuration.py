@@ -17,6 +17,7 @@ from pcl_jax.choices import DTYPES
 from pcl_jax.choices import EVAL_ENCODERS
 from pcl_jax.choices import EVAL_RESIZES
 from pcl_jax.choices import FEATURE_LAYERS
+from pcl_jax.choices import PROTO_COLUMNS
 from pcl_jax.choices import SCHEDULE_METRICS
 from pcl_jax.choices import SCHEDULE_MODES
 from pcl_jax.errors import UserError
@@ -134,6 +135,18 @@ def _check_backend(config) -> None:
     raise UserError(str(error)) from error
 
 
+def _check_switches(pcl) -> None:
+  """The loss switches (step.LossSwitches)."""
+  _one_of(pcl.proto_columns, PROTO_COLUMNS, 'pcl.proto_columns')
+  _require(pcl.proto_weight >= 0, f'pcl.proto_weight={pcl.proto_weight} must be >= 0 '
+           '(0: InfoNCE only)')
+  _require(0 <= pcl.debias_prior < 1, f'pcl.debias_prior={pcl.debias_prior} must be in [0, 1) '
+           '(about 1 / number of classes; 0: off)')
+  _require(not (pcl.debias_prior and pcl.smooth_instance),
+           'pcl.debias_prior and pcl.smooth_instance both change InfoNCE\'s target and do not '
+           'combine; set one of them off')
+
+
 def validate(config) -> None:
   """Checks every field that can be checked without loading data. Raises UserError."""
   check_fields(config)
@@ -225,6 +238,7 @@ def validate(config) -> None:
              '(see README "Data layout")')
   _check_schedule(config)
   _check_backend(config)
+  _check_switches(config.pcl)
 
 
 def splits_overlap(first: str, second: str) -> bool:
@@ -250,7 +264,8 @@ def validate_against_data(config, num_train: int) -> None:
 
 def upgrade_saved_config(saved: dict) -> dict:
   """A config dict as a run directory stored it (config.json), with `MOVED_FIELDS` at their new
-  places, so it compares field by field with a current config."""
+  places and fields added since at their defaults, so it compares field by field with a current
+  config."""
   upgraded = {key: dict(value) if isinstance(value, dict) else value
               for key, value in saved.items()}
   for old, new in MOVED_FIELDS.items():
@@ -259,4 +274,10 @@ def upgrade_saved_config(saved: dict) -> dict:
     if old_name in upgraded.get(old_section, {}):
       value = upgraded[old_section].pop(old_name)
       upgraded.setdefault(new_section, {}).setdefault(new_name, value)
+  # A field added since the run was saved did not exist then: the run used its default.
+  reference = _reference_config()
+  for section, fields in (reference.to_dict().items() if reference else ()):
+    if isinstance(fields, dict) and isinstance(upgraded.get(section), dict):
+      for name, value in fields.items():
+        upgraded[section].setdefault(name, value)
   return upgraded

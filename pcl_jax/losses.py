@@ -44,7 +44,7 @@ def _top1(logits, target):
   return 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == target)
 
 
-def info_nce(q, k, queue, temperature):
+def info_nce(q, k, queue, temperature, *, excluded=None, smoothing=0.0, debias_prior=0.0):
   """InfoNCE of MoCo: positive q.k, negatives q.queue; target column 0.
 
   Args:
@@ -52,6 +52,14 @@ def info_nce(q, k, queue, temperature):
     k: [B, D] L2-normalised key embeddings (no gradient flows into them).
     queue: [r, D] negative keys.
     temperature: softmax temperature T.
+    excluded: optional [B, r] bool, True where a queue key is not a negative of that query
+      (`pcl.mask_same_cluster_negatives`): its column is removed from the softmax and from the
+      accuracy.
+    smoothing: label-smoothing epsilon over the remaining columns (`pcl.smooth_instance`; 0 is
+      plain InfoNCE).
+    debias_prior: tau+ of debiased contrastive learning (Chuang et al., NeurIPS 2020), the
+      probability that a negative shares the query's class (`pcl.debias_prior`; 0 is plain
+      InfoNCE). Not combined with smoothing.
   Returns:
     (loss, acc): mean cross-entropy and top-1 accuracy in percent.
   """
@@ -60,8 +68,32 @@ def info_nce(q, k, queue, temperature):
   l_neg = q @ queue.T
   logits = jnp.concatenate([l_pos, l_neg], axis=1) / temperature
   target = jnp.zeros((q.shape[0],), jnp.int32)
-  loss = -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
-  return loss, _top1(logits, target)
+  valid = jnp.ones(logits.shape, bool)
+  if excluded is not None:
+    valid = valid.at[:, 1:].set(~excluded)
+  if debias_prior:
+    loss = jnp.mean(_debiased_nce(logits, valid, temperature, debias_prior))
+  else:
+    loss = jnp.mean(_cross_entropy(logits, target, valid, smoothing))
+  return loss, _top1(jnp.where(valid, logits, _MASKED), target)
+
+
+def _debiased_nce(logits, valid, temperature, prior):
+  """Per-row debiased contrastive loss (Chuang et al. 2020, eq. 7) of column-0-positive logits.
+
+  The negatives' sum is replaced by an estimate of the true negatives' sum,
+  max((sum_neg - prior * N * pos) / (1 - prior), N * e^(-1/T)), with N valid negatives. Computed
+  after subtracting the largest possible logit 1/T (unit vectors), so no exp overflows.
+  """
+  shift = 1.0 / temperature
+  pos = jnp.exp(logits[:, 0] - shift)
+  neg_valid = valid[:, 1:]
+  num_neg = neg_valid.sum(-1).astype(logits.dtype)
+  neg_sum = jnp.sum(jnp.where(neg_valid, jnp.exp(logits[:, 1:] - shift), 0.0), axis=-1)
+  estimate = (neg_sum - prior * num_neg * pos) / (1.0 - prior)
+  floor = num_neg * jnp.exp(-1.0 / temperature - shift)
+  negatives = jnp.maximum(estimate, floor)
+  return -(logits[:, 0] - shift) + jnp.log(pos + negatives)
 
 
 def select_prototype_columns(positives, valid, rng, num_negatives):
@@ -97,8 +129,35 @@ def select_prototype_columns(positives, valid, rng, num_negatives):
   return columns.astype(jnp.int32), column_valid
 
 
+def reference_prototype_columns(positives, valid, rng, num_negatives):
+  """ProtoNCE's columns as the official code builds them (`pcl.proto_columns='reference'`).
+
+  Column i is sample i's own prototype, so a prototype shared by several samples of the batch
+  appears once per sample; then up to r prototypes that are no sample's positive, sampled without
+  replacement (all of them when fewer than r). Sample i's target is column i. The duplicates are
+  negatives equal to the positive: they cap the accuracy (a tie goes to the first column) and
+  raise the loss, which is how the official code's acc_proto is measured.
+
+  Args:
+    positives: [B] int32 prototype index of each sample.
+    valid: [max_k] bool, True for the level's real prototypes.
+    rng: PRNG key for the negative sample.
+    num_negatives: r (static).
+  Returns:
+    (columns [B + min(max_k, r)] int32, column_valid [same] bool, target [B] int32).
+  """
+  batch = positives.shape[0]
+  max_k = valid.shape[0]
+  is_positive = jnp.zeros((max_k,), bool).at[positives].set(True)
+  score = jnp.where(valid & ~is_positive, jax.random.uniform(rng, (max_k,)), -1.0)
+  top_score, negatives = jax.lax.top_k(score, min(max_k, num_negatives))
+  columns = jnp.concatenate([positives, negatives.astype(jnp.int32)])
+  column_valid = jnp.concatenate([jnp.ones((batch,), bool), top_score >= 0.0])
+  return columns, column_valid, jnp.arange(batch, dtype=jnp.int32)
+
+
 def proto_nce(q, index, im2cluster, prototypes, concentration, valid, rng, num_negatives,
-              smoothing):
+              smoothing, columns='unique'):
   """ProtoNCE for one clustering level (DESIGN.md section 1, M-step).
 
   Args:
@@ -111,17 +170,23 @@ def proto_nce(q, index, im2cluster, prototypes, concentration, valid, rng, num_n
     rng: PRNG key for negative-prototype sampling.
     num_negatives: r, static.
     smoothing: label-smoothing epsilon (scalar array).
+    columns: 'unique' (each prototype one column: `select_prototype_columns`) or 'reference'
+      (one column per sample, as the official code: `reference_prototype_columns`); static.
   Returns:
     (loss, acc): mean smoothed cross-entropy and top-1 accuracy in percent.
   """
   # Step 1: each sample's positive prototype, and the columns of the logit matrix.
   positives = im2cluster[index].astype(jnp.int32)
-  columns, column_valid = select_prototype_columns(positives, valid, rng, num_negatives)
-  # Step 2: logits q.c / phi_c; a sample's target is the column holding its own prototype
-  # (each prototype appears once, so samples sharing a prototype are never negatives).
-  selected = prototypes[columns]
-  logits = (q.astype(jnp.float32) @ selected.T) / concentration[columns][None, :]
-  target = jnp.argmax(columns[None, :] == positives[:, None], axis=1)
+  if columns == 'reference':
+    selection, column_valid, target = reference_prototype_columns(positives, valid, rng,
+                                                                  num_negatives)
+  else:
+    selection, column_valid = select_prototype_columns(positives, valid, rng, num_negatives)
+    # A sample's target is the column holding its own prototype (each prototype appears once,
+    # so samples sharing a prototype are never negatives).
+    target = jnp.argmax(selection[None, :] == positives[:, None], axis=1)
+  # Step 2: logits q.c / phi_c.
+  logits = (q.astype(jnp.float32) @ prototypes[selection].T) / concentration[selection][None, :]
   # Step 3: smoothed cross-entropy over valid columns only.
   column_valid = jnp.broadcast_to(column_valid[None, :], logits.shape)
   loss = jnp.mean(_cross_entropy(logits, target, column_valid, smoothing))

@@ -27,6 +27,9 @@ class PCLState:
   opt_state: Any
   queue: jnp.ndarray  # [r, D] negative keys, L2-normalised
   queue_ptr: jnp.ndarray  # int32 scalar: next row of `queue` to overwrite
+  # [r] int32: dataset index of each queue row's sample (-1: a random initial row), so negatives
+  # can be told apart by cluster (pcl.mask_same_cluster_negatives).
+  queue_index: jnp.ndarray
   rng: jnp.ndarray  # base PRNG key; per-step keys are fold_in(rng, step)
 
 
@@ -57,6 +60,7 @@ def create_state(rng, model, tx: optax.GradientTransformation, image_size: int,
       opt_state=tx.init(params),
       queue=queue,
       queue_ptr=jnp.zeros((), jnp.int32),
+      queue_index=jnp.full((num_negatives,), -1, jnp.int32),
       rng=state_rng,
   )
 
@@ -67,17 +71,23 @@ def momentum_update(key_params, params, momentum):
                                 key_params, params)
 
 
-def enqueue(queue, queue_ptr, keys):
-  """Writes `keys` [B, D] into the FIFO `queue` [r, D] at `queue_ptr`, wrapping around.
+def write_rows(buffer, ptr, rows):
+  """Writes `rows` [B, ...] into the ring `buffer` [r, ...] from row `ptr`, wrapping around.
 
   r >= B need not be a multiple of B (the reference asserts it is; the researcher's best run uses
-  r=640 at B=96): rows past the end continue at row 0, so the queue always holds the newest r
-  keys. Returns (queue, new_ptr).
+  r=640 at B=96): rows past the end continue at row 0, so the buffer always holds the newest r.
   """
-  batch, size = keys.shape[0], queue.shape[0]
+  batch, size = rows.shape[0], buffer.shape[0]
+  rows = rows.astype(buffer.dtype)
   if size % batch == 0:  # the common case: one contiguous slice, no scatter
-    queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (queue_ptr, 0))
-  else:
-    rows = (queue_ptr + jnp.arange(batch)) % size
-    queue = queue.at[rows].set(keys.astype(queue.dtype))
-  return queue, (queue_ptr + batch) % size
+    start = (ptr,) + (0,) * (buffer.ndim - 1)
+    return jax.lax.dynamic_update_slice(buffer, rows, start)
+  return buffer.at[(ptr + jnp.arange(batch)) % size].set(rows)
+
+
+def enqueue(queue, queue_ptr, keys):
+  """Writes `keys` [B, D] into the FIFO `queue` [r, D] at `queue_ptr` (`write_rows`).
+
+  Returns (queue, new_ptr).
+  """
+  return write_rows(queue, queue_ptr, keys), (queue_ptr + keys.shape[0]) % queue.shape[0]

@@ -8,6 +8,7 @@ formulas live in losses.py, the state's layout in state.py; the loop that calls 
 train.py's.
 """
 
+import dataclasses
 import functools
 from typing import Dict, Sequence
 
@@ -96,6 +97,29 @@ def prototype_bank(levels: Sequence[dict], num_levels: int, max_k: int) -> dict:
 # The step.
 
 
+@dataclasses.dataclass(frozen=True)
+class LossSwitches:
+  """Optional changes to PCL's loss (config `pcl.*`); the defaults are PCL as published.
+
+  mask_same_cluster_negatives: drop queue keys of the query's cluster from InfoNCE's negatives.
+  proto_weight: ProtoNCE's weight against InfoNCE.
+  proto_columns: 'unique' (one column per prototype) or 'reference' (the official code's columns,
+    one per sample; `losses.reference_prototype_columns`).
+  smooth_instance: InfoNCE smoothed with ProtoNCE's epsilon too.
+  debias_prior: tau+ of debiased InfoNCE (0: off; `losses.info_nce`).
+  """
+  mask_same_cluster_negatives: bool = False
+  proto_weight: float = 1.0
+  proto_columns: str = 'unique'
+  smooth_instance: bool = False
+  debias_prior: float = 0.0
+
+  @classmethod
+  def from_config(cls, pcl_config) -> 'LossSwitches':
+    return cls(**{field.name: pcl_config.get(field.name, field.default)
+                  for field in dataclasses.fields(cls)})
+
+
 def _shuffled_keys(key_model, key_variables, im_k, rng):
   """Key embeddings under emulated shuffle-BN: permute, embed (grouped BN), un-permute.
 
@@ -109,10 +133,11 @@ def _shuffled_keys(key_model, key_variables, im_k, rng):
   return keys, new_vars['batch_stats']
 
 
-def _level_losses(q, index, bank, rng, num_negatives, smoothing):
+def _level_losses(q, index, bank, rng, num_negatives, smoothing, columns):
   """ProtoNCE of every level slot, averaged over the active ones."""
   num_levels = bank['active'].shape[0]
-  per_level = jax.vmap(losses.proto_nce, in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
+  per_level = jax.vmap(functools.partial(losses.proto_nce, columns=columns),
+                       in_axes=(None, None, 0, 0, 0, 0, 0, None, None))
   level_loss, level_acc = per_level(q, index, bank['im2cluster'], bank['prototypes'],
                                     bank['concentration'], bank['valid'],
                                     jax.random.split(rng, num_levels), num_negatives, smoothing)
@@ -121,6 +146,50 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing):
   loss = jnp.sum(jnp.where(active, level_loss, 0.0)) / count
   acc = jnp.sum(jnp.where(active, level_acc, 0.0)) / count
   return loss, acc
+
+
+def same_cluster_negatives(index, queue_index, bank):
+  """[B, r] bool: queue keys in the query's cluster at the finest active level.
+
+  `pcl.mask_same_cluster_negatives` removes them from InfoNCE's negatives (the official
+  repository's issue #8): with few clusters, many queue keys are of the query's own class. The
+  finest level is the active one with the most prototypes. Nothing is masked during warm-up (no
+  active level) or for queue rows of no sample yet (index -1).
+  """
+  sizes = jnp.where(bank['active'], bank['valid'].sum(-1), -1)
+  im2cluster = bank['im2cluster'][jnp.argmax(sizes)]
+  query_cluster = im2cluster[index]
+  key_cluster = im2cluster[jnp.maximum(queue_index, 0)]
+  known = (queue_index >= 0) & bank['active'].any()
+  return known[None, :] & (key_cluster[None, :] == query_cluster[:, None])
+
+
+def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, temperature,
+             num_negatives, switches):
+  """InfoNCE + proto_weight * ProtoNCE of a batch of embeddings, with the switches applied.
+
+  Args:
+    queries, keys: [B, D] L2-normalised embeddings of the two views.
+    queue, queue_index: [r, D] negative keys and [r] their samples' dataset indices.
+    index: [B] dataset index of each sample.
+    bank: the prototype bank (`prototype_bank`).
+    rng: PRNG key of the negative-prototype sample.
+    smoothing: ProtoNCE's label-smoothing epsilon (and InfoNCE's with `smooth_instance`).
+    temperature, num_negatives: PCL constants; switches: `LossSwitches` (static).
+  Returns:
+    (loss, terms): terms are loss_inst, acc_inst, loss_proto, acc_proto.
+  """
+  excluded = (same_cluster_negatives(index, queue_index, bank)
+              if switches.mask_same_cluster_negatives else None)
+  loss_inst, acc_inst = losses.info_nce(
+      queries, keys, queue, temperature, excluded=excluded,
+      smoothing=smoothing if switches.smooth_instance else 0.0,
+      debias_prior=switches.debias_prior)
+  loss_proto, acc_proto = _level_losses(queries, index, bank, rng, num_negatives, smoothing,
+                                        switches.proto_columns)
+  terms = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,
+               acc_proto=acc_proto)
+  return loss_inst + switches.proto_weight * loss_proto, terms
 
 
 def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
@@ -137,7 +206,8 @@ def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
 
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
                hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
-               moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False):
+               moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False,
+               switches: LossSwitches = LossSwitches()):
   """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
 
   Args:
@@ -152,6 +222,7 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
     temperature, moco_m, num_negatives: PCL constants.
     view_size, aug_plus: for batches of draws, the side of a view (`data.image_size`) and the
       recipe (`data.aug_plus`).
+    switches: the loss's optional changes (`LossSwitches`; the defaults are PCL as published).
   Returns:
     (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
   """
@@ -171,22 +242,22 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
     queries, new_vars = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                     _network_view(batch, 'q', view_size, aug_plus),
                                     train=True, mutable=['batch_stats'])
-    loss_inst, acc_inst = losses.info_nce(queries, keys, state.queue, temperature)
-    loss_proto, acc_proto = _level_losses(queries, batch['index'], bank, proto_rng,
-                                          num_negatives, hparams['smoothing'])
-    aux = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,
-               acc_proto=acc_proto, batch_stats=new_vars['batch_stats'])
-    return loss_inst + loss_proto, aux
+    loss, terms = pcl_loss(queries, keys, state.queue, state.queue_index, batch['index'], bank,
+                           proto_rng, hparams['smoothing'], temperature=temperature,
+                           num_negatives=num_negatives, switches=switches)
+    return loss, dict(terms, batch_stats=new_vars['batch_stats'])
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
   # Step 3: SGD on the query encoder; enqueue this batch's keys.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  queue_index = state_lib.write_rows(state.queue_index, state.queue_ptr, batch['index'])
   queue, queue_ptr = state_lib.enqueue(state.queue, state.queue_ptr, keys)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
                             key_params=key_params, key_batch_stats=key_batch_stats,
-                            opt_state=opt_state, queue=queue, queue_ptr=queue_ptr)
+                            opt_state=opt_state, queue=queue, queue_ptr=queue_ptr,
+                            queue_index=queue_index)
   metrics = dict(loss=loss, loss_inst=aux['loss_inst'], acc_inst=aux['acc_inst'],
                  loss_proto=aux['loss_proto'], acc_proto=aux['acc_proto'],
                  lr=lr_schedule(state.step))
@@ -205,7 +276,8 @@ def make_train_step(config, model, tx, lr_schedule, mesh=None):
   step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
                            temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
                            num_negatives=config.pcl.num_negatives,
-                           view_size=config.data.image_size, aug_plus=config.data.aug_plus)
+                           view_size=config.data.image_size, aug_plus=config.data.aug_plus,
+                           switches=LossSwitches.from_config(config.pcl))
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(replicated, split, replicated, replicated),
                  out_shardings=(replicated, replicated))

@@ -134,3 +134,134 @@ def test_smoothing_factor_caps_and_rejects_bad_max():
   assert losses.smoothing_factor(1, 10, cap=0.1) <= 0.1
   with pytest.raises(ValueError, match='max_clusters'):
     losses.smoothing_factor(5, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss switches (step.LossSwitches), each against an independent numpy reference.
+
+
+def _np_info_nce(q, k, queue, temperature, excluded, smoothing):
+  """Row by row: the surviving negatives, then torch-style label-smoothed cross-entropy."""
+  losses_, hits = [], []
+  for row in range(q.shape[0]):
+    negatives = queue[~excluded[row]].astype(np.float64)
+    logits = np.concatenate([[q[row] @ k[row]], negatives @ q[row]]) / temperature
+    log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    soft = np.full(len(logits), smoothing / len(logits))
+    soft[0] += 1.0 - smoothing
+    losses_.append(-(soft * log_probs).sum())
+    hits.append(logits.argmax() == 0)
+  return np.mean(losses_), 100.0 * np.mean(hits)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.15])
+def test_info_nce_with_excluded_negatives_and_smoothing_matches_numpy(smoothing):
+  rng = np.random.default_rng(3)
+  q, k, queue = _unit(rng, (6, 8)), _unit(rng, (6, 8)), _unit(rng, (20, 8))
+  excluded = rng.random((6, 20)) < 0.4
+  excluded[0] = True  # a row with no negative left: only the positive column
+  loss, acc = losses.info_nce(q, k, queue, 0.2, excluded=jnp.asarray(excluded),
+                              smoothing=smoothing)
+  expected_loss, expected_acc = _np_info_nce(q, k, queue, 0.2, excluded, smoothing)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acc, expected_acc)
+
+
+def test_excluding_a_hard_negative_raises_accuracy():
+  rng = np.random.default_rng(4)
+  q = _unit(rng, (1, 8))
+  queue = np.concatenate([q, -q, -q]).astype(np.float32)  # row 0 equals the query
+  k = _unit(rng, (1, 8))
+  _, acc = losses.info_nce(q, k, queue, 0.2)
+  _, acc_masked = losses.info_nce(q, k, queue, 0.2,
+                                  excluded=jnp.asarray([[True, False, False]]))
+  assert float(acc) == 0.0 and float(acc_masked) == 100.0
+
+
+def _np_debiased(q, k, queue, temperature, prior, excluded):
+  """Chuang et al. (2020), eq. 7, written directly in float64 (no shift)."""
+  out = []
+  for row in range(q.shape[0]):
+    pos = np.exp(float(q[row] @ k[row]) / temperature)
+    negatives = np.exp(queue[~excluded[row]].astype(np.float64) @ q[row] / temperature)
+    n = len(negatives)
+    estimate = max((negatives.sum() - prior * n * pos) / (1 - prior),
+                   n * np.exp(-1 / temperature))
+    out.append(-np.log(pos / (pos + estimate)))
+  return np.mean(out)
+
+
+@pytest.mark.parametrize('prior', [0.1, 0.5])
+def test_debiased_info_nce_matches_numpy(prior):
+  rng = np.random.default_rng(5)
+  q, queue = _unit(rng, (7, 8)), _unit(rng, (24, 8))
+  k = _unit(rng, (7, 8)) * 0.3 + q  # positives close to their queries
+  k = (k / np.linalg.norm(k, axis=1, keepdims=True)).astype(np.float32)
+  excluded = rng.random((7, 24)) < 0.2
+  loss, acc = losses.info_nce(q, k, queue, 0.2, excluded=jnp.asarray(excluded),
+                              debias_prior=prior)
+  np.testing.assert_allclose(loss, _np_debiased(q, k, queue, 0.2, prior, excluded), rtol=1e-5)
+  _, plain_acc = losses.info_nce(q, k, queue, 0.2, excluded=jnp.asarray(excluded))
+  assert float(acc) == float(plain_acc)  # the estimator changes the loss, not the ranking
+
+
+def test_debiased_info_nce_uses_its_floor_when_the_estimate_goes_negative():
+  q = np.array([[1.0, 0.0]], np.float32)
+  k = q.copy()  # the positive as close as it can be
+  queue = np.array([[-1.0, 0.0]] * 4, np.float32)  # negatives as far as they can be
+  loss, _ = losses.info_nce(q, k, queue, 0.5, debias_prior=0.5)
+  pos, floor = np.exp(2.0), 4 * np.exp(-2.0)
+  np.testing.assert_allclose(loss, -np.log(pos / (pos + floor)), rtol=1e-5)
+  assert np.isfinite(jax.grad(lambda x: losses.info_nce(x, k, queue, 0.5,
+                                                         debias_prior=0.5)[0])(q)).all()
+
+
+def _np_reference_proto_nce(q, index, im2cluster, prototypes, concentration, k, negatives,
+                            smoothing):
+  """The official builder's ProtoNCE for one level, given its sampled negative prototypes."""
+  positives = im2cluster[index]
+  columns = np.concatenate([positives, negatives])
+  logits = (q.astype(np.float64) @ prototypes[columns].T.astype(np.float64)
+            / concentration[columns][None, :])
+  target = np.arange(len(index))
+  loss = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(target),
+                                           label_smoothing=smoothing).item()
+  return loss, 100.0 * np.mean(logits.argmax(1) == target)
+
+
+@pytest.mark.parametrize('k,num_negatives', [(6, 16), (40, 8)])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_reference_columns_match_the_official_code(k, num_negatives, smoothing):
+  rng = np.random.default_rng(6)
+  batch, max_k, dim = 8, 48, 8
+  prototypes, concentration, valid, im2cluster = _level(rng, 30, k, max_k, dim)
+  index = rng.choice(30, batch, replace=False)
+  q = _unit(rng, (batch, dim))
+  key = jax.random.PRNGKey(7)
+  loss, acc = losses.proto_nce(q, index, im2cluster, prototypes, concentration, valid, key,
+                               num_negatives, jnp.float32(smoothing), columns='reference')
+  columns, column_valid, target = losses.reference_prototype_columns(
+      jnp.asarray(im2cluster[index]), jnp.asarray(valid), key, num_negatives)
+  negatives = np.asarray(columns[batch:])[np.asarray(column_valid[batch:])]
+  # The sample: distinct non-positive prototypes, min(r, available) of them.
+  positive_set = set(im2cluster[index].tolist())
+  assert len(set(negatives.tolist())) == len(negatives)
+  assert not set(negatives.tolist()) & positive_set and (negatives < k).all()
+  assert len(negatives) == min(num_negatives, k - len(positive_set))
+  np.testing.assert_array_equal(target, np.arange(batch))
+  expected_loss, expected_acc = _np_reference_proto_nce(
+      q, index, im2cluster, prototypes, concentration, k, negatives, smoothing)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  np.testing.assert_allclose(acc, expected_acc)
+
+
+def test_reference_columns_count_a_shared_prototype_wrong_for_all_but_its_first_sample():
+  q = np.array([[1.0, 0.0]] * 3, np.float32)
+  prototypes = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+  im2cluster = np.array([0, 0, 0], np.int32)  # one prototype for all three samples
+  args = (q, np.arange(3), im2cluster, prototypes, np.ones(2, np.float32),
+          np.ones(2, bool), jax.random.PRNGKey(0), 4, jnp.float32(0.0))
+  _, acc_unique = losses.proto_nce(*args)
+  _, acc_reference = losses.proto_nce(*args, columns='reference')
+  assert float(acc_unique) == 100.0
+  np.testing.assert_allclose(acc_reference, 100.0 / 3)

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 
+from configs import default as default_config
 from configs import test as test_config
 from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
@@ -60,10 +61,21 @@ def test_a_run_directory_with_kernel_choices_under_model_still_resumes(tmp_path,
 
 def test_saved_configs_are_read_with_moved_fields_at_their_new_places():
   old = {'model': {'arch': 'conv4', 'conv_impl': 'torch', 'xla_cpu_threads': 2}, 'seed': 0}
-  assert configuration.upgrade_saved_config(old) == {
-      'model': {'arch': 'conv4'}, 'runtime': {'conv_impl': 'torch', 'xla_cpu_threads': 2},
-      'seed': 0}
+  upgraded = configuration.upgrade_saved_config(old)
+  assert upgraded['runtime'] == {'conv_impl': 'torch', 'xla_cpu_threads': 2}
+  assert upgraded['model']['arch'] == 'conv4' and 'conv_impl' not in upgraded['model']
+  assert upgraded['seed'] == 0
   assert old['model']['conv_impl'] == 'torch'  # the input is left as it was
+
+
+def test_saved_configs_get_fields_added_since_at_their_defaults():
+  saved = {'model': {'arch': 'conv4', 'width': 32}, 'pcl': {'temperature': 0.1}}
+  upgraded = configuration.upgrade_saved_config(saved)
+  defaults = default_config.get_config()
+  assert upgraded['model']['width'] == 32 and upgraded['pcl']['temperature'] == 0.1
+  assert upgraded['pcl']['mask_same_cluster_negatives'] is False
+  assert upgraded['model']['dim'] == defaults.model.dim
+  assert 'data' not in upgraded  # only sections the run saved are completed
 
 
 def test_a_config_file_with_a_moved_field_says_where_it_went():

@@ -1,0 +1,124 @@
+"""The step's loss switches (step.LossSwitches): the same-cluster mask against numpy, the queue's
+dataset indices in one real jitted step, and each switch's effect on `pcl_loss`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from pcl_jax import models
+from pcl_jax import parallel
+from pcl_jax import state as state_lib
+from pcl_jax import step as step_lib
+
+
+def _bank(rng, num_samples, sizes, active):
+  """A prototype bank whose levels have `sizes` prototypes, `active` marking the live ones."""
+  levels = [{'centroids': rng.normal(size=(k, 4)).astype(np.float32),
+             'im2cluster': rng.integers(0, k, num_samples),
+             'concentration': np.ones(k, np.float32)} for k in sizes]
+  bank = step_lib.prototype_bank(levels, len(sizes), max(sizes))
+  bank['active'] = jnp.asarray(active)
+  return bank, levels
+
+
+def test_same_cluster_negatives_matches_numpy_at_the_finest_active_level():
+  rng = np.random.default_rng(0)
+  bank, levels = _bank(rng, 50, (5, 12, 3), [True, False, True])  # finest active: k=5
+  index = rng.integers(0, 50, 6)
+  queue_index = rng.integers(-1, 50, 20)
+  mask = np.asarray(step_lib.same_cluster_negatives(jnp.asarray(index), jnp.asarray(queue_index),
+                                                    bank))
+  clusters = levels[0]['im2cluster']
+  expected = np.array([[j >= 0 and clusters[j] == clusters[i] for j in queue_index]
+                       for i in index])
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_nothing_is_masked_during_warm_up():
+  rng = np.random.default_rng(1)
+  bank, _ = _bank(rng, 10, (2, 2), [False, False])
+  mask = step_lib.same_cluster_negatives(jnp.arange(4), jnp.arange(8), bank)
+  assert not np.asarray(mask).any()
+
+
+def test_loss_switches_read_the_config_and_default_to_published_pcl():
+  config = test_config.get_config()
+  assert step_lib.LossSwitches.from_config(config.pcl) == step_lib.LossSwitches()
+  config.pcl.proto_weight = 0.5
+  config.pcl.proto_columns = 'reference'
+  switches = step_lib.LossSwitches.from_config(config.pcl)
+  assert switches.proto_weight == 0.5 and switches.proto_columns == 'reference'
+
+
+def _one_step(switches, bank):
+  config = test_config.get_config()
+  model = models.encoder_from_config(config, bn_groups=2)
+  schedule = step_lib.make_lr_schedule(config.optim, 2, 4)
+  tx = step_lib.make_optimizer(config.optim, schedule)
+  state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16, config.pcl.num_negatives)
+  state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
+  step = jax.jit(lambda s, b, k, h: step_lib.train_step(
+      s, b, k, h, model=model, tx=tx, lr_schedule=schedule, temperature=0.2, moco_m=0.99,
+      num_negatives=config.pcl.num_negatives, switches=switches))
+  rng = np.random.default_rng(2)
+  batch = {view: rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8) for view in ('im_q', 'im_k')}
+  batch['index'] = np.arange(8, 16)
+  return step(state, batch, bank, {'smoothing': jnp.float32(0.1)})
+
+
+@pytest.fixture(scope='module')
+def active_bank():
+  rng = np.random.default_rng(3)
+  levels = [{'centroids': rng.normal(size=(k, 16)).astype(np.float32),
+             'im2cluster': rng.integers(0, k, 64), 'concentration': np.full(k, 0.3, np.float32)}
+            for k in (6, 3)]
+  return step_lib.prototype_bank(levels, 2, 6)
+
+
+def test_the_queue_records_each_key_s_dataset_index(active_bank):
+  state, _ = _one_step(step_lib.LossSwitches(), active_bank)
+  queue_index = np.asarray(state.queue_index)
+  np.testing.assert_array_equal(queue_index[:8], np.arange(8, 16))
+  assert (queue_index[8:] == -1).all()
+
+
+def _pcl_loss(switches, bank, queue_index, seed=4):
+  rng = np.random.default_rng(seed)
+  unit = lambda shape: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
+      rng.normal(size=shape).astype(np.float32))
+  queries, queue = unit((8, 16)), unit((64, 16))
+  keys = unit((8, 16)) + queries
+  keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+  fn = jax.jit(lambda *a: step_lib.pcl_loss(*a, temperature=0.2, num_negatives=64,
+                                            switches=switches))
+  return fn(queries, keys, queue, queue_index, jnp.arange(8, 16), bank, jax.random.PRNGKey(0),
+            jnp.float32(0.1))
+
+
+def test_each_switch_changes_the_loss_as_specified(active_bank):
+  queue_index = jnp.asarray(np.random.default_rng(5).integers(-1, 64, 64))
+  plain_loss, plain = _pcl_loss(step_lib.LossSwitches(), active_bank, queue_index)
+  np.testing.assert_allclose(plain_loss, plain['loss_inst'] + plain['loss_proto'], rtol=1e-6)
+  weighted_loss, weighted = _pcl_loss(step_lib.LossSwitches(proto_weight=0.25), active_bank,
+                                      queue_index)
+  np.testing.assert_allclose(weighted_loss, plain['loss_inst'] + 0.25 * plain['loss_proto'],
+                             rtol=1e-6)
+  _, smoothed = _pcl_loss(step_lib.LossSwitches(smooth_instance=True), active_bank, queue_index)
+  assert float(smoothed['loss_inst']) > float(plain['loss_inst'])
+  np.testing.assert_allclose(smoothed['loss_proto'], plain['loss_proto'], rtol=1e-6)
+  _, reference = _pcl_loss(step_lib.LossSwitches(proto_columns='reference'), active_bank,
+                           queue_index)
+  assert float(reference['acc_proto']) <= float(plain['acc_proto'])
+  assert float(reference['loss_proto']) != float(plain['loss_proto'])
+  _, debiased = _pcl_loss(step_lib.LossSwitches(debias_prior=0.1), active_bank, queue_index)
+  assert float(debiased['loss_inst']) != float(plain['loss_inst'])
+  assert float(debiased['acc_inst']) == float(plain['acc_inst'])
+  _, masked = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
+                        queue_index)
+  assert float(masked['loss_inst']) < float(plain['loss_inst'])
+  # With no queue row of a known sample, the mask removes nothing.
+  _, unknown = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
+                         jnp.full((64,), -1))
+  np.testing.assert_allclose(unknown['loss_inst'], plain['loss_inst'], rtol=1e-6)
