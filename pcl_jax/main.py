@@ -11,18 +11,11 @@ last good checkpoint is kept). 128 + signal number: stopped by SIGTERM/SIGINT af
 checkpoint; rerunning the same command resumes.
 """
 
-import logging as py_logging
-import os
-import re
-import sys
-import threading
-
 from absl import app
 from absl import flags
-from absl import logging
-import ml_collections
 from ml_collections import config_flags
 
+from pcl_jax import cli
 from pcl_jax import configuration
 
 FLAGS = flags.FLAGS
@@ -39,149 +32,6 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process (0 .. num_pro
 flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-USER_ERROR_STATUS = 2
-DIVERGED_STATUS = 3
-
-
-def _fail(message: str, status: int = USER_ERROR_STATUS, prefix: str = 'error') -> None:
-  """Prints `prefix: message` as one line on stderr and exits with `status`."""
-  one_line = ' '.join(str(message).split())
-  tqdm_module = sys.modules.get('tqdm')
-  try:  # a progress bar cut short by the error would otherwise prefix the message's line
-    for bar in list(getattr(tqdm_module.tqdm, '_instances', ())) if tqdm_module else ():
-      bar.close()
-  except Exception:  # pylint: disable=broad-except
-    pass
-  print(f'{prefix}: {one_line}', file=sys.stderr, flush=True)
-  # Work abandoned by the error (e.g. Orbax's pending reads of a checkpoint that did not fit)
-  # would print 'Exception ignored' tracebacks at exit; the line above has said what matters.
-  sys.unraisablehook = lambda unraisable: None
-  threading.excepthook = lambda args: None
-  sys.exit(status)
-
-
-def _not_an_orbax_error(record: py_logging.LogRecord) -> bool:
-  return not (record.levelno >= py_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
-
-
-def _verbose_requested(argv) -> bool:
-  return any(arg in ('--verbose', '-verbose', '--verbose=true', '--verbose=True')
-             for arg in argv[1:])
-
-
-def _config_argument(argv):
-  """The value of --config in argv (`--config=X` or `--config X`), without a `:args` suffix."""
-  for i, arg in enumerate(argv[1:], 1):
-    for prefix in ('--config=', '-config='):
-      if arg.startswith(prefix):
-        return arg[len(prefix):].split(':', 1)[0]
-    if arg in ('--config', '-config') and i + 1 < len(argv):
-      return argv[i + 1].split(':', 1)[0]
-  return None
-
-
-def _check_config_path(argv) -> None:
-  """A missing or unreadable --config file, said plainly (config_flags defers and buries it)."""
-  path = _config_argument(argv)
-  if path is None or path == '':
-    return  # absl reports the missing required flag
-  if os.path.isdir(path):
-    _fail(f'--config={path} is a directory; pass a config file such as configs/digits.py')
-  if not os.path.isfile(path):
-    _fail(f'--config={path}: no such file (relative paths start at {os.getcwd()}); pass a config '
-          'file such as configs/digits.py')
-
-
-def _override_path(argv, key: str) -> str:
-  """The `--config.a.b` override in argv whose path contains the field `key`."""
-  for arg in argv[1:]:
-    match = re.match(r'-{1,2}(?:no)?config\.([\w.]+)', arg)
-    if match and key in match.group(1).split('.'):
-      return match.group(1)
-  return key
-
-
-def _flag_error_message(error: BaseException, argv) -> str:
-  """One line naming the flag or config field behind an error raised while parsing flags."""
-  text = str(error)
-  config_path = _config_argument(argv)
-  if isinstance(error, (KeyError, AttributeError)) and 'get_config' in text:
-    return (f'--config={config_path} defines no get_config(); a config file must define '
-            'get_config() returning a ConfigDict (see configs/digits.py)')
-  if isinstance(error, (KeyError, AttributeError)):
-    # ml_collections: "'lrr'\nDid you mean "lr" instead of "lrr"?" for an unknown field.
-    names = re.findall(r"'([\w]+)'", text.replace('\\', ''))
-    if names:
-      key = names[0]
-      suggestion = re.search(r'Did you mean "([\w]+)"', text)
-      path = _override_path(argv, key)
-      hint = ''
-      if suggestion:
-        hint = f' (did you mean --config.{path.rsplit(key, 1)[0]}{suggestion.group(1)}?)'
-      moved = configuration.MOVED_FIELDS.get(path)
-      if moved:
-        hint = f' (it is now --config.{moved})'
-      return (f'--config.{path}: the config has no field {key!r}{hint}; configs/default.py lists '
-              'every field')
-  if 'Error whilst parsing config file' in text:
-    # config_flags wraps errors raised by the file's get_config() with their traceback text.
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f'--config={config_path} failed to load: {lines[-1].strip()}'
-  if isinstance(error, flags.Error):
-    if 'must have a value other than None' in text:
-      if config_path and '--config=None' in text:
-        return (f'--config={config_path}: get_config() returned None; make it return the '
-                'ConfigDict')
-      return ('--config and --workdir are required, e.g. --config=configs/digits.py '
-              '--workdir=runs/digits')
-    match = re.match(r'flag (--config\.[\w.]+=.*?): (.*)$', text, re.S)
-    if match:  # a --config.* override that does not parse as the field's type
-      reason = match.group(2).strip()
-      if 'Non-boolean argument' in reason:
-        reason = 'not a boolean (use true or false)'
-      return (f'{match.group(1)}: {reason}; give a value of the field\'s type '
-              '(configs/default.py shows each field)')
-    return text + ('' if 'Did you mean' in text else '; see --helpfull for the flags')
-  if isinstance(error, OSError) and config_path is not None:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return f'--config={config_path} cannot be read ({lines[-1].strip()})'
-  first = text.strip().splitlines()[0] if text.strip() else ''
-  return f'--config={config_path} failed to load: {type(error).__name__}: {first}'
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with every failure turned into one `error:` line and status 2.
-
-  Parsing runs the config file and applies `--config.*` overrides, so the user's typos surface
-  here, before `main`: unknown fields, wrong types, a missing file, no get_config().
-  """
-  verbose = _verbose_requested(argv)
-  if not verbose:
-    _check_config_path(argv)
-  # config_flags warns through absl logging before flags exist; the error below says it all.
-  absl_logger = py_logging.getLogger('absl')
-  absl_level = absl_logger.level
-  absl_logger.setLevel(py_logging.ERROR)
-  try:
-    remaining = FLAGS(argv)
-    config = FLAGS.config
-    if not isinstance(config, ml_collections.ConfigDict):
-      try:
-        _ = config.data  # config_flags defers load errors until the config is first touched
-      except OSError:
-        raise
-      except Exception:  # pylint: disable=broad-except
-        pass
-      _fail(f'--config={_config_argument(argv)}: get_config() returned '
-            f'{type(config).__name__}, not a ConfigDict; make it return the config')
-  except Exception as error:  # pylint: disable=broad-except
-    if verbose:
-      raise
-    _fail(_flag_error_message(error, argv))
-  finally:
-    absl_logger.setLevel(absl_level)
-  return remaining
-
 
 def _run(config, workdir):
   # pylint: disable=g-import-not-at-top
@@ -196,39 +46,20 @@ def _run(config, workdir):
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; settings are flags, e.g. --config.optim.lr=0.03')
-  # Orbax and XLA log every file operation at INFO through absl; keep absl at WARNING and give
-  # the project's own loggers (pcl_jax.*) INFO on stderr.
-  logging.set_verbosity(logging.WARNING)
-  if not FLAGS.verbose:
-    # Orbax logs the failures of its background threads at ERROR, then raises them again in the
-    # caller, where they become one `error:` line (or, for a damaged checkpoint, a warning).
-    logging.get_absl_handler().addFilter(_not_an_orbax_error)
-  handler = py_logging.StreamHandler(sys.stderr)
-  handler.setFormatter(py_logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
-  project_logger = py_logging.getLogger('pcl_jax')
-  project_logger.addHandler(handler)
-  project_logger.setLevel(py_logging.INFO)
-  project_logger.propagate = False
+    cli.fail(f'unexpected arguments {argv[1:]}; settings are flags, e.g. --config.optim.lr=0.03')
+  cli.setup_logging(FLAGS.verbose)
   # pylint: disable=g-import-not-at-top
   from pcl_jax import errors
   from pcl_jax import parallel
   from pcl_jax import run_files
-  from pcl_jax import stop
+  from pcl_jax.kernels import host_threads
   # pylint: enable=g-import-not-at-top
   # Before anything touches a JAX backend (validation asks which one runs): a multi-host run
   # meets its peers here.
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
-  # Also before the backends start: the size of XLA's CPU thread pool (host_threads). A
-  # malformed config is left to the validation below, which names what is wrong.
-  from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top
-  try:
-    runtime = FLAGS.config.runtime
-    host_threads.limit_xla_threads(runtime.conv_impl, FLAGS.config.model.arch,
-                                   runtime.xla_cpu_threads)
-  except (AttributeError, KeyError, TypeError):
-    pass
+  # Also before the backends start: the size of XLA's CPU thread pool (host_threads).
+  cli.limit_xla_threads(FLAGS.config)
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
@@ -239,32 +70,8 @@ def main(argv):
   except (errors.UserError, run_files.WorkdirError) as error:
     if FLAGS.verbose:
       raise
-    _fail(error)
-  try:
-    _run(FLAGS.config, FLAGS.workdir)
-  except (errors.UserError, FileNotFoundError) as error:
-    if FLAGS.verbose:
-      raise
-    _fail(error)
-  except FloatingPointError as error:
-    if FLAGS.verbose:
-      raise
-    _fail(error, DIVERGED_STATUS)
-  except stop.TrainingInterrupted as error:
-    _fail(error, 128 + error.signum if error.signum else 1, prefix='stopped')
-  except KeyboardInterrupt:
-    if FLAGS.verbose:
-      raise
-    _fail('interrupted; checkpoints on disk are intact: rerun the same command to resume from '
-          'the latest', 128 + 2, prefix='stopped')
-  except Exception as error:  # pylint: disable=broad-except
-    failure = None if FLAGS.verbose else run_files.storage_failure(error)
-    if failure is None:
-      raise
-    code, path = failure
-    where = f' writing {path}' if path else ''
-    _fail(f'{os.strerror(code)}{where}; free space or fix permissions, then rerun (the files '
-          'already written are intact; training resumes from its latest checkpoint)')
+    cli.fail(error)
+  cli.run_reporting_errors(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.verbose)
 
 
 if __name__ == '__main__':
@@ -272,4 +79,4 @@ if __name__ == '__main__':
   # The program tunes its own process; importing pcl_jax as a library changes nothing.
   from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.tune_malloc()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
