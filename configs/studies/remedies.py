@@ -1,0 +1,55 @@
+r"""PCL's known flaws and the notes' open problems: each switch alone against plain PCL.
+
+  python -m pcl_jax.study --study=configs/studies/remedies.py --workdir=/tmp/study_remedies \
+      --config.data.root=/tmp/dev_patches
+
+Baseline `plain` is PCL as published at the reference run's budget (configs/small_images_plain.py).
+Each other variant changes one thing (docs/studies.md has what each measured):
+  mask_negatives     pcl.mask_same_cluster_negatives: InfoNCE drops queue keys of the query's
+                     cluster (official repository's issue #8);
+  proto_weight_half  pcl.proto_weight=0.5: ProtoNCE weighted half against InfoNCE;
+  reference_columns  pcl.proto_columns='reference': the official code's ProtoNCE columns;
+  smoothing          the notes' label smoothing of ProtoNCE (pcl.smoothing_cap=0.2);
+  smooth_both        ... applied to InfoNCE too (pcl.smooth_instance);
+  weight_decay       over-fitting: optim.weight_decay 5e-4 instead of 1e-4;
+  debias             debiased InfoNCE (Chuang et al. 2020) with tau+ = 0.1;
+  momentum_099       pcl.moco_m=0.99: at 700 steps in all, m=0.999 (time constant 1000 steps)
+                     leaves the key encoder, which makes the queue and the clustered features,
+                     half at its random initialisation;
+  small_images       the recipe of configs/small_images.py (its RECIPE overrides).
+Every cell checks the validation kNN every 3 epochs (best_val_knn, overfit_gap).
+"""
+
+import importlib.util
+import os
+
+
+def _recipe():
+  """configs/small_images.py's RECIPE, loaded by path (study files are loaded by path too)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'small_images.py')
+  spec = importlib.util.spec_from_file_location('small_images', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return dict(module.RECIPE)
+
+
+def get_study():
+  return {
+      'config': 'configs/small_images_plain.py',
+      'overrides': {'eval.val_every': 3},
+      'variants': {
+          'plain': {},
+          'mask_negatives': {'pcl.mask_same_cluster_negatives': True},
+          'proto_weight_half': {'pcl.proto_weight': 0.5},
+          'reference_columns': {'pcl.proto_columns': 'reference'},
+          'smoothing': {'pcl.smoothing_cap': 0.2},
+          'smooth_both': {'pcl.smoothing_cap': 0.2, 'pcl.smooth_instance': True},
+          'weight_decay': {'optim.weight_decay': 5e-4},
+          'debias': {'pcl.debias_prior': 0.1},
+          'momentum_099': {'pcl.moco_m': 0.99},
+          'small_images': _recipe(),
+      },
+      'baseline': 'plain',
+      'seeds': [0, 1, 2],
+  }
