@@ -78,3 +78,14 @@ def test_a_validation_split_inside_the_training_split_is_refused():
     configuration.validate(config)
   config.data.train_split = 'train'
   configuration.validate(config)
+
+
+def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():
+  """tests/data/legacy_run's config.json predates data.eval_resize and eval.encoder: it compares
+  (and its checkpoints evaluate) as a run with the defaults."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'tests', 'data', 'legacy_run', 'config.json')) as handle:
+    saved = json.load(handle)
+  assert 'eval_resize' not in saved['data'] and 'encoder' not in saved['eval']
+  upgraded = configuration.upgrade_saved_config(saved)
+  assert (upgraded['data']['eval_resize'], upgraded['eval']['encoder']) == ('auto', 'key')

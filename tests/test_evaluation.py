@@ -1,6 +1,7 @@
 """Tests of pcl_jax/evaluation/: each metric against sklearn/scipy/numpy; --mode=eval end to end."""
 
 import itertools
+import re
 import json
 import os
 
@@ -288,3 +289,120 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, trained_workdir):
     driver.evaluate_checkpoint(_eval_config(), str(tmp_path))
   with pytest.raises(FileNotFoundError, match='available: \\[1\\]'):
     driver.evaluate_checkpoint(_eval_config(), trained_workdir, epochs_done=7, overwrite=True)
+
+
+def _comparable(results: dict) -> dict:
+  """A results dict without what differs between two scorings of the same features: the times
+  and the names of the files scored."""
+  return {key: value for key, value in results.items() if key not in ('timing_s', 'features')}
+
+
+def test_scoring_saved_features_equals_the_runs_own_eval(trained_workdir, tmp_path):
+  """`python -m pcl_jax.evaluation.score` on the npz files a run saved gives that run's
+  `--mode=eval` results exactly (the same code path, driver.evaluate_features)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  evaluated = driver.evaluate_checkpoint(_eval_config(), trained_workdir, overwrite=True)
+  eval_dir = os.path.join(trained_workdir, 'eval')
+  # digits: train -> eval, so both splits were embedded and saved.
+  assert evaluated['protocol'] == protocol.PROTOCOL_TRAIN_TO_EVAL
+  assert {'features_test.npz', 'features_train.npz'} <= set(os.listdir(eval_dir))
+  out = str(tmp_path / 'scored.json')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, '-m', 'pcl_jax.evaluation.score', f'--features={eval_dir}',
+             '--config=configs/test.py', '--config.eval.fewshot_episodes=40', f'--out={out}']
+  result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr
+  with open(out) as handle:
+    scored = json.load(handle)
+  assert _comparable(scored) == _comparable(json.loads(json.dumps(evaluated)))
+  assert scored['checkpoint_step'] == 1 and scored['encoder'] == 'key'
+  assert scored['features']['train'].endswith('features_train.npz')
+  # The same files named explicitly (TRAIN.npz,EVAL.npz), in-process.
+  from pcl_jax.evaluation import score  # pylint: disable=g-import-not-at-top
+  explicit = score.score_features(
+      _eval_config(), ','.join(os.path.join(eval_dir, f'features_{split}.npz')
+                               for split in ('train', 'test')), str(tmp_path / 'explicit.json'))
+  assert _comparable(explicit) == _comparable(evaluated)
+
+
+def _write_npz(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_scoring_features_of_any_model(tmp_path):
+  """Files with only `features` and `labels` (as the PyTorch reference script writes): the
+  split comes from the file name, and an eval file alone is scored on within-eval halves."""
+  from pcl_jax.evaluation import score  # pylint: disable=g-import-not-at-top
+  features, labels = _clustered_features(6, 30, 16, noise=0.2)
+  train = _write_npz(tmp_path / 'features_train.npz', features=features[::2],
+                     labels=labels[::2])
+  test = _write_npz(tmp_path / 'features_test.npz', features=features[1::2], labels=labels[1::2])
+  config = _eval_config()
+  config.eval.fewshot_queries = 5
+  pair = score.score_features(config, f'{train},{test}', str(tmp_path / 'pair.json'))
+  assert pair['split'] == 'test' and pair['checkpoint_step'] is None
+  assert pair['protocol'] == protocol.PROTOCOL_TRAIN_TO_EVAL and pair['knn_top1'] == 100.0
+  alone = score.score_features(config, test, None)
+  assert alone['protocol'] == protocol.PROTOCOL_EVAL_HALVES
+  assert os.path.exists(tmp_path / 'scores_test.json')  # the default --out
+  with pytest.raises(configuration.UserError, match='--overwrite'):
+    score.score_features(config, test, None)
+  # An eval split that is part of the train split is scored on halves (no self-matches).
+  joined = _write_npz(tmp_path / 'features_train+test.npz', features=features, labels=labels)
+  inside = score.score_features(config, f'{joined},{test}', str(tmp_path / 'inside.json'))
+  assert inside['protocol'] == protocol.PROTOCOL_EVAL_HALVES
+
+
+def test_scoring_errors_are_one_line(tmp_path):
+  """Through the real command line, in parallel subprocesses: one `error:` line, status 2."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  good = _write_npz(tmp_path / 'features_test.npz', features=rng.normal(size=(10, 4)),
+                    labels=np.arange(10) % 2)
+  os.makedirs(tmp_path / 'empty')
+  cases = {
+      'no such file': f'{tmp_path}/features_nothing.npz',
+      "has no array 'labels'": _write_npz(tmp_path / 'a.npz', features=np.zeros((3, 4))),
+      'have dimension 8 but eval features': _write_npz(
+          tmp_path / 'b.npz', features=np.zeros((10, 8)), labels=np.arange(10)) + ',' + good,
+      r'expected labels \[10\]': _write_npz(tmp_path / 'c.npz', features=np.zeros((10, 4)),
+                                            labels=np.arange(9)),
+      'no features_test.npz': str(tmp_path / 'empty'),
+  }
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(features):
+    return subprocess.run([sys.executable, '-m', 'pcl_jax.evaluation.score',
+                           f'--features={features}', f'--out={tmp_path}/out.json'],
+                          cwd=root, capture_output=True, text=True, timeout=300, check=False)
+
+  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+    results = dict(zip(cases, pool.map(run, cases.values())))
+  for expected, result in results.items():
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (expected, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_the_query_encoder_can_be_evaluated(trained_workdir, tmp_path):
+  """eval.encoder=query scores the query encoder's parameters and BN statistics (the key
+  encoder's differ after training), and says so in results.json and the saved features."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_workdir, workdir)
+  features = {}
+  for encoder in ('key', 'query'):
+    config = _eval_config()
+    config.eval.encoder = encoder
+    results = driver.evaluate_checkpoint(config, workdir, overwrite=True)
+    assert results['encoder'] == encoder
+    with np.load(os.path.join(workdir, 'eval', 'features_test.npz')) as saved:
+      assert saved['encoder'].item() == encoder
+      features[encoder] = saved['features']
+  assert not np.allclose(features['key'], features['query'], atol=1e-4)
