@@ -89,3 +89,26 @@ def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():
   assert 'eval_resize' not in saved['data'] and 'encoder' not in saved['eval']
   upgraded = configuration.upgrade_saved_config(saved)
   assert (upgraded['data']['eval_resize'], upgraded['eval']['encoder']) == ('auto', 'key')
+
+
+STUDIES = sorted(glob.glob(os.path.join(ROOT, 'configs', 'studies', '*.py')))
+
+
+@pytest.mark.parametrize('path', STUDIES, ids=os.path.basename)
+def test_study_file_loads_and_every_cell_validates(path, monkeypatch):
+  from pcl_jax import study  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(ROOT)
+  loaded = study.load_study(path)
+  cells = study.cell_configs(loaded, {'data.root': '/data/images'})
+  study.validate_cells(cells)
+  assert len(cells) == len(loaded.variants) * len(loaded.seeds) and len(loaded.seeds) >= 3
+
+
+def test_the_small_image_recipe_is_plain_pcl_plus_its_recipe():
+  from configs import small_images, small_images_plain  # pylint: disable=g-import-not-at-top
+  recipe, plain = small_images.get_config(), small_images_plain.get_config()
+  for dotted, value in small_images.RECIPE.items():
+    section, name = dotted.split('.')
+    assert recipe[section][name] == value and plain[section][name] != value
+    plain[section][name] = value
+  assert recipe.to_dict() == plain.to_dict()
