@@ -277,10 +277,16 @@ def _log_pretraining_split(config, source: ArraySource) -> None:
                     'published ones when pretraining on train', data.train_split)
 
 
+_LOGGED_EVAL_RESIZE = set()
+
+
 def eval_resize(data_config) -> str:
-  """`data.eval_resize` resolved ('whole' or 'center', `sources.resolved_eval_resize`), logged."""
+  """`data.eval_resize` resolved ('whole' or 'center', `sources.resolved_eval_resize`); what
+  'auto' chose is logged once per dataset and crop."""
   resolved = sources.resolved_eval_resize(data_config)
-  if data_config.eval_resize == 'auto':
+  key = (data_config.name, str(data_config.root), int(data_config.image_size), resolved)
+  if data_config.eval_resize == 'auto' and key not in _LOGGED_EVAL_RESIZE:
+    _LOGGED_EVAL_RESIZE.add(key)
     logging.info('eval transform: data.eval_resize=auto -> %s (stored images %s px, crop %d)',
                  resolved, sources.stored_image_size(data_config), data_config.image_size)
   return resolved
@@ -307,7 +313,7 @@ def build_eval_dataset(config, split: Optional[str] = None) -> EvalDataset:
   """Eval-transform dataset of `split` (default `data.eval_split`)."""
   setting = 'data.eval_split' if split is None else 'data split'
   source = sources.load_source(config.data, split or config.data.eval_split, setting=setting)
-  return eval_dataset(source, config.data.image_size, sources.resolved_eval_resize(config.data))
+  return eval_dataset(source, config.data.image_size, eval_resize(config.data))
 
 
 def eval_dataset(source: ArraySource, image_size: int, eval_resize: str) -> EvalDataset:
