@@ -395,12 +395,21 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def finished_results(cell: Cell, root: str) -> Optional[dict]:
-  """The cell's eval results (its eval split, its last epoch's checkpoint), or None."""
-  from pcl_jax.evaluation import driver  # pylint: disable=g-import-not-at-top
-  results = _read_json(driver.results_path(cell.workdir(root), cell.config.data.eval_split))
-  if results is None or results.get('checkpoint_step') != cell.config.train.epochs:
-    return None
-  return results
+  """The cell's eval results of its eval split at its last epoch's checkpoint, or None.
+
+  Read from whichever of eval/results*.json holds them (the driver writes results_<split>.json
+  and results.json alike), without importing the evaluation code: a rerun that skips every
+  cell stays fast.
+  """
+  directory = os.path.join(cell.workdir(root), 'eval')
+  names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  for name in names:
+    if name.startswith('results') and name.endswith('.json'):
+      results = _read_json(os.path.join(directory, name))
+      if (results is not None and results.get('split') == cell.config.data.eval_split
+          and results.get('checkpoint_step') == cell.config.train.epochs):
+        return results
+  return None
 
 
 def diverged_reason(cell: Cell, root: str) -> Optional[str]:
@@ -450,12 +459,24 @@ def run_cell(cell: Cell, root: str) -> CellTiming:
 
 def enable_compilation_cache(directory: str) -> None:
   """JAX's persistent compilation cache in `directory`, for every program (none is too small or
-  too quick to compile: a cell compiles dozens of small evaluation programs too)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  jax.config.update('jax_compilation_cache_dir', os.path.abspath(directory))
+  too quick to compile: a cell compiles dozens of small evaluation programs too).
+
+  JAX never caches a program with host callbacks (`runtime.conv_impl=torch`'s convolutions):
+  those compile again in every process.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  # pylint: enable=g-import-not-at-top
+  directory = os.path.abspath(directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if jax.config.jax_compilation_cache_dir != directory:
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update('jax_compilation_cache_dir', directory)
+    # JAX decides once per process whether a cache is used, at its first compilation: a
+    # process that compiled before (a notebook, a test run) decides again.
+    compilation_cache.reset_cache()
 
 
 def _format_value(value) -> str:
@@ -535,10 +556,8 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
     check_cell_config(cell, workdir)
   index, count = selection
   mine = [] if report_only else select_cells(cells, index, count)
-  if mine and compilation_cache is not None and compilation_cache != '':
-    enable_compilation_cache(compilation_cache)
-  elif mine and compilation_cache is None:
-    enable_compilation_cache(os.path.join(workdir, CACHE_DIR))
+  if compilation_cache is None:
+    compilation_cache = os.path.join(workdir, CACHE_DIR)
   outcome = StudyOutcome(ran=[], skipped=[], diverged={}, missing=[], timings=[],
                          report_paths=[])
   for number, cell in enumerate(mine, 1):
@@ -553,6 +572,8 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
       outcome.skipped.append(cell.name)
       continue
     log.info('%s: training and evaluating in %s', label, cell.workdir(workdir))
+    if compilation_cache:
+      enable_compilation_cache(compilation_cache)
     try:
       timing = run_cell(cell, workdir)
     except FloatingPointError as error:
@@ -657,7 +678,8 @@ def parse_flags(argv):
       raise
     cli.fail(error)
   _parsed['override_paths'] = _override_paths(argv)
-  return cli.parse_flags(list(argv) + [f'--config={_parsed["study"].config}'])
+  # --config first: absl defines the --config.X=V flags when it parses --config.
+  return cli.parse_flags([argv[0], f'--config={_parsed["study"].config}', *argv[1:]])
 
 
 def _command_line_overrides(config, paths: Sequence[str]) -> Dict[str, object]:
