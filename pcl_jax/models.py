@@ -16,6 +16,7 @@ module imports no torch.
 """
 
 import functools
+import math
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
@@ -32,9 +33,22 @@ ARCHS = choices.ARCHS
 # resumes or evaluates only under the same values.
 IDENTITY_FIELDS = ('arch', 'dim', 'mlp', 'small_stem', 'width')
 
-# torchvision's initialisers, so parameter statistics match the PyTorch reference.
+# torchvision's initialisers, so parameter statistics match the PyTorch reference: its ResNets'
+# convolutions (kaiming normal, fan-out) and every nn.Linear (kaiming uniform, a=sqrt(5): uniform
+# within 1/sqrt(fan_in)).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# PyTorch's own nn.Conv2d initialisation, which a plain Conv4 (the reference's and the few-shot
+# literature's) keeps: kernel and bias uniform within 1/sqrt(fan_in). Its kernels have ~1/6 the
+# variance of `conv_init`'s, and under BN a smaller weight norm means a larger effective step.
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_conv_bias_init(fan_in: int):
+  """nn.Conv2d's default bias: uniform within 1/sqrt(fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                  bound)
 
 # Conv kernels are stored [out, kh, kw, in]: the bytes of a channels-last PyTorch conv weight,
 # which PyTorch's oneDNN kernels (`kernels.torch_conv`) read ~6% faster per step than flax's usual HWIO.
@@ -192,16 +206,22 @@ class ResNetBackbone(nn.Module):
     return x.mean(axis=(1, 2))
 
 
-def ohwi_conv_init(key, shape, dtype=jnp.float32):
-  """`conv_init` for an OHWI `shape`: draws the HWIO kernel that flax's nn.Conv would (same
+def ohwi(init):
+  """`init` for an OHWI `shape`: draws the HWIO kernel that flax's nn.Conv would with `init` (same
   key, same values) and transposes it, so runs start from the same weights as with nn.Conv."""
-  features, kernel_h, kernel_w, in_features = shape
-  return conv_init(key, (kernel_h, kernel_w, in_features, features), dtype).transpose(3, 0, 1, 2)
+  def draw(key, shape, dtype=jnp.float32):
+    features, kernel_h, kernel_w, in_features = shape
+    return init(key, (kernel_h, kernel_w, in_features, features), dtype).transpose(3, 0, 1, 2)
+  return draw
 
 
-def _convolve(module: nn.Module, x, kernel_size, features, strides, padding):
+ohwi_conv_init = ohwi(conv_init)
+
+
+def _convolve(module: nn.Module, x, kernel_size, features, strides, padding,
+              kernel_init=conv_init):
   """The OHWI kernel parameter 'kernel' of `module` and x convolved with it (`kernels.conv`)."""
-  kernel = module.param('kernel', ohwi_conv_init,
+  kernel = module.param('kernel', ohwi(kernel_init),
                         (features,) + tuple(kernel_size) + (x.shape[-1],), jnp.float32)
   return _kernels(module.kernels).conv(x.astype(module.dtype), kernel.astype(module.dtype), strides, padding,
                   dimension_numbers=_CONV_DIMENSIONS)
@@ -223,7 +243,8 @@ class Conv(nn.Module):
 
 class ConvWithDeferredBias(nn.Module):
   """A stride-1 conv with bias (kernel OHWI, as `Conv`) that returns
-  (convolution without the bias, bias), for a BN that folds the bias in (`input_bias`)."""
+  (convolution without the bias, bias), for a BN that folds the bias in (`input_bias`).
+  Initialised as PyTorch's nn.Conv2d (`torch_conv_init`), as the Conv4 of the reference."""
   features: int
   kernel_size: Tuple[int, int]
   dtype: Any = jnp.float32
@@ -231,8 +252,10 @@ class ConvWithDeferredBias(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]))
-    return y, self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]),
+                  kernel_init=torch_conv_init)
+    fan_in = self.kernel_size[0] * self.kernel_size[1] * x.shape[-1]
+    return y, self.param('bias', torch_conv_bias_init(fan_in), (self.features,), jnp.float32)
 
 
 class Conv4Backbone(nn.Module):

@@ -126,3 +126,23 @@ def test_max_pool_2x2_matches_flax_max_pool_and_torch_floor_mode(size):
   np.testing.assert_array_equal(pooled, nn.max_pool(x, (2, 2), (2, 2)))
   reference = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
   np.testing.assert_array_equal(pooled, reference.permute(0, 2, 3, 1).numpy())
+
+
+def test_conv4_starts_from_pytorchs_conv2d_initialisation():
+  """The reference's Conv4 keeps nn.Conv2d's default init (kernel and bias uniform within
+  1/sqrt(fan_in)); compared in distribution with PyTorch's own draw, layer by layer."""
+  import torch  # pylint: disable=g-import-not-at-top
+  model = models.create_encoder('conv4', dim=16, width=64)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)['params']
+  torch.manual_seed(0)
+  for i, in_channels in enumerate((3, 64, 64, 64)):
+    layer = params['backbone'][f'Conv_{i}']
+    theirs = torch.nn.Conv2d(in_channels, 64, 3, padding=1)
+    bound = 1.0 / np.sqrt(9 * in_channels)
+    for ours, reference in ((layer['kernel'], theirs.weight), (layer['bias'], theirs.bias)):
+      ours, reference = np.asarray(ours), reference.detach().numpy()
+      assert np.abs(ours).max() <= bound and np.abs(reference).max() <= bound
+      # Uniform(-b, b): std b / sqrt(3); both draws within sampling error of it and of each other.
+      tolerance = 4 * bound / np.sqrt(3) / np.sqrt(2 * ours.size) + 1e-3 * bound
+      np.testing.assert_allclose(ours.std(), bound / np.sqrt(3), atol=tolerance * 2)
+      np.testing.assert_allclose(ours.std(), reference.std(), atol=tolerance * 3)
