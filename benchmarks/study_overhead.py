@@ -11,10 +11,13 @@ each in a fresh process and a fresh study directory:
   cache warm  the cache on, filled by the cold run (what another array task or a rerun sees).
 For each cell it prints the wall time of training + evaluation as the study called them, the
 time the trainer and the evaluation measured themselves (the epochs' `epoch_time_s` and
-results.json's `timing_s.total`), and the overhead beyond that (building the run: data, model,
-initial state; checkpoints; compilation outside the timed parts); then the first epoch's time
-against the median of the later ones, whose difference is mostly the train step's compilation.
-The last table gives the ratio no cache / cache for the first cell and for the later cells.
+results.json's `timing_s.total`), the overhead beyond that (building the run: data, model,
+initial state; checkpoints; compilation outside the timed parts), and, from JAX's own monitoring
+events and across both, the seconds spent tracing, lowering, compiling with XLA (and how many
+programs) and loading programs from the persistent cache (how many). The last table gives the
+ratios no cache / cache of the first cell's wall time, the later cells' mean and the whole
+process. On a busy machine the epochs' times scatter; the compile columns show the cache's
+effect directly.
 """
 
 import argparse
@@ -58,6 +61,13 @@ def _study_file(directory: str, args) -> str:
   return path
 
 
+# JAX's own timings of the work of making programs (jax/_src/dispatch.py, compiler.py).
+_EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace_s',
+           '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower_s',
+           '/jax/core/compile/backend_compile_duration': 'backend_s',
+           '/jax/compilation_cache/cache_retrieval_time_sec': 'cache_load_s'}
+
+
 def child(spec: str) -> None:
   """One study in this (fresh) process; prints its cells' timings as one JSON line."""
   start = time.perf_counter()
@@ -65,9 +75,34 @@ def child(spec: str) -> None:
   from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.tune_malloc()
   # pylint: disable=g-import-not-at-top
+  import jax
   from pcl_jax import cli
   from pcl_jax import study as study_lib
   # pylint: enable=g-import-not-at-top
+  totals = dict.fromkeys(list(_EVENTS.values()) + ['programs', 'cache_hits'], 0.0)
+
+  def on_duration(event, duration, **_):
+    if event in _EVENTS:
+      totals[_EVENTS[event]] += duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      totals['programs'] += 1
+
+  def on_event(event, **_):
+    if event == '/jax/compilation_cache/cache_hits':
+      totals['cache_hits'] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  jax.monitoring.register_event_listener(on_event)
+  per_cell = []
+  run_cell = study_lib.run_cell
+
+  def measured_run_cell(*args, **kwargs):
+    before = dict(totals)
+    timing = run_cell(*args, **kwargs)
+    per_cell.append({key: totals[key] - before[key] for key in totals})
+    return timing
+
+  study_lib.run_cell = measured_run_cell
   study = study_lib.load_study(study_path)
   cells = study_lib.cell_configs(study)
   cli.limit_xla_threads(cells[0].config)
@@ -76,7 +111,8 @@ def child(spec: str) -> None:
   outcome = study_lib.run_study(study, workdir, cells, compilation_cache=cache)
   print('TIMINGS ' + json.dumps({
       'startup_s': ready - start, 'total_s': time.perf_counter() - start,
-      'cells': [dict(vars(t), overhead_s=t.overhead_s) for t in outcome.timings]}), flush=True)
+      'cells': [dict(vars(t), overhead_s=t.overhead_s, **jax_s)
+                for t, jax_s in zip(outcome.timings, per_cell)]}), flush=True)
 
 
 def _run_child(study_path: str, workdir: str, cache: str) -> dict:
@@ -92,11 +128,12 @@ def _run_child(study_path: str, workdir: str, cache: str) -> dict:
 
 
 def _row(mode: str, number: int, cell: dict) -> str:
-  later = cell['later_epoch_s']
-  compile_s = '' if later is None else f"{cell['first_epoch_s'] - later:6.2f}"
-  return (f"| {mode} | {number} | {cell['wall_s']:6.2f} | {cell['train_s'] + cell['eval_s']:6.2f}"
-          f" | {cell['overhead_s']:6.2f} | {cell['first_epoch_s']:6.2f} | "
-          f"{'' if later is None else f'{later:6.2f}'} | {compile_s} |")
+  compile_s = cell['backend_s'] - cell['cache_load_s']
+  misses = cell['programs'] - cell['cache_hits']
+  return (f"| {mode} | {number} | {cell['wall_s']:.1f} | {cell['train_s'] + cell['eval_s']:.1f} | "
+          f"{cell['overhead_s']:.1f} | {cell['trace_s']:.1f} | {cell['lower_s']:.1f} | "
+          f"{compile_s:.1f} ({misses:.0f}) | {cell['cache_load_s']:.2f} "
+          f"({cell['cache_hits']:.0f}) |")
 
 
 def main(argv=None) -> int:
@@ -118,9 +155,9 @@ def main(argv=None) -> int:
   print(f'study: {args.config}, 1 variant x {args.seeds} seeds, train.epochs={args.epochs}; '
         'seconds per cell')
   print()
-  print('| mode | cell | wall | own (train + eval) | overhead | first epoch | later epochs '
-        '(median) | first - later |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('| mode | cell | wall | own (train + eval) | overhead | trace | lower | XLA compile '
+        '(programs) | cache load (programs) |')
+  print('|---|---|---|---|---|---|---|---|---|')
   for mode in MODES:
     for number, cell in enumerate(runs[mode]['cells'], 1):
       print(_row(mode, number, cell))
