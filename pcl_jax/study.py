@@ -67,6 +67,7 @@ FIELD_PATH = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 # in them from the study (another machine, other kernels or loader workers).
 IGNORED_DIFFERENCES = ('runtime', 'data.num_workers', 'data.cache_dir')
 DIVERGED_FILE = 'diverged.json'
+REPORT_FILES = ('report.json', 'report.md', 'report.png')  # study_report.REPORT_FILES
 CACHE_DIR = '.jax_cache'
 
 
@@ -194,6 +195,8 @@ def study_from_dict(spec, file: str) -> Study:
     if not isinstance(name, str) or not VARIANT_NAME.match(name):
       raise UserError(f'{where}: variant name {name!r} must be a directory name of letters, '
                       'digits and _ . + - (starting with a letter or digit)')
+    if name in REPORT_FILES:
+      raise UserError(f'{where}: variant name {name!r} is the name of a report file; rename it')
     checked[name] = _check_overrides(variant, f'{where}: variant {name!r}')
   baseline = spec['baseline']
   if not isinstance(baseline, str) or baseline not in checked:
@@ -663,6 +666,8 @@ def _override_paths(argv) -> List[str]:
 def parse_flags(argv):
   """Reads the study file, then absl's flags with the study's config as `--config`, so that
   `--config.X=V` parse (and fail) as they do for `pcl_jax.main`."""
+  if any(arg.lstrip('-') in ('help', 'helpfull', 'helpshort', 'h', '?') for arg in argv[1:]):
+    return cli.parse_flags(argv)  # absl prints the flags and exits
   verbose = cli.verbose_requested(argv)
   try:
     for arg in argv[1:]:

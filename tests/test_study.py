@@ -240,6 +240,8 @@ BAD_STUDIES = [
     ('no_variants', _study_text(variants={}), "'variants' must be a non-empty dict"),
     ('variant_name', _study_text(variants={'base': {}, 'a/b': {}}), "variant name 'a/b'"),
     ('variant_type', _study_text(variants={'base': 0.1}), "variant 'base' must be a dict"),
+    ('variant_report', _study_text(variants={'base': {}, 'report.md': {}}),
+     "variant name 'report.md' is the name of a report file"),
     ('baseline', _study_text(baseline='nope'), "baseline 'nope' is not a variant; use one of "
      'base, early'),
     ('empty_seeds', _study_text(seeds=[]), "'seeds' must be a non-empty list"),
@@ -318,6 +320,40 @@ def test_config_differences_ignore_how_a_cell_computes():
   wanted = {'seed': 0, 'optim': {'lr': 0.2, 'cos': True}, 'runtime': {'conv_impl': 'xla'},
             'data': {'num_workers': 0, 'name': 'digits'}}
   assert study_lib.config_differences(saved, wanted) == ['optim.lr: 0.1 -> 0.2']
+
+
+def test_a_diverged_cell_is_marked_left_out_and_not_retried(tmp_path, monkeypatch):
+  """run_cell stands in for training: it writes a finished cell's files, or diverges."""
+  calls = []
+
+  def fake_run_cell(cell, root):
+    calls.append(cell.name)
+    if cell.name == 'early/seed1':
+      raise FloatingPointError('non-finite loss_inst=nan at epoch 1, step 2; training stopped')
+    results = dict(RESULTS, split=cell.config.data.eval_split,
+                   checkpoint_step=cell.config.train.epochs, knn_top1=80.0 + cell.seed)
+    _write_cell(cell.workdir(root), results,
+                [{'epoch': 0, 'acc_inst': 10.0 + cell.seed, 'acc_proto': None}])
+    return study_lib.CellTiming(cell=cell.name, wall_s=1.0, train_s=0.5, eval_s=0.25)
+
+  monkeypatch.setattr(study_lib, 'run_cell', fake_run_cell)
+  path = _write(tmp_path / 's.py', _study_text())
+  workdir = str(tmp_path / 'run')
+  outcome = study_lib.run_study_file(path, workdir)
+  assert calls == ['base/seed0', 'base/seed1', 'early/seed0', 'early/seed1']
+  assert outcome.ran == calls[:3] and outcome.missing == []
+  assert 'non-finite loss_inst' in outcome.diverged['early/seed1']
+  assert outcome.timings[0].overhead_s == 0.25
+  marker = json.load(open(os.path.join(workdir, 'early', 'seed1', 'diverged.json')))
+  assert marker['error'].startswith('non-finite loss_inst=nan')
+  report = json.load(open(os.path.join(workdir, 'report.json')))
+  assert report['variants']['early']['knn_top1']['values'] == [80.0, None]
+  assert report['variants']['base']['knn_top1']['values'] == [80.0, 81.0]
+  assert list(report['diverged']) == ['early/seed1'] and report['missing'] == []
+  calls.clear()
+  again = study_lib.run_study_file(path, workdir)
+  assert calls == [] and again.skipped == ['base/seed0', 'base/seed1', 'early/seed0']
+  assert list(again.diverged) == ['early/seed1']
 
 
 # ------------------------------------------------------------------------------------------
