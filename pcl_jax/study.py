@@ -592,8 +592,10 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
              'start-up, compilation and files %.1fs)', label, timing.wall_s, timing.train_s,
              timing.eval_s, timing.overhead_s)
   outcome.report_paths, outcome.missing = write_study_report(study, cells, workdir, command_line)
-  log.info('wrote %s (%d of %d cells finished%s)', ', '.join(outcome.report_paths),
-           len(cells) - len(outcome.missing), len(cells),
+  diverged = sum(diverged_reason(cell, workdir) is not None for cell in cells)
+  log.info('wrote %s (%d of %d cells finished%s%s)', ', '.join(outcome.report_paths),
+           len(cells) - len(outcome.missing) - diverged, len(cells),
+           f'; {diverged} diverged' if diverged else '',
            f'; missing {", ".join(outcome.missing)}' if outcome.missing else '')
   return outcome
 
