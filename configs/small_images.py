@@ -14,13 +14,12 @@ from configs import small_images_plain
 
 # Dotted config fields -> values, over configs/small_images_plain.py.
 RECIPE = {
-    # The key encoder's time constant 1 / (1 - m) well inside the run: 100 steps of the ~700 that
-    # 30 epochs of a few thousand images make. At m=0.999 (1000 steps) the key encoder, which fills
-    # the queue and makes the features the E-step clusters, stays half at its initialisation.
-    'pcl.moco_m': 0.99,
     # With few classes a tenth or more of the queue is of the query's class: drop the keys of its
     # cluster from InfoNCE's negatives.
     'pcl.mask_same_cluster_negatives': True,
+    # ProtoNCE at half weight: the instance loss keeps more of the gradient while the clusters are
+    # still coarse guesses of the classes.
+    'pcl.proto_weight': 0.5,
 }
 
 

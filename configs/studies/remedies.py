@@ -8,6 +8,7 @@ Each other variant changes one thing (docs/studies.md has what each measured):
   mask_negatives     pcl.mask_same_cluster_negatives: InfoNCE drops queue keys of the query's
                      cluster (official repository's issue #8);
   proto_weight_half  pcl.proto_weight=0.5: ProtoNCE weighted half against InfoNCE;
+  proto_weight_double  pcl.proto_weight=2: ... and twice;
   reference_columns  pcl.proto_columns='reference': the official code's ProtoNCE columns;
   smoothing          the notes' label smoothing of ProtoNCE (pcl.smoothing_cap=0.2);
   smooth_both        ... applied to InfoNCE too (pcl.smooth_instance);
@@ -28,6 +29,7 @@ def get_study():
           'plain': {},
           'mask_negatives': {'pcl.mask_same_cluster_negatives': True},
           'proto_weight_half': {'pcl.proto_weight': 0.5},
+          'proto_weight_double': {'pcl.proto_weight': 2.0},
           'reference_columns': {'pcl.proto_columns': 'reference'},
           'smoothing': {'pcl.smoothing_cap': 0.2},
           'smooth_both': {'pcl.smoothing_cap': 0.2, 'pcl.smooth_instance': True},
