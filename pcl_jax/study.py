@@ -221,23 +221,23 @@ def load_study(path: str) -> Study:
   """Reads and checks a study file (module docstring); UserError naming any problem."""
   if not path:
     raise UserError('--study=FILE is required, e.g. --study=configs/studies/example_digits.py')
-  get_study = _load_module(path, f'--study={path}', 'get_study')
-  try:
-    spec = get_study()
-  except Exception as error:  # pylint: disable=broad-except
-    raise UserError(f'--study={path}: get_study() failed: {type(error).__name__}: '
-                    f'{error}') from error
+  spec = _call_file_function(path, f'--study={path}', 'get_study')
   return study_from_dict(spec, path)
+
+
+def _call_file_function(path: str, where: str, function: str):
+  """What `function()` of the Python file `path` returns; UserError (prefixed `where`) when the
+  file cannot be loaded, lacks it, or it raises."""
+  fn = _load_module(path, where, function)
+  try:
+    return fn()
+  except Exception as error:  # pylint: disable=broad-except
+    raise UserError(f'{where}: {function}() failed: {type(error).__name__}: {error}') from error
 
 
 def load_config(path: str, where: str) -> ml_collections.ConfigDict:
   """The ConfigDict of config file `path`'s get_config()."""
-  get_config = _load_module(path, f'{where}: config {path}', 'get_config')
-  try:
-    config = get_config()
-  except Exception as error:  # pylint: disable=broad-except
-    raise UserError(f'{where}: config {path}: get_config() failed: {type(error).__name__}: '
-                    f'{error}') from error
+  config = _call_file_function(path, f'{where}: config {path}', 'get_config')
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError(f'{where}: config {path}: get_config() returned {type(config).__name__}, '
                     'not a ConfigDict')
