@@ -357,7 +357,7 @@ def test_scoring_features_of_any_model(tmp_path):
 
 
 def test_scoring_errors_are_one_line(tmp_path):
-  """Through the real command line, in parallel subprocesses: one `error:` line, status 2."""
+  """One clear error per bad input; through the real command line: one `error:` line, status 2."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -381,8 +381,16 @@ def test_scoring_errors_are_one_line(tmp_path):
                            f'--features={features}', f'--out={tmp_path}/out.json'],
                           cwd=root, capture_output=True, text=True, timeout=300, check=False)
 
-  with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-    results = dict(zip(cases, pool.map(run, cases.values())))
+  # Two through the command line (the one-line output), the rest as the UserError it prints.
+  through_cli = ('no such file', 'have dimension 8 but eval features')
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
+  from pcl_jax.evaluation import score  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config()
+  for expected in sorted(set(cases) - set(through_cli)):
+    with pytest.raises(configuration.UserError, match=expected):
+      score.score_features(config, cases[expected], f'{tmp_path}/out.json')
+  with concurrent.futures.ThreadPoolExecutor(len(through_cli)) as pool:
+    results = dict(zip(through_cli, pool.map(run, [cases[name] for name in through_cli])))
   for expected, result in results.items():
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (expected, result.stderr)

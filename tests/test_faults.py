@@ -318,6 +318,8 @@ def _fill(directory, leave_bytes):
     handle.write(b'\0' * max(free - leave_bytes, 0))
 
 
+# The disk-full case of the results files stays in the default run.
+@pytest.mark.slow
 def test_disk_full_while_saving_a_checkpoint(small_disk, trained):
   workdir = small_disk / 'run'
   shutil.copytree(trained, workdir)  # checkpoints 1 and 2

@@ -117,6 +117,8 @@ def test_onednn_pool_takes_what_floor_mode_allows():
   assert not onednn_max_pool.supported(jnp.zeros((1, 8, 8, 4), jnp.bfloat16), 3, 2, 1)
 
 
+# The pool's numerics are tested above; this is the whole-encoder wiring.
+@pytest.mark.slow
 @needs_onednn
 def test_resnet_stem_pool_runs_on_onednn_with_conv_impl_onednn():
   images = jnp.ones((2, 32, 32, 3))

@@ -67,7 +67,8 @@ def test_supported_only_for_float32_of_one_shape():
   assert not onednn_residual.supported(x, jnp.ones((2, 4, 4, 1)))
 
 
-@pytest.mark.parametrize('arch,joins', [('resnet18', 8), ('resnet50', 16)])
+@pytest.mark.parametrize('arch,joins', [('resnet18', 8),
+                                        pytest.param('resnet50', 16, marks=pytest.mark.slow)])
 def test_onednn_encoder_joins_every_block_on_onednn(arch, joins):
   """Every residual block's join is one custom call with conv_impl=onednn (its gradient XLA's
   ops); none with conv_impl=xla."""

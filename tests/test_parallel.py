@@ -50,6 +50,8 @@ def test_eight_devices_equal_one_device(one_device, tmp_path):
   _compare(one_device, out)
 
 
+# Eight devices in one process stay in the default run.
+@pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_device(one_device, tmp_path):
   with socket.socket() as probe:
     probe.bind(('localhost', 0))

@@ -66,6 +66,8 @@ def reference(tmp_path_factory):
 # Kill anywhere.
 
 
+# benchmarks/kill_resume.py runs 20 kills; the SIGTERM resume test stays in the default run.
+@pytest.mark.slow
 def test_kill_resume_three_trials_no_corruption_exact_result(tmp_path):
   """benchmarks/kill_resume.py, 3 SIGKILLs (checkpoint write, E-step, step), real CLI."""
   results = kill_resume.run(kill_resume.parse_args([

@@ -195,6 +195,8 @@ def _write_hwio_checkpoint(source: str, target: str) -> None:
   manager.close()
 
 
+# Older run directories stay covered by tests/test_runtime_settings.py's legacy run.
+@pytest.mark.slow
 def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
   """Checkpoints from before kernels were stored OHWI: both restores transpose them back."""
   from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
