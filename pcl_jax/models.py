@@ -215,9 +215,6 @@ def ohwi(init):
   return draw
 
 
-ohwi_conv_init = ohwi(conv_init)
-
-
 def _convolve(module: nn.Module, x, kernel_size, features, strides, padding,
               kernel_init=conv_init):
   """The OHWI kernel parameter 'kernel' of `module` and x convolved with it (`kernels.conv`)."""
