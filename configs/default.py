@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl.max_clusters = 0  # 0: the largest entry of schedule.all_clusters
   # Switches for PCL's known flaws (docs/remedies.md has what each measured); off = PCL as published.
   config.pcl.mask_same_cluster_negatives = False  # InfoNCE drops queue keys of the query's cluster
+  config.pcl.mask_level = 'finest'  # finest | coarsest: the active level whose clusters mask
   config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE
   config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
   config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too
@@ -121,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.fewshot_queries = 15
   config.eval.val_every = 0  # epochs between validation kNN checks (0: off)
   config.eval.save_features = False
+  # k-means of the clustering metrics (NMI, AMI, ARI, Hungarian acc): runs averaged (seeds
+  # EVAL_SEED + i) and L2 or spherical; fixed by the evaluation, never the run's clustering.*.
+  config.eval.kmeans_runs = 10
+  config.eval.kmeans_spherical = False
   config.eval.feature_layer = 'head'  # head | backbone
   # The encoder evaluated: key (the momentum encoder, as the reference's feature pass and
   # clustering) | query (as salesforce/PCL's eval_svm_voc.py and eval_cls_imagenet.py).

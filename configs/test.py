@@ -25,5 +25,6 @@ def get_config():
   config.schedule.num_levels = 2
   config.eval.fewshot_episodes = 50
   config.eval.val_every = 0
+  config.eval.kmeans_runs = 2
   config.checkpoint.every_epochs = 1
   return config

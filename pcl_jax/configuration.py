@@ -17,6 +17,7 @@ from pcl_jax.choices import DTYPES
 from pcl_jax.choices import EVAL_ENCODERS
 from pcl_jax.choices import EVAL_RESIZES
 from pcl_jax.choices import FEATURE_LAYERS
+from pcl_jax.choices import MASK_LEVELS
 from pcl_jax.choices import PROTO_COLUMNS
 from pcl_jax.choices import SCHEDULE_METRICS
 from pcl_jax.choices import SCHEDULE_MODES
@@ -138,6 +139,7 @@ def _check_backend(config) -> None:
 def _check_switches(pcl) -> None:
   """The loss switches (step.LossSwitches)."""
   _one_of(pcl.proto_columns, PROTO_COLUMNS, 'pcl.proto_columns')
+  _one_of(pcl.mask_level, MASK_LEVELS, 'pcl.mask_level')
   _require(pcl.proto_weight >= 0, f'pcl.proto_weight={pcl.proto_weight} must be >= 0 '
            '(0: InfoNCE only)')
   _require(0 <= pcl.debias_prior < 1, f'pcl.debias_prior={pcl.debias_prior} must be in [0, 1) '
@@ -214,6 +216,8 @@ def validate(config) -> None:
            'the training references; set eval.val_every=0 or a data.val_split outside the '
            'training split')
   _require(config.eval.knn_k >= 1, f'eval.knn_k={config.eval.knn_k} must be >= 1')
+  _require(config.eval.kmeans_runs >= 1,
+           f'eval.kmeans_runs={config.eval.kmeans_runs} must be >= 1 (k-means runs averaged)')
   _require(config.model.dim >= 1, f'model.dim={config.model.dim} must be >= 1')
   _require(config.checkpoint.every_epochs >= 1,
            f'checkpoint.every_epochs={config.checkpoint.every_epochs} must be >= 1')

@@ -102,6 +102,8 @@ class LossSwitches:
   """Optional changes to PCL's loss (config `pcl.*`); the defaults are PCL as published.
 
   mask_same_cluster_negatives: drop queue keys of the query's cluster from InfoNCE's negatives.
+  mask_level: whose clusters: 'finest' (the active level with the most prototypes) or
+    'coarsest' (the fewest, the schedule's nearest guess at the classes).
   proto_weight: ProtoNCE's weight against InfoNCE.
   proto_columns: 'unique' (one column per prototype) or 'reference' (the official code's columns,
     one per sample; `losses.reference_prototype_columns`).
@@ -109,6 +111,7 @@ class LossSwitches:
   debias_prior: tau+ of debiased InfoNCE (0: off; `losses.info_nce`).
   """
   mask_same_cluster_negatives: bool = False
+  mask_level: str = 'finest'
   proto_weight: float = 1.0
   proto_columns: str = 'unique'
   smooth_instance: bool = False
@@ -148,16 +151,22 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing, columns):
   return loss, acc
 
 
-def same_cluster_negatives(index, queue_index, bank):
-  """[B, r] bool: queue keys in the query's cluster at the finest active level.
+def same_cluster_negatives(index, queue_index, bank, level: str = 'finest'):
+  """[B, r] bool: queue keys in the query's cluster at the finest (or coarsest) active level.
 
   `pcl.mask_same_cluster_negatives` removes them from InfoNCE's negatives (the official
   repository's issue #8): with few clusters, many queue keys are of the query's own class. The
-  finest level is the active one with the most prototypes. Nothing is masked during warm-up (no
-  active level) or for queue rows of no sample yet (index -1).
+  finest level is the active one with the most prototypes, the coarsest the one with the fewest
+  (`pcl.mask_level`; coarse clusters hold more of a class, so they mask more false negatives,
+  and more true ones). Nothing is masked during warm-up (no active level) or for queue rows of
+  no sample yet (index -1).
   """
-  sizes = jnp.where(bank['active'], bank['valid'].sum(-1), -1)
-  im2cluster = bank['im2cluster'][jnp.argmax(sizes)]
+  sizes = bank['valid'].sum(-1)
+  if level == 'finest':
+    chosen = jnp.argmax(jnp.where(bank['active'], sizes, -1))
+  else:
+    chosen = jnp.argmin(jnp.where(bank['active'], sizes, jnp.iinfo(sizes.dtype).max))
+  im2cluster = bank['im2cluster'][chosen]
   query_cluster = im2cluster[index]
   key_cluster = im2cluster[jnp.maximum(queue_index, 0)]
   known = (queue_index >= 0) & bank['active'].any()
@@ -179,7 +188,7 @@ def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, 
   Returns:
     (loss, terms): terms are loss_inst, acc_inst, loss_proto, acc_proto.
   """
-  excluded = (same_cluster_negatives(index, queue_index, bank)
+  excluded = (same_cluster_negatives(index, queue_index, bank, switches.mask_level)
               if switches.mask_same_cluster_negatives else None)
   loss_inst, acc_inst = losses.info_nce(
       queries, keys, queue, temperature, excluded=excluded,

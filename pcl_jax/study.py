@@ -28,6 +28,12 @@ naming it and the fields. A cell whose training diverges is marked (DIR/<variant
 diverged.json), left out of the report, and not retried by reruns; the others still run.
 Every process writes the report from the cells finished so far, listing the missing ones.
 
+`--reevaluate` scores the finished cells of the slice again from their last checkpoints, with
+the evaluation's current code and the study's `eval.*` settings, without training (e.g. after
+the evaluation protocol changed, or with `--config.eval.kmeans_runs=20`); their `eval.*` fields
+(all but `eval.val_every`, which changes what training records) may then differ from the saved
+ones, and config.json is rewritten with the settings the new results were made with.
+
 JAX's persistent compilation cache (DIR/.jax_cache unless `--compilation_cache` says otherwise)
 lets every cell after the first, and every later process (array tasks, reruns), load the
 programs the first one compiled instead of compiling them again.
@@ -123,6 +129,7 @@ class StudyOutcome:
   missing: List[str]  # cells of the whole study not finished yet
   timings: List[CellTiming]
   report_paths: List[str]
+  reevaluated: List[str] = dataclasses.field(default_factory=list)  # `reevaluate`'s cells
 
 
 # ------------------------------------------------------------------------------------------
@@ -368,8 +375,14 @@ def config_differences(saved: dict, wanted: dict, prefix: str = '') -> List[str]
   return changes
 
 
-def check_cell_config(cell: Cell, root: str) -> None:
-  """UserError when the cell's directory holds a config.json other than the cell's config."""
+def evaluation_only_fields(config) -> Tuple[str, ...]:
+  """The `eval.*` fields that change only the evaluation (`--reevaluate` may change them)."""
+  return tuple(f'eval.{name}' for name in config.eval if name != 'val_every')
+
+
+def check_cell_config(cell: Cell, root: str, reevaluate: bool = False) -> None:
+  """UserError when the cell's directory holds a config.json other than the cell's config
+  (`reevaluate`: other than in `evaluation_only_fields`)."""
   path = os.path.join(cell.workdir(root), 'config.json')
   if not os.path.exists(path):
     return
@@ -379,7 +392,9 @@ def check_cell_config(cell: Cell, root: str) -> None:
   except (OSError, ValueError) as error:
     raise UserError(f'cell {cell.name}: {path} cannot be read ({error}); move that directory '
                     'away to run the cell again') from error
-  changes = config_differences(saved, _json_safe(cell.config.to_dict()))
+  ignored = evaluation_only_fields(cell.config) if reevaluate else ()
+  changes = [change for change in config_differences(saved, _json_safe(cell.config.to_dict()))
+             if change.split(':')[0] not in ignored]
   if changes:
     shown = '; '.join(changes[:6]) + (f'; and {len(changes) - 6} more' if len(changes) > 6
                                        else '')
@@ -454,6 +469,17 @@ def run_cell(cell: Cell, root: str) -> CellTiming:
                     eval_s=float(results.get('timing_s', {}).get('total', 0.0)),
                     first_epoch_s=epoch_times[0] if epoch_times else None,
                     later_epoch_s=_median(epoch_times[1:]))
+
+
+def reevaluate_cell(cell: Cell, root: str) -> dict:
+  """Scores a finished cell's last checkpoint again with its config as the study now builds it;
+  config.json then records that config. Returns the new results."""
+  from pcl_jax.evaluation import driver  # pylint: disable=g-import-not-at-top
+  workdir = cell.workdir(root)
+  results = driver.evaluate_checkpoint(cell.config, workdir, cell.config.train.epochs,
+                                       overwrite=True)
+  run_files.write_json_atomic(os.path.join(workdir, 'config.json'), cell.config.to_dict())
+  return results
 
 
 # ------------------------------------------------------------------------------------------
@@ -533,7 +559,7 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
               selection: Tuple[int, int] = (0, 1),
               compilation_cache: Optional[str] = '',
               command_line: Optional[Dict[str, object]] = None,
-              report_only: bool = False) -> StudyOutcome:
+              report_only: bool = False, reevaluate: bool = False) -> StudyOutcome:
   """Runs this process's slice of the cells, then writes the report of all finished cells.
 
   Args:
@@ -545,8 +571,10 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
       '': leave JAX's setting as it is.
     command_line: the command-line overrides the cells were built with (for the report).
     report_only: run no cell, only write the report.
+    reevaluate: score the slice's finished cells again (`reevaluate_cell`) instead of skipping
+      them; train the others as usual.
   Returns:
-    What happened (`StudyOutcome`).
+    What happened (`StudyOutcome`; re-scored cells are listed in `reevaluated`).
   Raises:
     UserError: the workdir cannot be written, or a cell's directory holds other settings; and
     what `run_cell` raises, but FloatingPointError (a diverged cell is marked and skipped).
@@ -556,19 +584,24 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
   except run_files.WorkdirError as error:
     raise UserError(str(error)) from None
   for cell in cells:  # every cell, not only this slice's: never mix settings in one report
-    check_cell_config(cell, workdir)
+    check_cell_config(cell, workdir, reevaluate)
   index, count = selection
   mine = [] if report_only else select_cells(cells, index, count)
   if compilation_cache is None:
     compilation_cache = os.path.join(workdir, CACHE_DIR)
   outcome = StudyOutcome(ran=[], skipped=[], diverged={}, missing=[], timings=[],
-                         report_paths=[])
+                         report_paths=[], reevaluated=[])
   for number, cell in enumerate(mine, 1):
     label = f'cell {number}/{len(mine)} ({cell.name}, slice {index}/{count})'
     reason = diverged_reason(cell, workdir)
     if reason is not None:
       log.info('%s: diverged before, skipped (%s)', label, reason)
       outcome.diverged[cell.name] = reason
+      continue
+    if finished_results(cell, workdir) is not None and reevaluate:
+      log.info('%s: finished, evaluating it again', label)
+      reevaluate_cell(cell, workdir)
+      outcome.reevaluated.append(cell.name)
       continue
     if finished_results(cell, workdir) is not None:
       log.info('%s: finished, skipped', label)
@@ -602,7 +635,7 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
 
 def run_study_file(path: str, workdir: str, overrides: Optional[Dict[str, object]] = None,
                    cells: Optional[str] = None, compilation_cache: Optional[str] = '',
-                   report_only: bool = False) -> StudyOutcome:
+                   report_only: bool = False, reevaluate: bool = False) -> StudyOutcome:
   """The study of file `path`, as the command line runs it, for programs and tests.
 
   Args:
@@ -613,13 +646,14 @@ def run_study_file(path: str, workdir: str, overrides: Optional[Dict[str, object
     cells: 'i/n' (None: every cell; SLURM variables are not read here).
     compilation_cache: as `run_study`'s ('' by default here: JAX's setting is left alone).
     report_only: write the report only.
+    reevaluate: score finished cells again (`run_study`'s).
   """
   study = load_study(path)
   all_cells = cell_configs(study, overrides)
   validate_cells(all_cells)
   selection = parse_cells(cells) if cells is not None else (0, 1)
   return run_study(study, workdir, all_cells, selection, compilation_cache, overrides,
-                   report_only)
+                   report_only, reevaluate)
 
 
 # ------------------------------------------------------------------------------------------
@@ -641,6 +675,8 @@ def define_flags() -> None:
   flags.DEFINE_string('compilation_cache', None, 'JAX persistent compilation cache directory '
                       '(default DIR/.jax_cache; empty: JAX\'s own setting).')
   flags.DEFINE_bool('report_only', False, 'Run no cell; write the report of the finished ones.')
+  flags.DEFINE_bool('reevaluate', False, 'Score the finished cells again from their last '
+                    'checkpoints with the current evaluation and eval.* settings (no training).')
   flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors.')
   # Set from the study file's 'config' by parse_flags; --config.X=V override its fields.
   config_flags.DEFINE_config_file('config', None, 'Set from the study file.', lock_config=True)
@@ -730,7 +766,7 @@ def main(argv):
     cache = ''  # the user's own setting stays
   outcome = cli.run_reporting_errors(
       lambda: run_study(study, flag_values.workdir, cells, selection, cache, command_line,
-                        flag_values.report_only), flag_values.verbose)
+                        flag_values.report_only, flag_values.reevaluate), flag_values.verbose)
   print(f'report: {", ".join(outcome.report_paths)}'
         + (f' (missing {len(outcome.missing)} cells)' if outcome.missing else ''), flush=True)
   if outcome.diverged:

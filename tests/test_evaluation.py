@@ -94,6 +94,36 @@ def test_clustering_quality_uses_k_equal_to_number_of_classes():
   assert result['k'] == 3 and result['acc'] == 100.0 and result['nmi'] == pytest.approx(1.0)
 
 
+def test_clustering_quality_averages_runs_of_successive_seeds_with_fixed_settings():
+  labels = np.repeat([0, 1, 2], 4)
+  # Run s puts the first s images of class 0 into cluster 1: each run scores differently.
+  seeds = []
+
+  def fake_kmeans(x, k, *, seed, niter, nredo, spherical, **unused):
+    seeds.append((seed, niter, nredo, spherical))
+    assignments = labels.copy()
+    assignments[:seed - 5] = 1
+    return np.zeros((k, x.shape[1])), assignments, np.zeros(labels.size)
+
+  result = clustering_quality.clustering_quality(np.zeros((12, 2)), labels, runs=3, seed=5,
+                                                 spherical=True, kmeans_fn=fake_kmeans)
+  fixed = (clustering_quality.KMEANS_NITER, clustering_quality.KMEANS_NREDO, True)
+  assert seeds == [(5,) + fixed, (6,) + fixed, (7,) + fixed]
+  per_run = []
+  for moved in range(3):
+    assignments = labels.copy()
+    assignments[:moved] = 1
+    per_run.append(sk_metrics.normalized_mutual_info_score(labels, assignments))
+  assert result['nmi_runs'] == pytest.approx(per_run)
+  assert result['nmi'] == pytest.approx(np.mean(per_run))
+  assert result['nmi_sd'] == pytest.approx(np.std(per_run, ddof=1))
+  assert result['acc'] == pytest.approx(100 * np.mean([12, 11, 10]) / 12)
+  assert result['runs'] == 3 and result['spherical'] is True
+  with pytest.raises(ValueError, match='runs >= 1'):
+    clustering_quality.clustering_quality(np.zeros((12, 2)), labels, runs=0,
+                                          kmeans_fn=fake_kmeans)
+
+
 # ----------------------------------------------------------------------------------------------
 # Few-shot.
 

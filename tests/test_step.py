@@ -23,14 +23,16 @@ def _bank(rng, num_samples, sizes, active):
   return bank, levels
 
 
-def test_same_cluster_negatives_matches_numpy_at_the_finest_active_level():
+@pytest.mark.parametrize('level, expected_level', [('finest', 0), ('coarsest', 2)])
+def test_same_cluster_negatives_matches_numpy_at_the_chosen_active_level(level, expected_level):
   rng = np.random.default_rng(0)
-  bank, levels = _bank(rng, 50, (5, 12, 3), [True, False, True])  # finest active: k=5
+  # Active: k=5 (finest) and k=3 (coarsest); the inactive k=12 level is neither.
+  bank, levels = _bank(rng, 50, (5, 12, 3), [True, False, True])
   index = rng.integers(0, 50, 6)
   queue_index = rng.integers(-1, 50, 20)
   mask = np.asarray(step_lib.same_cluster_negatives(jnp.asarray(index), jnp.asarray(queue_index),
-                                                    bank))
-  clusters = levels[0]['im2cluster']
+                                                    bank, level))
+  clusters = levels[expected_level]['im2cluster']
   expected = np.array([[j >= 0 and clusters[j] == clusters[i] for j in queue_index]
                        for i in index])
   np.testing.assert_array_equal(mask, expected)
@@ -39,8 +41,9 @@ def test_same_cluster_negatives_matches_numpy_at_the_finest_active_level():
 def test_nothing_is_masked_during_warm_up():
   rng = np.random.default_rng(1)
   bank, _ = _bank(rng, 10, (2, 2), [False, False])
-  mask = step_lib.same_cluster_negatives(jnp.arange(4), jnp.arange(8), bank)
-  assert not np.asarray(mask).any()
+  for level in ('finest', 'coarsest'):
+    mask = step_lib.same_cluster_negatives(jnp.arange(4), jnp.arange(8), bank, level)
+    assert not np.asarray(mask).any()
 
 
 def test_loss_switches_read_the_config_and_default_to_published_pcl():

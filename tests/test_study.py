@@ -4,6 +4,8 @@ seeds on configs/test.py) through the command line."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -454,6 +456,32 @@ def test_rerun_skips_finished_cells_and_refuses_changed_settings(sliced):
   with pytest.raises(UserError, match=r'^cell base/seed0 in .* \(saved -> now: optim.lr: 0.08 -> '
                      r'0.5\)'):
     study_lib.run_study(study, workdir, changed, report_only=True)
+
+
+def test_reevaluate_scores_finished_cells_again_with_new_eval_settings(sliced, tmp_path):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(sliced['workdir'], workdir)
+  cell = os.path.join(workdir, 'base', 'seed0')
+  checkpoint_mtime = os.path.getmtime(os.path.join(cell, 'checkpoints', '2'))
+  study = study_lib.load_study(sliced['study'])
+  three_runs = study_lib.cell_configs(study, {'eval.kmeans_runs': 3})
+  with pytest.raises(UserError, match=r'eval.kmeans_runs: 2 -> 3'):  # not without reevaluate
+    study_lib.run_study(study, workdir, three_runs, report_only=True)
+  outcome = study_lib.run_study(study, workdir, three_runs, selection=(0, 4), reevaluate=True)
+  assert outcome.reevaluated == ['base/seed0'] and outcome.ran == []
+  assert os.path.getmtime(os.path.join(cell, 'checkpoints', '2')) == checkpoint_mtime
+  results = json.load(open(os.path.join(cell, 'eval', 'results.json')))
+  assert results['checkpoint_step'] == 2 and results['clustering']['runs'] == 3
+  assert len(results['clustering']['nmi_runs']) == 3
+  assert json.load(open(os.path.join(cell, 'config.json')))['eval']['kmeans_runs'] == 3
+  report = json.load(open(os.path.join(workdir, 'report.json')))
+  assert report['variants']['base']['nmi']['values'][0] == pytest.approx(
+      results['clustering']['nmi'])
+  # What training recorded cannot change by evaluating again.
+  for changes, field in (({'eval.val_every': 2}, 'eval.val_every'), ({'optim.lr': 0.5}, 'optim.lr')):
+    with pytest.raises(UserError, match=re.escape(field)):
+      study_lib.run_study(study, workdir, study_lib.cell_configs(study, changes),
+                          reevaluate=True)
 
 
 @pytest.mark.slow

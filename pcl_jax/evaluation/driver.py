@@ -44,10 +44,14 @@ every checkpoint is scored on the same episodes and splits):
   step 1/L (L the Lipschitz bound of the gradient) in the span of the support features.
   Accuracy per episode over its N * queries; mean over episodes and 95% interval
   1.96 * std / sqrt(episodes) (population std), in percent.
-- Clustering quality: `clustering.kmeans` (the project backend `clustering.backend`, niter, nredo,
-  spherical) with k = number of classes of the eval split; NMI (arithmetic normalisation), AMI and
-  ARI as sklearn.metrics compute them (fractions in [0, 1]) and the accuracy of the best
-  one-to-one cluster-to-class matching (Hungarian, in percent).
+- Clustering quality: `clustering.kmeans` (the project backend `clustering.backend`) with
+  k = number of classes of the eval split, the evaluation's own settings (L2, or spherical with
+  `eval.kmeans_spherical`; `KMEANS_NITER` iterations, best of `KMEANS_NREDO` restarts per run;
+  never the run's `clustering.*`, so runs trained with different E-steps are scored alike), run
+  `eval.kmeans_runs` times with seeds EVAL_SEED, EVAL_SEED + 1, ...; NMI (arithmetic
+  normalisation), AMI and ARI as sklearn.metrics compute them (fractions in [0, 1]) and the
+  accuracy of the best one-to-one cluster-to-class matching (Hungarian, in percent), each the
+  mean over the runs, with the NMI's standard deviation over the runs (`nmi_sd`).
 
 results.json (DESIGN.md section 3 keys first; accuracies in percent, NMI/AMI/ARI in [0, 1];
 entries that could not be computed are null with a `skipped` reason):
@@ -58,7 +62,8 @@ entries that could not be computed are null with a `skipped` reason):
                     "ways": 5, "shots": 1, "queries": int,
                     "logreg": {"mean": float, "ci95": float}},     # logistic regression
       "5way5shot": {... same ...}},
-    "clustering": {"k": int, "nmi": float, "ami": float, "ari": float, "acc": float,
+    "clustering": {"k": int, "nmi": float, "ami": float, "ari": float, "acc": float,  # means
+                   "runs": int, "spherical": bool, "nmi_sd": float, "nmi_runs": [float],
                    "backend": str},
     "split": str, "checkpoint_step": int,
     "protocol": "train_to_eval" | "eval_halves",
@@ -154,9 +159,9 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
   results['fewshot'] = _timed(timing, 'fewshot', all_fewshot)
   results['clustering'] = _timed(
       timing, 'clustering', clustering_quality.clustering_quality, eval_features, eval_labels,
-      backend=config.clustering.backend, niter=config.clustering.niter,
-      nredo=config.clustering.nredo, spherical=config.clustering.spherical,
-      use_float16=config.clustering.use_float16, kmeans_fn=kmeans_fn)
+      runs=config.eval.kmeans_runs, spherical=config.eval.kmeans_spherical,
+      backend=config.clustering.backend, use_float16=config.clustering.use_float16,
+      kmeans_fn=kmeans_fn)
   results['clustering']['backend'] = config.clustering.backend
   timing['total'] = time.perf_counter() - start
   results['timing_s'] = timing
@@ -187,7 +192,7 @@ def format_table(results: dict) -> str:
     rows.append((f'{setting} nearest centroid', f"{entry['mean']:.2f} +- {entry['ci95']:.2f} %"))
     rows.append((f'{setting} logistic regression',
                  f"{entry['logreg']['mean']:.2f} +- {entry['logreg']['ci95']:.2f} %"))
-  rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI",
+  rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI (mean of {clusters.get('runs', 1)})",
             f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
            (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
   step = results.get('checkpoint_step')
