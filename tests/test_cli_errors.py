@@ -1,14 +1,17 @@
 """Every user mistake through the real CLI: one `error:` line naming the setting, status 2.
 
 Table-driven: each case is a command line (plus the files it needs) and a phrase the message
-must contain. All cases run once, in parallel subprocesses (`python -m pcl_jax.main`, cwd = the
-repository root), from a module fixture; each case is then its own test. Most fail at start-up
-within a second or two; the checkpoint cases first need one short training run.
+must contain. All cases run once, from a module fixture, each as `python -m pcl_jax.main ARGS`
+runs (cwd = the repository root) in a child of tests/cli_forkserver.py, which imported JAX once
+for all of them; each case is then its own test. Most fail at start-up; the checkpoint cases
+first need one short training run (a fresh process). `test_verbose_shows_the_traceback` runs a
+fresh interpreter too.
 """
 
 import concurrent.futures
 import dataclasses
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -265,14 +268,15 @@ CASES = [
 ]
 
 
-def _command(case, case_dir, trained):
+def _args(case, case_dir, trained):
+  """The case's command line after `python -m pcl_jax.main`."""
   extra = case.setup(case_dir, trained) if case.setup else ()
   args = (*case.args, *extra)
   config = () if any(a.startswith('--config=') for a in args) else (TEST_CONFIG,)
   workdir = ()
   if case.workdir and not any(a.startswith('--workdir') for a in args):
     workdir = (f'--workdir={os.path.join(case_dir, "run")}',)
-  return [sys.executable, '-m', 'pcl_jax.main', *config, *workdir, *args]
+  return [*config, *workdir, *args]
 
 
 def _run(command, env):
@@ -283,36 +287,64 @@ def _run(command, env):
   return result
 
 
+def _run_forked(named_args, base, env, jobs=2):
+  """{name: CompletedProcess} of `python -m pcl_jax.main ARGS` per case, each run in a child
+  forked from one process that imported the program's dependencies once
+  (tests/cli_forkserver.py)."""
+  cases = [{'args': args, 'stdout': str(base / f'{name}.out'), 'stderr': str(base / f'{name}.err')}
+           for name, args in named_args.items()]
+  cases_path, results_path = base / f'cases_{len(cases)}.json', base / f'results_{len(cases)}.json'
+  with open(cases_path, 'w') as handle:
+    json.dump(cases, handle)
+  server = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'cli_forkserver.py'),
+                           str(cases_path), str(results_path), str(jobs)],
+                          cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=TIMEOUT_S * 2)
+  assert server.returncode == 0, server.stderr[-3000:]
+  with open(results_path) as handle:
+    statuses = json.load(handle)
+  results = {}
+  for (name, args), case, status in zip(named_args.items(), cases, statuses):
+    with open(case['stdout']) as out, open(case['stderr']) as err:
+      result = subprocess.CompletedProcess(args, status['status'], out.read(), err.read())
+    result.seconds = status['seconds']
+    results[name] = result
+  return results
+
+
 @pytest.fixture(scope='module')
 def outcomes(tmp_path_factory):
-  """Runs every case once, in parallel; {case name: CompletedProcess}."""
+  """Runs every case once; {case name: CompletedProcess}.
+
+  The shared training run is a fresh `python -m pcl_jax.main`; meanwhile the cases that need
+  no checkpoint run, then those that do, each in a child of tests/cli_forkserver.py (the
+  program as `python -m` runs it, without importing JAX anew per case).
+  """
   base = tmp_path_factory.mktemp('cli_errors')
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
   trained = str(base / 'trained')
-  results = {}
+
+  def case_args(needs_trained):
+    named = {}
+    for case in CASES:
+      if case.skip or case.needs_trained != needs_trained:
+        continue
+      case_dir = str(base / case.name)
+      os.makedirs(case_dir)
+      named[case.name] = _args(case, case_dir, trained)
+    return named
+
   try:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
       training = pool.submit(_run, [sys.executable, '-m', 'pcl_jax.main', TEST_CONFIG,
                                     f'--workdir={trained}', '--config.train.epochs=1',
                                     '--config.train.steps_per_epoch=2'], env)
-      futures = {}
-      for case in CASES:
-        if case.skip or case.needs_trained:
-          continue
-        case_dir = str(base / case.name)
-        os.makedirs(case_dir)
-        futures[case.name] = pool.submit(_run, _command(case, case_dir, trained), env)
+      results = _run_forked(case_args(needs_trained=False), base, env)
       trained_result = training.result()
-      assert trained_result.returncode == 0, trained_result.stderr[-3000:]
-      for case in CASES:
-        if case.skip or not case.needs_trained:
-          continue
-        case_dir = str(base / case.name)
-        os.makedirs(case_dir)
-        futures[case.name] = pool.submit(_run, _command(case, case_dir, trained), env)
-      for name, future in futures.items():
-        results[name] = future.result()
+    assert trained_result.returncode == 0, trained_result.stderr[-3000:]
+    results.update(_run_forked(case_args(needs_trained=True), base, env))
     print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()},
           'training:', round(trained_result.seconds, 1))
   finally:
