@@ -87,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl.max_clusters = 0  # 0: the largest entry of schedule.all_clusters
   # Switches for PCL's known flaws (docs/remedies.md has what each measured); off = PCL as published.
   config.pcl.mask_same_cluster_negatives = False  # InfoNCE drops queue keys of the query's cluster
-  config.pcl.mask_level = 'finest'  # finest | coarsest: the active level whose clusters mask
+  config.pcl.attract_same_cluster = False  # ... or makes them extra positives (Huynh et al. 2022)
+  config.pcl.mask_level = 'finest'  # finest | coarsest: the active level whose clusters do either
   config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE
   config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
   config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too

@@ -144,6 +144,12 @@ def _check_switches(pcl) -> None:
            '(0: InfoNCE only)')
   _require(0 <= pcl.debias_prior < 1, f'pcl.debias_prior={pcl.debias_prior} must be in [0, 1) '
            '(about 1 / number of classes; 0: off)')
+  _require(not (pcl.mask_same_cluster_negatives and pcl.attract_same_cluster),
+           'pcl.mask_same_cluster_negatives removes the keys of the query\'s cluster from '
+           'InfoNCE and pcl.attract_same_cluster makes them positives; set one of them off')
+  _require(not (pcl.debias_prior and pcl.attract_same_cluster),
+           'pcl.debias_prior assumes one positive per query and pcl.attract_same_cluster adds '
+           'more; set one of them off')
   _require(not (pcl.debias_prior and pcl.smooth_instance),
            'pcl.debias_prior and pcl.smooth_instance both change InfoNCE\'s target and do not '
            'combine; set one of them off')

@@ -32,11 +32,20 @@ def _cross_entropy(logits, target, valid, smoothing):
   Matches torch.nn.CrossEntropyLoss(label_smoothing=eps) applied to the valid columns:
   target distribution (1 - eps) * onehot + eps / n_valid.
   """
+  onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=bool)
+  return _multi_positive_cross_entropy(logits, onehot, valid, smoothing)
+
+
+def _multi_positive_cross_entropy(logits, positive, valid, smoothing):
+  """Per-row cross-entropy against the uniform distribution over the `positive` columns, with
+  label smoothing over the valid ones: target (1 - eps) * positive / n_positive + eps / n_valid
+  (one positive per row: `_cross_entropy`)."""
   logits = jnp.where(valid, logits, _MASKED)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   num_valid = jnp.maximum(valid.sum(-1), 1)
-  onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
-  soft = (1.0 - smoothing) * onehot + smoothing * valid / num_valid[..., None]
+  num_positive = jnp.maximum(positive.sum(-1), 1)
+  soft = ((1.0 - smoothing) * positive / num_positive[..., None]
+          + smoothing * valid / num_valid[..., None])
   return -jnp.sum(jnp.where(valid, soft * log_probs, 0.0), axis=-1)
 
 
@@ -44,7 +53,8 @@ def _top1(logits, target):
   return 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == target)
 
 
-def info_nce(q, k, queue, temperature, *, excluded=None, smoothing=0.0, debias_prior=0.0):
+def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, smoothing=0.0,
+             debias_prior=0.0):
   """InfoNCE of MoCo: positive q.k, negatives q.queue; target column 0.
 
   Args:
@@ -55,6 +65,9 @@ def info_nce(q, k, queue, temperature, *, excluded=None, smoothing=0.0, debias_p
     excluded: optional [B, r] bool, True where a queue key is not a negative of that query
       (`pcl.mask_same_cluster_negatives`): its column is removed from the softmax and from the
       accuracy.
+    attracted: optional [B, r] bool, True where a queue key is another positive of that query
+      (`pcl.attract_same_cluster`: false-negative attraction, Huynh et al., WACV 2022): the
+      target is uniform over column 0 and these columns, and a top-1 in any of them is correct.
     smoothing: label-smoothing epsilon over the remaining columns (`pcl.smooth_instance`; 0 is
       plain InfoNCE).
     debias_prior: tau+ of debiased contrastive learning (Chuang et al., NeurIPS 2020), the
@@ -71,6 +84,11 @@ def info_nce(q, k, queue, temperature, *, excluded=None, smoothing=0.0, debias_p
   valid = jnp.ones(logits.shape, bool)
   if excluded is not None:
     valid = valid.at[:, 1:].set(~excluded)
+  if attracted is not None:
+    positive = jnp.concatenate([jnp.ones((q.shape[0], 1), bool), attracted], axis=1)
+    loss = jnp.mean(_multi_positive_cross_entropy(logits, positive, valid, smoothing))
+    top1 = jnp.take_along_axis(positive, jnp.argmax(logits, axis=-1)[:, None], axis=1)
+    return loss, 100.0 * jnp.mean(top1)
   if debias_prior:
     loss = jnp.mean(_debiased_nce(logits, valid, temperature, debias_prior))
   else:

@@ -102,7 +102,9 @@ class LossSwitches:
   """Optional changes to PCL's loss (config `pcl.*`); the defaults are PCL as published.
 
   mask_same_cluster_negatives: drop queue keys of the query's cluster from InfoNCE's negatives.
-  mask_level: whose clusters: 'finest' (the active level with the most prototypes) or
+  attract_same_cluster: make those keys extra positives of InfoNCE instead (false-negative
+    attraction, Huynh et al. 2022).
+  mask_level: whose clusters both use: 'finest' (the active level with the most prototypes) or
     'coarsest' (the fewest, the schedule's nearest guess at the classes).
   proto_weight: ProtoNCE's weight against InfoNCE.
   proto_columns: 'unique' (one column per prototype) or 'reference' (the official code's columns,
@@ -111,6 +113,7 @@ class LossSwitches:
   debias_prior: tau+ of debiased InfoNCE (0: off; `losses.info_nce`).
   """
   mask_same_cluster_negatives: bool = False
+  attract_same_cluster: bool = False
   mask_level: str = 'finest'
   proto_weight: float = 1.0
   proto_columns: str = 'unique'
@@ -188,10 +191,13 @@ def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, 
   Returns:
     (loss, terms): terms are loss_inst, acc_inst, loss_proto, acc_proto.
   """
-  excluded = (same_cluster_negatives(index, queue_index, bank, switches.mask_level)
-              if switches.mask_same_cluster_negatives else None)
+  same_cluster = (same_cluster_negatives(index, queue_index, bank, switches.mask_level)
+                  if switches.mask_same_cluster_negatives or switches.attract_same_cluster
+                  else None)
   loss_inst, acc_inst = losses.info_nce(
-      queries, keys, queue, temperature, excluded=excluded,
+      queries, keys, queue, temperature,
+      excluded=same_cluster if switches.mask_same_cluster_negatives else None,
+      attracted=same_cluster if switches.attract_same_cluster else None,
       smoothing=smoothing if switches.smooth_instance else 0.0,
       debias_prior=switches.debias_prior)
   loss_proto, acc_proto = _level_losses(queries, index, bank, rng, num_negatives, smoothing,

@@ -3,6 +3,7 @@
 import glob
 import importlib
 import os
+import re
 
 import pytest
 
@@ -78,6 +79,28 @@ def test_a_validation_split_inside_the_training_split_is_refused():
     configuration.validate(config)
   config.data.train_split = 'train'
   configuration.validate(config)
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'pcl.proto_columns': 'official'}, "pcl.proto_columns='official' is unknown"),
+    ({'pcl.mask_level': 'middle'}, "pcl.mask_level='middle' is unknown"),
+    ({'pcl.proto_weight': -1.0}, 'pcl.proto_weight=-1.0 must be >= 0'),
+    ({'pcl.debias_prior': 1.0}, 'pcl.debias_prior=1.0 must be in [0, 1)'),
+    ({'pcl.debias_prior': 0.1, 'pcl.smooth_instance': True}, 'set one of them off'),
+    ({'pcl.mask_same_cluster_negatives': True, 'pcl.attract_same_cluster': True},
+     'pcl.attract_same_cluster makes them positives; set one of them off'),
+    ({'pcl.debias_prior': 0.1, 'pcl.attract_same_cluster': True},
+     'pcl.debias_prior assumes one positive'),
+    ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
+])
+def test_conflicting_or_bad_loss_and_eval_settings_are_named(changes, message):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  for dotted, value in changes.items():
+    section, name = dotted.split('.')
+    config[section][name] = value
+  with pytest.raises(configuration.UserError, match=re.escape(message)):
+    configuration.validate(config)
 
 
 def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():

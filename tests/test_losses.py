@@ -167,6 +167,39 @@ def test_info_nce_with_excluded_negatives_and_smoothing_matches_numpy(smoothing)
   np.testing.assert_allclose(acc, expected_acc)
 
 
+def _np_attracted_info_nce(q, k, queue, temperature, attracted, smoothing):
+  """Row by row, Huynh et al.'s attraction: the mean over the positives (the key and the
+  attracted queue keys) of -log softmax, label-smoothed uniformly over all columns."""
+  losses_, hits = [], []
+  for row in range(q.shape[0]):
+    logits = np.concatenate([[q[row] @ k[row]], queue @ q[row]]).astype(np.float64) / temperature
+    log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    positives = np.concatenate([[0], 1 + np.flatnonzero(attracted[row])])
+    loss = -(1.0 - smoothing) * log_probs[positives].mean() - smoothing * log_probs.mean()
+    losses_.append(loss)
+    hits.append(logits.argmax() in positives)
+  return np.mean(losses_), 100.0 * np.mean(hits)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_info_nce_with_attracted_keys_matches_numpy(smoothing):
+  rng = np.random.default_rng(5)
+  q, k, queue = _unit(rng, (6, 8)), _unit(rng, (6, 8)), _unit(rng, (20, 8))
+  attracted = rng.random((6, 20)) < 0.3
+  attracted[0] = False  # a row with the key as its only positive: plain InfoNCE
+  queue[3] = q[1]  # row 1's top-1 is an attracted key: counted correct
+  attracted[1, 3] = True
+  loss, acc = losses.info_nce(q, k, queue, 0.2, attracted=jnp.asarray(attracted),
+                              smoothing=smoothing)
+  expected_loss, expected_acc = _np_attracted_info_nce(q, k, queue, 0.2, attracted, smoothing)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acc, expected_acc)
+  plain_row, _ = losses.info_nce(q[:1], k[:1], queue, 0.2, smoothing=smoothing)
+  attracted_row, _ = losses.info_nce(q[:1], k[:1], queue, 0.2, smoothing=smoothing,
+                                     attracted=jnp.asarray(attracted[:1]))
+  np.testing.assert_allclose(attracted_row, plain_row, rtol=1e-6)
+
+
 def test_excluding_a_hard_negative_raises_accuracy():
   rng = np.random.default_rng(4)
   q = _unit(rng, (1, 8))

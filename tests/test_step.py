@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from pcl_jax import losses
 from pcl_jax import models
 from pcl_jax import parallel
 from pcl_jax import state as state_lib
@@ -87,13 +88,19 @@ def test_the_queue_records_each_key_s_dataset_index(active_bank):
   assert (queue_index[8:] == -1).all()
 
 
-def _pcl_loss(switches, bank, queue_index, seed=4):
+def _embeddings(seed=4):
+  """Unit queries [8, 16], keys near them, and a queue [64, 16]."""
   rng = np.random.default_rng(seed)
   unit = lambda shape: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
       rng.normal(size=shape).astype(np.float32))
   queries, queue = unit((8, 16)), unit((64, 16))
   keys = unit((8, 16)) + queries
   keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+  return queries, keys, queue
+
+
+def _pcl_loss(switches, bank, queue_index):
+  queries, keys, queue = _embeddings()
   fn = jax.jit(lambda *a: step_lib.pcl_loss(*a, temperature=0.2, num_negatives=64,
                                             switches=switches))
   return fn(queries, keys, queue, queue_index, jnp.arange(8, 16), bank, jax.random.PRNGKey(0),
@@ -121,6 +128,16 @@ def test_each_switch_changes_the_loss_as_specified(active_bank):
   _, masked = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
                         queue_index)
   assert float(masked['loss_inst']) < float(plain['loss_inst'])
+  # Attraction: the same keys become InfoNCE's extra positives (wired to losses.info_nce).
+  _, attracted = _pcl_loss(step_lib.LossSwitches(attract_same_cluster=True), active_bank,
+                           queue_index)
+  queries, keys, queue = _embeddings()
+  same = step_lib.same_cluster_negatives(jnp.arange(8, 16), queue_index, active_bank)
+  assert bool(same.any())
+  expected, _ = losses.info_nce(queries, keys, queue, 0.2, attracted=same)
+  np.testing.assert_allclose(attracted['loss_inst'], expected, rtol=1e-5)
+  assert float(attracted['loss_inst']) > float(plain['loss_inst'])
+  np.testing.assert_allclose(attracted['loss_proto'], plain['loss_proto'], rtol=1e-6)
   # With no queue row of a known sample, the mask removes nothing.
   _, unknown = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
                          jnp.full((64,), -1))
