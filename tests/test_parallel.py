@@ -38,16 +38,23 @@ def _compare(a_path, b_path):
 
 
 @pytest.fixture(scope='module')
-def one_device(tmp_path_factory):
-  out = tmp_path_factory.mktemp('parallel') / 'one.npz'
-  _finish(_run(out, 1))
-  return out
+def runs(tmp_path_factory):
+  """The 1-device and the 8-device run, side by side (independent processes)."""
+  base = tmp_path_factory.mktemp('parallel')
+  paths = {devices: base / f'devices{devices}.npz' for devices in (1, 8)}
+  processes = {devices: _run(path, devices) for devices, path in paths.items()}
+  outputs = {devices: _finish(process) for devices, process in processes.items()}
+  return {'paths': paths, 'outputs': outputs}
 
 
-def test_eight_devices_equal_one_device(one_device, tmp_path):
-  out = tmp_path / 'eight.npz'
-  assert 'ok 8' in _finish(_run(out, 8))
-  _compare(one_device, out)
+@pytest.fixture(scope='module')
+def one_device(runs):
+  return runs['paths'][1]
+
+
+def test_eight_devices_equal_one_device(runs):
+  assert 'ok 8' in runs['outputs'][8]
+  _compare(runs['paths'][1], runs['paths'][8])
 
 
 # Eight devices in one process stay in the default run.
