@@ -1,12 +1,20 @@
-r"""The small-image recipe (configs/small_images.py) against plain PCL, 5 seeds.
+r"""The small-image recipe (configs/small_images.py) against plain PCL and the runners-up, 5 seeds.
 
   python -m pcl_jax.study --study=configs/studies/recipe.py --workdir=/tmp/study_recipe \
       --config.data.root=/tmp/dev_patches
+  # the check on pictures the recipe was not chosen on (benchmarks/holdout_patches.py):
+  python -m pcl_jax.study --study=configs/studies/recipe.py --workdir=/tmp/study_holdout \
+      --config.data.root=/tmp/holdout_patches
 
 `plain` is PCL as published at the reference run's budget (configs/small_images_plain.py, the
 baseline of configs/studies/remedies.py too: cells of the same config are the same runs), and
-`small_images` adds configs/small_images.py's RECIPE. Every cell checks the validation kNN every
-3 epochs, as in the other studies.
+`small_images` adds configs/small_images.py's RECIPE (the false-negative attraction and ProtoNCE
+at half weight). The runners-up of configs/studies/recipe_candidates.py ride along:
+`masked_half_proto` (the mask instead of the attraction: the largest kNN gain on the development
+patches) and `attract_coarse` (attraction by the coarsest level: the only significant NMI gain
+there, with kNN lower). On the development patches every cell is a candidates' cell under
+another name (the same config). Every cell checks the validation kNN every 3 epochs, as in the
+other studies.
 """
 
 import importlib.util
@@ -30,6 +38,10 @@ def get_study():
       'variants': {
           'plain': {},
           'small_images': _recipe(),
+          'masked_half_proto': {'pcl.mask_same_cluster_negatives': True,
+                                'pcl.proto_weight': 0.5},
+          'attract_coarse': {'pcl.attract_same_cluster': True, 'pcl.proto_weight': 0.5,
+                             'pcl.mask_level': 'coarsest'},
       },
       'baseline': 'plain',
       'seeds': [0, 1, 2, 3, 4],
