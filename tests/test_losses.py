@@ -140,17 +140,24 @@ def test_smoothing_factor_caps_and_rejects_bad_max():
 # The loss switches (step.LossSwitches), each against an independent numpy reference.
 
 
-def _np_info_nce(q, k, queue, temperature, excluded, smoothing):
-  """Row by row: the surviving negatives, then torch-style label-smoothed cross-entropy."""
+def _np_info_nce(q, k, queue, temperature, smoothing, excluded=None, attracted=None):
+  """Row by row: the surviving columns (`excluded` keys dropped), then the mean over the
+  positives (the key, and the `attracted` keys: Huynh et al.'s attraction) of -log softmax,
+  label-smoothed uniformly over the surviving columns (torch's label smoothing for one
+  positive)."""
+  num_keys = queue.shape[0]
+  excluded = np.zeros((q.shape[0], num_keys), bool) if excluded is None else excluded
+  attracted = np.zeros((q.shape[0], num_keys), bool) if attracted is None else attracted
   losses_, hits = [], []
   for row in range(q.shape[0]):
-    negatives = queue[~excluded[row]].astype(np.float64)
-    logits = np.concatenate([[q[row] @ k[row]], negatives @ q[row]]) / temperature
+    kept = ~excluded[row]
+    logits = np.concatenate([[q[row] @ k[row]],
+                             queue[kept].astype(np.float64) @ q[row]]) / temperature
     log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    soft = np.full(len(logits), smoothing / len(logits))
-    soft[0] += 1.0 - smoothing
-    losses_.append(-(soft * log_probs).sum())
-    hits.append(logits.argmax() == 0)
+    positives = np.concatenate([[0], 1 + np.flatnonzero(attracted[row][kept])])
+    losses_.append(-(1.0 - smoothing) * log_probs[positives].mean()
+                   - smoothing * log_probs.mean())
+    hits.append(logits.argmax() in positives)
   return np.mean(losses_), 100.0 * np.mean(hits)
 
 
@@ -162,23 +169,9 @@ def test_info_nce_with_excluded_negatives_and_smoothing_matches_numpy(smoothing)
   excluded[0] = True  # a row with no negative left: only the positive column
   loss, acc = losses.info_nce(q, k, queue, 0.2, excluded=jnp.asarray(excluded),
                               smoothing=smoothing)
-  expected_loss, expected_acc = _np_info_nce(q, k, queue, 0.2, excluded, smoothing)
+  expected_loss, expected_acc = _np_info_nce(q, k, queue, 0.2, smoothing, excluded=excluded)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(acc, expected_acc)
-
-
-def _np_attracted_info_nce(q, k, queue, temperature, attracted, smoothing):
-  """Row by row, Huynh et al.'s attraction: the mean over the positives (the key and the
-  attracted queue keys) of -log softmax, label-smoothed uniformly over all columns."""
-  losses_, hits = [], []
-  for row in range(q.shape[0]):
-    logits = np.concatenate([[q[row] @ k[row]], queue @ q[row]]).astype(np.float64) / temperature
-    log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    positives = np.concatenate([[0], 1 + np.flatnonzero(attracted[row])])
-    loss = -(1.0 - smoothing) * log_probs[positives].mean() - smoothing * log_probs.mean()
-    losses_.append(loss)
-    hits.append(logits.argmax() in positives)
-  return np.mean(losses_), 100.0 * np.mean(hits)
 
 
 @pytest.mark.parametrize('smoothing', [0.0, 0.1])
@@ -191,7 +184,7 @@ def test_info_nce_with_attracted_keys_matches_numpy(smoothing):
   attracted[1, 3] = True
   loss, acc = losses.info_nce(q, k, queue, 0.2, attracted=jnp.asarray(attracted),
                               smoothing=smoothing)
-  expected_loss, expected_acc = _np_attracted_info_nce(q, k, queue, 0.2, attracted, smoothing)
+  expected_loss, expected_acc = _np_info_nce(q, k, queue, 0.2, smoothing, attracted=attracted)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(acc, expected_acc)
   plain_row, _ = losses.info_nce(q[:1], k[:1], queue, 0.2, smoothing=smoothing)
