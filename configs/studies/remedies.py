@@ -7,6 +7,8 @@ Baseline `plain` is PCL as published at the reference run's budget (configs/smal
 Each other variant changes one thing (docs/studies.md has what each measured):
   mask_negatives     pcl.mask_same_cluster_negatives: InfoNCE drops queue keys of the query's
                      cluster (official repository's issue #8);
+  attract            pcl.attract_same_cluster: ... makes them extra positives instead
+                     (false-negative attraction, Huynh et al. 2022);
   proto_weight_half  pcl.proto_weight=0.5: ProtoNCE weighted half against InfoNCE;
   proto_weight_double  pcl.proto_weight=2: ... and twice;
   reference_columns  pcl.proto_columns='reference': the official code's ProtoNCE columns;
@@ -28,6 +30,7 @@ def get_study():
       'variants': {
           'plain': {},
           'mask_negatives': {'pcl.mask_same_cluster_negatives': True},
+          'attract': {'pcl.attract_same_cluster': True},
           'proto_weight_half': {'pcl.proto_weight': 0.5},
           'proto_weight_double': {'pcl.proto_weight': 2.0},
           'reference_columns': {'pcl.proto_columns': 'reference'},
