@@ -598,12 +598,13 @@ def run_study(study: Study, workdir: str, cells: Sequence[Cell],
       log.info('%s: diverged before, skipped (%s)', label, reason)
       outcome.diverged[cell.name] = reason
       continue
-    if finished_results(cell, workdir) is not None and reevaluate:
+    finished = finished_results(cell, workdir) is not None
+    if finished and reevaluate:
       log.info('%s: finished, evaluating it again', label)
       reevaluate_cell(cell, workdir)
       outcome.reevaluated.append(cell.name)
       continue
-    if finished_results(cell, workdir) is not None:
+    if finished:
       log.info('%s: finished, skipped', label)
       outcome.skipped.append(cell.name)
       continue
