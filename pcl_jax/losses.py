@@ -81,6 +81,11 @@ def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, smoothi
   l_neg = q @ queue.T
   logits = jnp.concatenate([l_pos, l_neg], axis=1) / temperature
   target = jnp.zeros((q.shape[0],), jnp.int32)
+  if (excluded is None and attracted is None and not debias_prior
+      and isinstance(smoothing, (int, float)) and smoothing == 0):
+    # PCL as published, what the step runs by default: the cheapest form (no column mask, no
+    # target distribution over B x (r + 1) logits).
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0]), _top1(logits, target)
   valid = jnp.ones(logits.shape, bool)
   if excluded is not None:
     valid = valid.at[:, 1:].set(~excluded)
