@@ -6,6 +6,7 @@ fix, so `main.py` can print it as one line and exit with status 2.
 """
 
 import difflib
+from typing import List
 
 import ml_collections
 
@@ -270,6 +271,22 @@ def validate_against_data(config, num_train: int) -> None:
     schedule.validate(num_train)  # k <= N for every listed k
   except ValueError as error:
     raise UserError(f'{error} (data.train_split={config.data.train_split!r})') from error
+
+
+def config_changes(old: dict, new: dict, ignored=(), prefix: str = '') -> List[str]:
+  """'section.field: old -> new' for every leaf that differs between two config dicts, except
+  the paths in `ignored` (a field, or a whole section)."""
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    path = prefix + key
+    if path in ignored:
+      continue
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changes += config_changes(a, b, ignored, path + '.')
+    elif a != b:
+      changes.append(f'{path}: {a!r} -> {b!r}')
+  return changes
 
 
 def upgrade_saved_config(saved: dict) -> dict:

@@ -167,18 +167,6 @@ def restore(config, checkpointer, workdir: str, step: Optional[int], initial_sta
   return initial_state, 0
 
 
-def _config_changes(old: dict, new: dict, prefix: str = '') -> list:
-  """'section.field: old -> new' for every leaf that differs between two config dicts."""
-  changes = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += _config_changes(a, b, f'{prefix}{key}.')
-    elif a != b:
-      changes.append(f'{prefix}{key}: {a!r} -> {b!r}')
-  return changes
-
-
 def write_config(workdir: str, config, resumed: bool) -> None:
   """Writes config.json; on resume, first says which settings differ from the saved ones."""
   path = os.path.join(workdir, 'config.json')
@@ -186,7 +174,7 @@ def write_config(workdir: str, config, resumed: bool) -> None:
     try:
       with open(path) as handle:
         saved = configuration.upgrade_saved_config(json.load(handle))
-      changes = _config_changes(saved, config.to_dict())
+      changes = configuration.config_changes(saved, config.to_dict())
     except (OSError, ValueError):
       changes = []
     if changes:

@@ -360,19 +360,10 @@ def _json_safe(value):
   return json.loads(json.dumps(value, default=repr))
 
 
-def config_differences(saved: dict, wanted: dict, prefix: str = '') -> List[str]:
-  """'field: saved -> wanted' for each leaf that differs, outside `IGNORED_DIFFERENCES`."""
-  changes = []
-  for key in sorted(set(saved) | set(wanted)):
-    path = prefix + key
-    if path in IGNORED_DIFFERENCES:
-      continue
-    a, b = saved.get(key), wanted.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += config_differences(a, b, path + '.')
-    elif a != b:
-      changes.append(f'{path}: {a!r} -> {b!r}')
-  return changes
+def config_differences(saved: dict, wanted: dict,
+                       ignored: Sequence[str] = IGNORED_DIFFERENCES) -> List[str]:
+  """'field: saved -> wanted' for each leaf that differs, outside `ignored`."""
+  return configuration.config_changes(saved, wanted, tuple(ignored))
 
 
 def evaluation_only_fields(config) -> Tuple[str, ...]:
@@ -392,9 +383,8 @@ def check_cell_config(cell: Cell, root: str, reevaluate: bool = False) -> None:
   except (OSError, ValueError) as error:
     raise UserError(f'cell {cell.name}: {path} cannot be read ({error}); move that directory '
                     'away to run the cell again') from error
-  ignored = evaluation_only_fields(cell.config) if reevaluate else ()
-  changes = [change for change in config_differences(saved, _json_safe(cell.config.to_dict()))
-             if change.split(':')[0] not in ignored]
+  ignored = IGNORED_DIFFERENCES + (evaluation_only_fields(cell.config) if reevaluate else ())
+  changes = config_differences(saved, _json_safe(cell.config.to_dict()), ignored)
   if changes:
     shown = '; '.join(changes[:6]) + (f'; and {len(changes) - 6} more' if len(changes) > 6
                                        else '')

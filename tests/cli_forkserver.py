@@ -9,8 +9,8 @@ forked child that executes `pcl_jax.main` as `__main__` (runpy, as `python -m` d
 Only modules the program itself imports (on its way to training or evaluating) are imported
 before the fork, and none defines a flag a fresh process would not (Orbax's are defined either
 way), so a child does what a fresh `python -m pcl_jax.main ARGS` does but for the 2-5 s of
-importing JAX, torch and Orbax again. At most JOBS children run at once. RESULTS.json gets [{"status", "seconds"}] in case
-order.
+importing JAX, torch and Orbax again. At most JOBS children run at once. RESULTS.json gets
+[{"status", "seconds"}] in case order.
 """
 
 import json
