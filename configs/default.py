@@ -88,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Switches for PCL's known flaws (docs/remedies.md has what each measured); off = PCL as published.
   config.pcl.mask_same_cluster_negatives = False  # InfoNCE drops queue keys of the query's cluster
   config.pcl.attract_same_cluster = False  # ... or makes them extra positives (Huynh et al. 2022)
-  config.pcl.mask_level = 'finest'  # finest | coarsest: the active level whose clusters do either
+  config.pcl.mask_level = 'finest'  # finest | coarsest | graded (attraction only): whose clusters
+  config.pcl.attract_share = 0.0  # the attracted keys' share of InfoNCE's target; 0: uniform
   config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE
   config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
   config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too

@@ -20,6 +20,6 @@ EVAL_RESIZES = ('auto', 'whole', 'center')
 # as salesforce/PCL's eval_svm_voc.py / eval_cls_imagenet.py.
 EVAL_ENCODERS = ('key', 'query')
 PROTO_COLUMNS = ('unique', 'reference')  # pcl.proto_columns
-MASK_LEVELS = ('finest', 'coarsest')  # pcl.mask_level
+MASK_LEVELS = ('finest', 'coarsest', 'graded')  # pcl.mask_level ('graded': attraction only)
 # Per-epoch metrics the plateau detector can monitor (schedule.metric).
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')

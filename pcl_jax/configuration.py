@@ -151,6 +151,15 @@ def _check_switches(pcl) -> None:
   _require(not (pcl.debias_prior and pcl.attract_same_cluster),
            'pcl.debias_prior assumes one positive per query and pcl.attract_same_cluster adds '
            'more; set one of them off')
+  _require(0 <= pcl.attract_share < 1,
+           f'pcl.attract_share={pcl.attract_share} must be in [0, 1) (the attracted keys\' share '
+           'of InfoNCE\'s target; 0: uniform over the positives)')
+  _require(not pcl.attract_share or pcl.attract_same_cluster,
+           f'pcl.attract_share={pcl.attract_share} weighs the attracted keys and does nothing '
+           'without pcl.attract_same_cluster=True; set that, or pcl.attract_share=0')
+  _require(pcl.mask_level != 'graded' or not pcl.mask_same_cluster_negatives,
+           'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster and cannot mask a '
+           'fraction of a key; use finest or coarsest with pcl.mask_same_cluster_negatives')
   _require(not (pcl.debias_prior and pcl.smooth_instance),
            'pcl.debias_prior and pcl.smooth_instance both change InfoNCE\'s target and do not '
            'combine; set one of them off')

@@ -32,29 +32,50 @@ def _cross_entropy(logits, target, valid, smoothing):
   Matches torch.nn.CrossEntropyLoss(label_smoothing=eps) applied to the valid columns:
   target distribution (1 - eps) * onehot + eps / n_valid.
   """
-  onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=bool)
-  return _multi_positive_cross_entropy(logits, onehot, valid, smoothing)
+  onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+  return _soft_cross_entropy(logits, onehot, valid, smoothing)
 
 
-def _multi_positive_cross_entropy(logits, positive, valid, smoothing):
-  """Per-row cross-entropy against the uniform distribution over the `positive` columns, with
-  label smoothing over the valid ones: target (1 - eps) * positive / n_positive + eps / n_valid
-  (one positive per row: `_cross_entropy`)."""
+def _soft_cross_entropy(logits, target_probs, valid, smoothing):
+  """Per-row cross-entropy against a target distribution over the columns (rows summing to 1),
+  with label smoothing over the valid ones: (1 - eps) * target_probs + eps / n_valid."""
   logits = jnp.where(valid, logits, _MASKED)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   num_valid = jnp.maximum(valid.sum(-1), 1)
-  num_positive = jnp.maximum(positive.sum(-1), 1)
-  soft = ((1.0 - smoothing) * positive / num_positive[..., None]
-          + smoothing * valid / num_valid[..., None])
+  soft = (1.0 - smoothing) * target_probs + smoothing * valid / num_valid[..., None]
   return -jnp.sum(jnp.where(valid, soft * log_probs, 0.0), axis=-1)
+
+
+def attraction_target(attracted, share=0.0):
+  """[B, 1 + r] InfoNCE target with extra positives: column 0 is the query's own key.
+
+  Args:
+    attracted: [B, r] bool or float weights in [0, 1]: how much each queue key is another
+      positive of its query (`pcl.attract_same_cluster`; 'graded' `pcl.mask_level` gives
+      fractions).
+    share: the attracted keys' combined share of the target, the own key keeping 1 - share
+      (`pcl.attract_share`). 0 weighs every positive by its weight, the own key by 1: uniform
+      over the key and the attracted keys, false-negative attraction as published (Huynh et al.
+      2022), where the own key's share falls to 1 / (n + 1) with n attracted keys.
+  A row with no attracted key is the plain one-hot target.
+  """
+  weights = attracted.astype(jnp.float32)
+  if share:
+    total = weights.sum(-1, keepdims=True)
+    weights = jnp.where(total > 0, share * weights / jnp.maximum(total, 1e-12), 0.0)
+    own = jnp.where(total > 0, 1.0 - share, 1.0)
+  else:
+    own = jnp.ones((weights.shape[0], 1), jnp.float32)
+  target = jnp.concatenate([own, weights], axis=1)
+  return target / target.sum(-1, keepdims=True)
 
 
 def _top1(logits, target):
   return 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == target)
 
 
-def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, smoothing=0.0,
-             debias_prior=0.0):
+def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, attract_share=0.0,
+             smoothing=0.0, debias_prior=0.0):
   """InfoNCE of MoCo: positive q.k, negatives q.queue; target column 0.
 
   Args:
@@ -65,9 +86,11 @@ def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, smoothi
     excluded: optional [B, r] bool, True where a queue key is not a negative of that query
       (`pcl.mask_same_cluster_negatives`): its column is removed from the softmax and from the
       accuracy.
-    attracted: optional [B, r] bool, True where a queue key is another positive of that query
-      (`pcl.attract_same_cluster`: false-negative attraction, Huynh et al., WACV 2022): the
-      target is uniform over column 0 and these columns, and a top-1 in any of them is correct.
+    attracted: optional [B, r] bool (or float weights), True where a queue key is another
+      positive of that query (`pcl.attract_same_cluster`: false-negative attraction, Huynh et
+      al., WACV 2022): the target is `attraction_target`'s distribution over column 0 and these
+      columns, and a top-1 in any of them is correct.
+    attract_share: the attracted keys' share of the target (`attraction_target`; 0: uniform).
     smoothing: label-smoothing epsilon over the remaining columns (`pcl.smooth_instance`; 0 is
       plain InfoNCE).
     debias_prior: tau+ of debiased contrastive learning (Chuang et al., NeurIPS 2020), the
@@ -90,9 +113,9 @@ def info_nce(q, k, queue, temperature, *, excluded=None, attracted=None, smoothi
   if excluded is not None:
     valid = valid.at[:, 1:].set(~excluded)
   if attracted is not None:
-    positive = jnp.concatenate([jnp.ones((q.shape[0], 1), bool), attracted], axis=1)
-    loss = jnp.mean(_multi_positive_cross_entropy(logits, positive, valid, smoothing))
-    top1 = jnp.take_along_axis(positive, jnp.argmax(logits, axis=-1)[:, None], axis=1)
+    target_probs = attraction_target(attracted, attract_share)
+    loss = jnp.mean(_soft_cross_entropy(logits, target_probs, valid, smoothing))
+    top1 = jnp.take_along_axis(target_probs, jnp.argmax(logits, axis=-1)[:, None], axis=1) > 0
     return loss, 100.0 * jnp.mean(top1)
   if debias_prior:
     loss = jnp.mean(_debiased_nce(logits, valid, temperature, debias_prior))

@@ -104,8 +104,12 @@ class LossSwitches:
   mask_same_cluster_negatives: drop queue keys of the query's cluster from InfoNCE's negatives.
   attract_same_cluster: make those keys extra positives of InfoNCE instead (false-negative
     attraction, Huynh et al. 2022).
-  mask_level: whose clusters both use: 'finest' (the active level with the most prototypes) or
-    'coarsest' (the fewest, the schedule's nearest guess at the classes).
+  mask_level: whose clusters both use: 'finest' (the active level with the most prototypes),
+    'coarsest' (the fewest, the schedule's nearest guess at the classes) or, for the attraction
+    only, 'graded' (each key weighted by the fraction of active levels that put it in the
+    query's cluster; `same_cluster_fraction`).
+  attract_share: the attracted keys' combined share of InfoNCE's target, the query's own key
+    keeping the rest (0: uniform over all the positives; `losses.attraction_target`).
   proto_weight: ProtoNCE's weight against InfoNCE.
   proto_columns: 'unique' (one column per prototype) or 'reference' (the official code's columns,
     one per sample; `losses.reference_prototype_columns`).
@@ -115,6 +119,7 @@ class LossSwitches:
   mask_same_cluster_negatives: bool = False
   attract_same_cluster: bool = False
   mask_level: str = 'finest'
+  attract_share: float = 0.0
   proto_weight: float = 1.0
   proto_columns: str = 'unique'
   smooth_instance: bool = False
@@ -176,6 +181,28 @@ def same_cluster_negatives(index, queue_index, bank, level: str = 'finest'):
   return known[None, :] & (key_cluster[None, :] == query_cluster[:, None])
 
 
+def same_cluster_fraction(index, queue_index, bank):
+  """[B, r] float: the fraction of active levels that put each queue key in the query's cluster.
+
+  'graded' `pcl.mask_level`: a key its query shares a cluster with at every level, fine ones
+  included, is more likely of its class than one that shares only the coarsest cluster, and is
+  attracted harder. Zero during warm-up (no active level) and for queue rows of no sample yet.
+  """
+  im2cluster = bank['im2cluster']  # [L, N]
+  query_cluster = im2cluster[:, index]  # [L, B]
+  key_cluster = im2cluster[:, jnp.maximum(queue_index, 0)]  # [L, r]
+  same = (query_cluster[:, :, None] == key_cluster[:, None, :]) & bank['active'][:, None, None]
+  count = jnp.maximum(bank['active'].sum(), 1)
+  known = (queue_index >= 0)[None, :]
+  return jnp.where(known, same.sum(0) / count, 0.0)
+
+
+def _same_cluster(index, queue_index, bank, level):
+  if level == 'graded':
+    return same_cluster_fraction(index, queue_index, bank)
+  return same_cluster_negatives(index, queue_index, bank, level)
+
+
 def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, temperature,
              num_negatives, switches):
   """InfoNCE + proto_weight * ProtoNCE of a batch of embeddings, with the switches applied.
@@ -191,13 +218,14 @@ def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, 
   Returns:
     (loss, terms): terms are loss_inst, acc_inst, loss_proto, acc_proto.
   """
-  same_cluster = (same_cluster_negatives(index, queue_index, bank, switches.mask_level)
+  same_cluster = (_same_cluster(index, queue_index, bank, switches.mask_level)
                   if switches.mask_same_cluster_negatives or switches.attract_same_cluster
                   else None)
   loss_inst, acc_inst = losses.info_nce(
       queries, keys, queue, temperature,
       excluded=same_cluster if switches.mask_same_cluster_negatives else None,
       attracted=same_cluster if switches.attract_same_cluster else None,
+      attract_share=switches.attract_share,
       smoothing=smoothing if switches.smooth_instance else 0.0,
       debias_prior=switches.debias_prior)
   loss_proto, acc_proto = _level_losses(queries, index, bank, rng, num_negatives, smoothing,
