@@ -91,6 +91,11 @@ def test_a_validation_split_inside_the_training_split_is_refused():
      'pcl.attract_same_cluster makes them positives; set one of them off'),
     ({'pcl.debias_prior': 0.1, 'pcl.attract_same_cluster': True},
      'pcl.debias_prior assumes one positive'),
+    ({'pcl.attract_same_cluster': True, 'pcl.attract_share': 1.0},
+     'pcl.attract_share=1.0 must be in [0, 1)'),
+    ({'pcl.attract_share': 0.5}, 'does nothing without pcl.attract_same_cluster=True'),
+    ({'pcl.mask_same_cluster_negatives': True, 'pcl.mask_level': 'graded'},
+     'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster'),
     ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
 ])
 def test_conflicting_or_bad_loss_and_eval_settings_are_named(changes, message):

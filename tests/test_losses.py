@@ -140,24 +140,28 @@ def test_smoothing_factor_caps_and_rejects_bad_max():
 # The loss switches (step.LossSwitches), each against an independent numpy reference.
 
 
-def _np_info_nce(q, k, queue, temperature, smoothing, excluded=None, attracted=None):
-  """Row by row: the surviving columns (`excluded` keys dropped), then the mean over the
-  positives (the key, and the `attracted` keys: Huynh et al.'s attraction) of -log softmax,
+def _np_info_nce(q, k, queue, temperature, smoothing, excluded=None, attracted=None, share=0.0):
+  """Row by row: the surviving columns (`excluded` keys dropped), then the cross-entropy against
+  the positives (the key, and the `attracted` keys with their weights: Huynh et al.'s
+  attraction), the attracted keys rescaled to `share` of the target when it is set,
   label-smoothed uniformly over the surviving columns (torch's label smoothing for one
   positive)."""
   num_keys = queue.shape[0]
   excluded = np.zeros((q.shape[0], num_keys), bool) if excluded is None else excluded
-  attracted = np.zeros((q.shape[0], num_keys), bool) if attracted is None else attracted
+  attracted = np.zeros((q.shape[0], num_keys)) if attracted is None else attracted
   losses_, hits = [], []
   for row in range(q.shape[0]):
     kept = ~excluded[row]
     logits = np.concatenate([[q[row] @ k[row]],
                              queue[kept].astype(np.float64) @ q[row]]) / temperature
     log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    positives = np.concatenate([[0], 1 + np.flatnonzero(attracted[row][kept])])
-    losses_.append(-(1.0 - smoothing) * log_probs[positives].mean()
+    weights = np.concatenate([[1.0], attracted[row][kept].astype(np.float64)])
+    if share and weights[1:].sum() > 0:
+      weights = np.concatenate([[1.0 - share], share * weights[1:] / weights[1:].sum()])
+    target = weights / weights.sum()
+    losses_.append(-(1.0 - smoothing) * (target * log_probs).sum()
                    - smoothing * log_probs.mean())
-    hits.append(logits.argmax() in positives)
+    hits.append(target[logits.argmax()] > 0)
   return np.mean(losses_), 100.0 * np.mean(hits)
 
 
@@ -191,6 +195,28 @@ def test_info_nce_with_attracted_keys_matches_numpy(smoothing):
   attracted_row, _ = losses.info_nce(q[:1], k[:1], queue, 0.2, smoothing=smoothing,
                                      attracted=jnp.asarray(attracted[:1]))
   np.testing.assert_allclose(attracted_row, plain_row, rtol=1e-6)
+
+
+@pytest.mark.parametrize('share, graded', [(0.5, False), (0.0, True), (0.3, True)])
+def test_info_nce_with_weighted_attraction_matches_numpy(share, graded):
+  """`pcl.attract_share` (the attracted keys' share of the target) and graded weights
+  (`pcl.mask_level=graded`: fractions of levels), alone and together."""
+  rng = np.random.default_rng(6)
+  q, k, queue = _unit(rng, (6, 8)), _unit(rng, (6, 8)), _unit(rng, (20, 8))
+  attracted = (rng.random((6, 20)) < 0.3) * (rng.integers(1, 4, (6, 20)) / 3 if graded else 1.0)
+  attracted[0] = 0  # no attracted key: plain InfoNCE whatever the share
+  loss, acc = losses.info_nce(q, k, queue, 0.2, attracted=jnp.asarray(attracted),
+                              attract_share=share, smoothing=0.1)
+  expected_loss, expected_acc = _np_info_nce(q, k, queue, 0.2, 0.1, attracted=attracted,
+                                             share=share)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(acc, expected_acc)
+  target = np.asarray(losses.attraction_target(jnp.asarray(attracted), share))
+  np.testing.assert_allclose(target.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(target[0], np.eye(21)[0])
+  if share:
+    has_attracted = attracted.sum(-1) > 0
+    np.testing.assert_allclose(target[has_attracted, 0], 1.0 - share, rtol=1e-6)
 
 
 def test_excluding_a_hard_negative_raises_accuracy():

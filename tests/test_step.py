@@ -72,6 +72,23 @@ def _one_step(switches, bank):
   return step(state, batch, bank, {'smoothing': jnp.float32(0.1)})
 
 
+def test_same_cluster_fraction_matches_numpy_over_the_active_levels():
+  rng = np.random.default_rng(1)
+  bank, levels = _bank(rng, 50, (5, 12, 3), [True, False, True])
+  index = rng.integers(0, 50, 6)
+  queue_index = rng.integers(-1, 50, 20)
+  fraction = np.asarray(step_lib.same_cluster_fraction(jnp.asarray(index),
+                                                       jnp.asarray(queue_index), bank))
+  active = [levels[0]['im2cluster'], levels[2]['im2cluster']]
+  expected = np.array([[np.mean([c[j] == c[i] for c in active]) if j >= 0 else 0.0
+                        for j in queue_index] for i in index])
+  np.testing.assert_allclose(fraction, expected)
+  assert {0.0, 0.5, 1.0} >= set(np.unique(fraction)) and (fraction == 0.5).any()
+  bank['active'] = jnp.zeros(3, bool)  # warm-up: nothing attracted
+  assert not np.asarray(step_lib.same_cluster_fraction(jnp.asarray(index),
+                                                       jnp.asarray(queue_index), bank)).any()
+
+
 @pytest.fixture(scope='module')
 def active_bank():
   rng = np.random.default_rng(3)
@@ -138,6 +155,17 @@ def test_each_switch_changes_the_loss_as_specified(active_bank):
   np.testing.assert_allclose(attracted['loss_inst'], expected, rtol=1e-5)
   assert float(attracted['loss_inst']) > float(plain['loss_inst'])
   np.testing.assert_allclose(attracted['loss_proto'], plain['loss_proto'], rtol=1e-6)
+  # ... weighted: the share, and graded weights over the levels.
+  _, shared = _pcl_loss(step_lib.LossSwitches(attract_same_cluster=True, attract_share=0.5),
+                        active_bank, queue_index)
+  expected, _ = losses.info_nce(queries, keys, queue, 0.2, attracted=same, attract_share=0.5)
+  np.testing.assert_allclose(shared['loss_inst'], expected, rtol=1e-5)
+  _, graded = _pcl_loss(step_lib.LossSwitches(attract_same_cluster=True, mask_level='graded'),
+                        active_bank, queue_index)
+  fraction = step_lib.same_cluster_fraction(jnp.arange(8, 16), queue_index, active_bank)
+  expected, _ = losses.info_nce(queries, keys, queue, 0.2, attracted=fraction)
+  np.testing.assert_allclose(graded['loss_inst'], expected, rtol=1e-5)
+  assert float(graded['loss_inst']) != float(attracted['loss_inst'])
   # With no queue row of a known sample, the mask removes nothing.
   _, unknown = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
                          jnp.full((64,), -1))
