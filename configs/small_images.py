@@ -21,6 +21,10 @@ RECIPE = {
     # (false-negative attraction): it stops pushing a cluster's members apart and pulls them
     # together.
     'pcl.attract_same_cluster': True,
+    # ... with half of InfoNCE's target kept on the query's own key: uniform attraction would
+    # leave it 1 / (n + 1) with n keys in its cluster, and the instance task, which kNN rests
+    # on, would fade as the clusters fill.
+    'pcl.attract_share': 0.5,
     # ProtoNCE at half weight: the instance loss keeps more of the gradient while the clusters are
     # still coarse guesses of the classes.
     'pcl.proto_weight': 0.5,

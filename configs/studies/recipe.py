@@ -8,17 +8,20 @@ r"""The small-image recipe (configs/small_images.py) against plain PCL and the r
 
 `plain` is PCL as published at the reference run's budget (configs/small_images_plain.py, the
 baseline of configs/studies/remedies.py too: cells of the same config are the same runs), and
-`small_images` adds configs/small_images.py's RECIPE (the false-negative attraction and ProtoNCE
-at half weight). The runners-up of configs/studies/recipe_candidates.py ride along:
-`masked_half_proto` (the mask instead of the attraction: the largest kNN gain on the development
-patches) and `attract_coarse` (attraction by the coarsest level: the only significant NMI gain
-there, with kNN lower). On the development patches every cell is a candidates' cell under
-another name (the same config). Every cell checks the validation kNN every 3 epochs, as in the
-other studies.
+`small_images` adds configs/small_images.py's RECIPE (false-negative attraction with half of
+InfoNCE's target on the own key, and ProtoNCE at half weight). Runners-up of
+configs/studies/recipe_candidates.py ride along: `attract` (uniform attraction, the recipe before
+the share), `attract_graded` (attraction graded over the levels: the largest NMI gain there, with
+kNN level), `masked_half_proto` (the mask instead of the attraction: the largest kNN gain on the
+development patches) and `attract_coarse` (attraction by the coarsest level). On the development
+patches every cell is a candidates' cell under another name (the same config). Every cell checks
+the validation kNN every 3 epochs, as in the other studies.
 """
 
 import importlib.util
 import os
+
+_ATTRACT_HALF_PROTO = {'pcl.attract_same_cluster': True, 'pcl.proto_weight': 0.5}
 
 
 def _recipe():
@@ -38,10 +41,11 @@ def get_study():
       'variants': {
           'plain': {},
           'small_images': _recipe(),
+          'attract': dict(_ATTRACT_HALF_PROTO),
+          'attract_graded': {**_ATTRACT_HALF_PROTO, 'pcl.mask_level': 'graded'},
           'masked_half_proto': {'pcl.mask_same_cluster_negatives': True,
                                 'pcl.proto_weight': 0.5},
-          'attract_coarse': {'pcl.attract_same_cluster': True, 'pcl.proto_weight': 0.5,
-                             'pcl.mask_level': 'coarsest'},
+          'attract_coarse': {**_ATTRACT_HALF_PROTO, 'pcl.mask_level': 'coarsest'},
       },
       'baseline': 'plain',
       'seeds': [0, 1, 2, 3, 4],
