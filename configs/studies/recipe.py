@@ -18,20 +18,9 @@ patches every cell is a candidates' cell under another name (the same config). E
 the validation kNN every 3 epochs, as in the other studies.
 """
 
-import importlib.util
-import os
+from configs import small_images
 
 _ATTRACT_HALF_PROTO = {'pcl.attract_same_cluster': True, 'pcl.proto_weight': 0.5}
-
-
-def _recipe():
-  """configs/small_images.py's RECIPE, loaded by path (study files are loaded by path too)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'small_images.py')
-  spec = importlib.util.spec_from_file_location('small_images', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return dict(module.RECIPE)
 
 
 def get_study():
@@ -40,7 +29,7 @@ def get_study():
       'overrides': {'eval.val_every': 3},
       'variants': {
           'plain': {},
-          'small_images': _recipe(),
+          'small_images': dict(small_images.RECIPE),
           'attract': dict(_ATTRACT_HALF_PROTO),
           'attract_graded': {**_ATTRACT_HALF_PROTO, 'pcl.mask_level': 'graded'},
           'masked_half_proto': {'pcl.mask_same_cluster_negatives': True,
