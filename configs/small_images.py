@@ -7,9 +7,10 @@ Same budget as configs/small_images_plain.py (PCL as published, set like the ref
 Conv4 width 64 at 32 px, 30 epochs, batch 64. RECIPE lists what it changes. Each change was
 measured alone against plain PCL over 3 seeds (configs/studies/remedies.py); the recipe was
 chosen among the candidates of configs/studies/recipe_candidates.py (5 seeds each) on the
-development patches and checked, with the runners-up, on held-out pictures
-(configs/studies/recipe.py, benchmarks/holdout_patches.py). The reports are in docs/studies/,
-what they found in docs/remedies.md.
+development patches by the rule stated there, and checked, with the runners-up, on held-out
+pictures (configs/studies/recipe.py, benchmarks/holdout_patches.py) and on new seeds
+(configs/studies/recipe_confirmation.py). The reports are in docs/studies/, what they found in
+docs/remedies.md.
 """
 
 from configs import small_images_plain
