@@ -4,8 +4,8 @@ r"""The recipe for small image sets: plain PCL's budget, with the changes measur
       --config.data.root=/data/my_images
 
 Same budget as configs/small_images_plain.py (PCL as published, set like the reference's run):
-Conv4 width 64 at 32 px, 30 epochs, batch 64. RECIPE lists what it changes. Each change was
-measured alone against plain PCL over 3 seeds (configs/studies/remedies.py); the recipe was
+Conv4 width 64 at 32 px, 30 epochs, batch 64. RECIPE lists what it changes. The loss switches
+were first measured alone against plain PCL over 3 seeds (configs/studies/remedies.py); the recipe was
 chosen among the candidates of configs/studies/recipe_candidates.py (5 seeds each) on the
 development patches by the rule stated there, and checked, with the runners-up, on held-out
 pictures (configs/studies/recipe.py, benchmarks/holdout_patches.py) and on new seeds
