@@ -198,6 +198,7 @@ def same_cluster_fraction(index, queue_index, bank):
 
 
 def _same_cluster(index, queue_index, bank, level):
+  """[B, r]: the keys the mask or the attraction acts on, by `pcl.mask_level`."""
   if level == 'graded':
     return same_cluster_fraction(index, queue_index, bank)
   return same_cluster_negatives(index, queue_index, bank, level)
