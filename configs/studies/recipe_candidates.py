@@ -28,9 +28,10 @@ The last three were added when none of the above had beaten plain PCL on both kN
   attract_graded          each key weighted by the fraction of levels that put it in the
                           query's cluster (pcl.mask_level=graded): keys sharing fine clusters
                           too are likelier the query's class, and pull harder.
-The rule that picks the recipe among them, fixed before the last two had finished: the candidate
-that beats plain PCL beyond the paired 95% interval on both kNN and NMI, the one whose larger
-p-value of the two is smallest if several do; if none does, the one nearest that target.
+The rule that picks the recipe among them (the second round's, written here with its tie-break
+when attract_half had finished and the last two had not): the candidate that beats plain PCL
+beyond the paired 95% interval on both kNN and NMI, the one whose larger p-value of the two is
+smallest if several do; if none does, the one nearest that target.
 docs/remedies.md has what each measured and which became the recipe.
 """
 
