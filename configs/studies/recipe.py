@@ -19,22 +19,21 @@ the validation kNN every 3 epochs, as in the other studies.
 """
 
 from configs import small_images
-
-_ATTRACT_HALF_PROTO = {'pcl.attract_same_cluster': True, 'pcl.proto_weight': 0.5}
+from configs.studies import recipe_candidates
 
 
 def get_study():
+  candidates = recipe_candidates.get_study()['variants']
   return {
       'config': 'configs/small_images_plain.py',
       'overrides': {'eval.val_every': 3},
       'variants': {
           'plain': {},
           'small_images': dict(small_images.RECIPE),
-          'attract': dict(_ATTRACT_HALF_PROTO),
-          'attract_graded': {**_ATTRACT_HALF_PROTO, 'pcl.mask_level': 'graded'},
-          'masked_half_proto': {'pcl.mask_same_cluster_negatives': True,
-                                'pcl.proto_weight': 0.5},
-          'attract_coarse': {**_ATTRACT_HALF_PROTO, 'pcl.mask_level': 'coarsest'},
+          'attract': candidates['attract'],
+          'attract_graded': candidates['attract_graded'],
+          'masked_half_proto': candidates['small_images'],
+          'attract_coarse': candidates['attract_coarse'],
       },
       'baseline': 'plain',
       'seeds': [0, 1, 2, 3, 4],
