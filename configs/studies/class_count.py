@@ -7,8 +7,9 @@ An exploratory study of the one PCL change docs/remedies.md leaves untried: a cl
 ends near the class count (the notes' lists end at k = 2-10). `last_k_10` replaces plain PCL's
 coarsest level, 20, by 10: the k that the silhouette of k-means picks, without labels, on plain
 PCL's trained features of both image sets (benchmarks/cluster_count_estimate.py; 8-12 in six runs
-of six). It is also their true class count, so a gain here says the avenue is worth building
-(the E-step estimating the k itself), not that a fixed 10 is a recipe for unseen data.
+of six). It is also their true class count, so a gain here would have said the avenue is worth building
+(the E-step estimating the k itself), not that a fixed 10 is a recipe for unseen data. There was
+none on either image set (docs/remedies.md, "Open").
 """
 
 
