@@ -159,6 +159,14 @@ def _level_losses(q, index, bank, rng, num_negatives, smoothing, columns):
   return loss, acc
 
 
+def _shares_cluster(im2cluster, index, queue_index):
+  """[..., B, r] bool: whether each queue key's sample is in the query's cluster, by an
+  im2cluster [..., N] of one level or of several; False for queue rows of no sample yet (-1)."""
+  query_cluster = jnp.take(im2cluster, index, axis=-1)[..., :, None]
+  key_cluster = jnp.take(im2cluster, jnp.maximum(queue_index, 0), axis=-1)[..., None, :]
+  return (queue_index >= 0) & (query_cluster == key_cluster)
+
+
 def same_cluster_negatives(index, queue_index, bank, level: str = 'finest'):
   """[B, r] bool: queue keys in the query's cluster at the finest (or coarsest) active level.
 
@@ -174,11 +182,7 @@ def same_cluster_negatives(index, queue_index, bank, level: str = 'finest'):
     chosen = jnp.argmax(jnp.where(bank['active'], sizes, -1))
   else:
     chosen = jnp.argmin(jnp.where(bank['active'], sizes, jnp.iinfo(sizes.dtype).max))
-  im2cluster = bank['im2cluster'][chosen]
-  query_cluster = im2cluster[index]
-  key_cluster = im2cluster[jnp.maximum(queue_index, 0)]
-  known = (queue_index >= 0) & bank['active'].any()
-  return known[None, :] & (key_cluster[None, :] == query_cluster[:, None])
+  return _shares_cluster(bank['im2cluster'][chosen], index, queue_index) & bank['active'].any()
 
 
 def same_cluster_fraction(index, queue_index, bank):
@@ -188,13 +192,8 @@ def same_cluster_fraction(index, queue_index, bank):
   included, is more likely of its class than one that shares only the coarsest cluster, and is
   attracted harder. Zero during warm-up (no active level) and for queue rows of no sample yet.
   """
-  im2cluster = bank['im2cluster']  # [L, N]
-  query_cluster = im2cluster[:, index]  # [L, B]
-  key_cluster = im2cluster[:, jnp.maximum(queue_index, 0)]  # [L, r]
-  same = (query_cluster[:, :, None] == key_cluster[:, None, :]) & bank['active'][:, None, None]
-  count = jnp.maximum(bank['active'].sum(), 1)
-  known = (queue_index >= 0)[None, :]
-  return jnp.where(known, same.sum(0) / count, 0.0)
+  same = _shares_cluster(bank['im2cluster'], index, queue_index) & bank['active'][:, None, None]
+  return same.sum(0) / jnp.maximum(bank['active'].sum(), 1)
 
 
 def _same_cluster(index, queue_index, bank, level):
