@@ -104,6 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.clustering.use_float16 = True  # faiss GPU index in float16
   config.clustering.max_points_factor = 5 / 3  # max_points_per_centroid = int(N * f / k)
   config.clustering.min_points_factor = 1 / 3  # min_points_per_centroid = int(N * f / k)
+  # Equal-sized clusters (SwAV's Sinkhorn-Knopp over k-means' centroids, flat levels only):
+  # off = PCL as published; epsilon and iterations are SwAV's.
+  config.clustering.balanced = False
+  config.clustering.sinkhorn_epsilon = 0.05
+  config.clustering.sinkhorn_iterations = 3
 
   config.schedule = ml_collections.ConfigDict()
   config.schedule.all_clusters = '25000,50000,100000'

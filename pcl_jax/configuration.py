@@ -244,6 +244,13 @@ def validate(config) -> None:
   _require(0 <= config.clustering.min_points_factor <= config.clustering.max_points_factor,
            f'clustering.min_points_factor={config.clustering.min_points_factor} must be in '
            f'[0, clustering.max_points_factor={config.clustering.max_points_factor}]')
+  _require(config.clustering.sinkhorn_epsilon > 0,
+           f'clustering.sinkhorn_epsilon={config.clustering.sinkhorn_epsilon} must be > 0')
+  _require(config.clustering.sinkhorn_iterations >= 1,
+           f'clustering.sinkhorn_iterations={config.clustering.sinkhorn_iterations} must be >= 1')
+  _require(not (config.clustering.balanced and config.clustering.hierarchical),
+           'clustering.balanced=True balances flat levels only; set '
+           'clustering.hierarchical=False or clustering.balanced=False')
   _require(config.eval.knn_t > 0, f'eval.knn_t={config.eval.knn_t} must be > 0')
   _require(config.eval.fewshot_episodes >= 1,
            f'eval.fewshot_episodes={config.eval.fewshot_episodes} must be >= 1')

@@ -110,7 +110,10 @@ class Trainer:
         spherical=config.clustering.spherical, hierarchical=config.clustering.hierarchical,
         temperature=config.pcl.temperature, use_float16=config.clustering.use_float16,
         max_points_factor=config.clustering.max_points_factor,
-        min_points_factor=config.clustering.min_points_factor)
+        min_points_factor=config.clustering.min_points_factor,
+        balanced=config.clustering.balanced,
+        sinkhorn_epsilon=config.clustering.sinkhorn_epsilon,
+        sinkhorn_iterations=config.clustering.sinkhorn_iterations)
     if jax.process_count() == 1:
       return run(features)
     if clustering.resolve_backend(config.clustering.backend) == 'jax':

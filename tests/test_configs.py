@@ -97,6 +97,10 @@ def test_a_validation_split_inside_the_training_split_is_refused():
     ({'pcl.mask_same_cluster_negatives': True, 'pcl.mask_level': 'graded'},
      'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster'),
     ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
+    ({'clustering.sinkhorn_epsilon': 0.0}, 'clustering.sinkhorn_epsilon=0.0 must be > 0'),
+    ({'clustering.sinkhorn_iterations': 0}, 'clustering.sinkhorn_iterations=0 must be >= 1'),
+    ({'clustering.balanced': True, 'clustering.hierarchical': True},
+     'clustering.balanced=True balances flat levels only'),
 ])
 def test_conflicting_or_bad_loss_and_eval_settings_are_named(changes, message):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top

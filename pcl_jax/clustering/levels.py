@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcl_jax import linalg
+from pcl_jax.clustering import balanced as balanced_lib
 from pcl_jax.clustering import jax_kmeans
 from pcl_jax.clustering import backend as kmeans_backend
 from pcl_jax.clustering import faiss_kmeans
@@ -115,7 +116,8 @@ def _level_concentration(sq_dist, im2cluster, k: int, temperature):
 
 def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
                    hierarchical, temperature, use_float16, max_points_factor=5 / 3,
-                   min_points_factor=1 / 3):
+                   min_points_factor=1 / 3, balanced=False, sinkhorn_epsilon=0.05,
+                   sinkhorn_iterations=3):
   """Runs the E-step clustering for every active level; host-side driver.
 
   Flat mode: each level clusters the samples independently, with seed `seed + level`.
@@ -124,6 +126,8 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
   (empty ones included) gets its nearest level-(l+1) centroid as parent; then
   im2cluster_{l+1} = parent[im2cluster_l], so a sample's coarse cluster is always the parent
   of its fine one, and its distance (for the concentration) is to that coarse centroid.
+  Balanced (flat mode only): each level's k-means clusters are then made equal-sized
+  (`balanced.rebalance`: Sinkhorn-Knopp assignments, member-mean centroids).
   Concentrations come from the sample distances to the un-normalised centroids (as the
   reference); the returned centroids are then L2-normalised, as the reference normalises its
   prototypes (a no-op up to rounding when spherical).
@@ -141,12 +145,16 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     use_float16: faiss-gpu index storage.
     max_points_factor: max_points_per_centroid = int(n * factor / k), n = points clustered.
     min_points_factor: min_points_per_centroid = int(n * factor / k).
+    balanced: equipartition assignments after k-means (flat mode only).
+    sinkhorn_epsilon: their entropy weight.
+    sinkhorn_iterations: their Sinkhorn-Knopp iterations.
   Returns:
     One dict per level, in order: {'k', 'centroids' [k, D], 'im2cluster' [N] int32,
     'concentration' [k], 'timing_s'}.
   Raises:
     ValueError: bad cluster counts (see `kmeans`), non-decreasing counts in hierarchical mode,
-      or a level with more clusters than its parent level has non-empty centroids.
+      or a level with more clusters than its parent level has non-empty centroids, or
+      balanced with hierarchical.
   """
   features = jnp.asarray(features, jnp.float32)
   num_clusters = [int(k) for k in num_clusters]
@@ -158,6 +166,9 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     kmeans_backend.check_k(k, num_samples)
   if hierarchical:
     _check_hierarchy(num_clusters)
+    if balanced:
+      raise ValueError('clustering.balanced=True balances flat levels only; set '
+                       'clustering.hierarchical=False or clustering.balanced=False')
 
   def run_kmeans(points, k, level, weights=None):
     per_centroid = functools.partial(kmeans_backend.points_per_centroid, points.shape[0], k)
@@ -173,6 +184,10 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     start = time.perf_counter()
     if finer is None:
       centroids, im2cluster, sq_dist = run_kmeans(features, k, level)
+      if balanced:
+        centroids, im2cluster, sq_dist = balanced_lib.rebalance(
+            features, centroids, epsilon=sinkhorn_epsilon, iterations=sinkhorn_iterations,
+            spherical=spherical)
     else:
       fine_centroids, fine_im2cluster = finer
       member_count = jnp.bincount(fine_im2cluster, length=fine_centroids.shape[0])
