@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
   config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too
   config.pcl.debias_prior = 0.0  # tau+ of debiased InfoNCE (Chuang et al. 2020); 0: off
+  config.pcl.select_negatives = False  # HCSC's instance selection: negatives drawn per level
 
   config.clustering = ml_collections.ConfigDict()
   config.clustering.backend = 'auto'  # auto | faiss | jax

@@ -160,6 +160,14 @@ def _check_switches(pcl) -> None:
   _require(pcl.mask_level != 'graded' or not pcl.mask_same_cluster_negatives,
            'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster and cannot mask a '
            'fraction of a key; use finest or coarsest with pcl.mask_same_cluster_negatives')
+  if pcl.select_negatives:
+    others = [name for name, on in (
+        ('pcl.mask_same_cluster_negatives', pcl.mask_same_cluster_negatives),
+        ('pcl.attract_same_cluster', pcl.attract_same_cluster),
+        ('pcl.debias_prior', pcl.debias_prior)) if on]
+    _require(not others,
+             f'pcl.select_negatives draws InfoNCE\'s negatives per level (HCSC) and does not '
+             f'combine with {", ".join(others)}; set one of them off')
   _require(not (pcl.debias_prior and pcl.smooth_instance),
            'pcl.debias_prior and pcl.smooth_instance both change InfoNCE\'s target and do not '
            'combine; set one of them off')

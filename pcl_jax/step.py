@@ -115,6 +115,9 @@ class LossSwitches:
     one per sample; `losses.reference_prototype_columns`).
   smooth_instance: InfoNCE smoothed with ProtoNCE's epsilon too.
   debias_prior: tau+ of debiased InfoNCE (0: off; `losses.info_nce`).
+  select_negatives: HCSC's instance selection (`select_negatives`): each level keeps a random
+    subset of the queue as negatives, a key the less likely the more it belongs to the query's
+    prototype, and InfoNCE is averaged over the active levels.
   """
   mask_same_cluster_negatives: bool = False
   attract_same_cluster: bool = False
@@ -124,6 +127,7 @@ class LossSwitches:
   proto_columns: str = 'unique'
   smooth_instance: bool = False
   debias_prior: float = 0.0
+  select_negatives: bool = False
 
   @classmethod
   def from_config(cls, pcl_config) -> 'LossSwitches':
@@ -203,6 +207,63 @@ def _same_cluster(index, queue_index, bank, level):
   return same_cluster_negatives(index, queue_index, bank, level)
 
 
+def negative_keep_probability(queue, index, bank):
+  """[L, B, r]: HCSC's probability that each queue key stays a negative of each query, per level.
+
+  1 - p(key in the query's cluster), p the softmax over the level's prototypes of
+  key . c / phi_c (HCSC's `sample_neg_instance`: concentration floored at 1e-3, probability
+  clipped to [0, 0.999]). It reads the key's embedding, not its sample's cluster, so it needs no
+  dataset index. Inactive level slots keep every key (probability 1).
+  """
+  def one_level(im2cluster, prototypes, concentration, valid, active):
+    logits = queue @ prototypes.T / jnp.maximum(concentration, 1e-3)
+    membership = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)  # [r, k]
+    same = jnp.take(membership, jnp.take(im2cluster, index), axis=1).T  # [B, r]
+    return jnp.where(active, jnp.clip(1.0 - same, 0.0, 0.999), 1.0)
+
+  return jax.vmap(one_level)(bank['im2cluster'], bank['prototypes'], bank['concentration'],
+                             bank['valid'], bank['active'])
+
+
+def select_negatives(queue, index, bank, rng):
+  """[L, B, r] bool: the queue keys each level keeps as negatives of each query, drawn from
+  `negative_keep_probability` (`pcl.select_negatives`; HCSC, Guo et al., CVPR 2022)."""
+  return jax.random.bernoulli(rng, negative_keep_probability(queue, index, bank))
+
+
+def selected_info_nce(queries, keys, queue, selected, active, temperature, smoothing):
+  """InfoNCE with each level's selected negatives, averaged over the active levels (HCSC's
+  instance loss). Unselected keys leave the softmax: HCSC zeroes their logits instead, which
+  keeps them in its denominator as exp(0); excluding them is what selection means. During
+  warm-up (no active level) it is plain InfoNCE."""
+  per_level = jax.vmap(lambda keep: losses.info_nce(queries, keys, queue, temperature,
+                                                    excluded=~keep, smoothing=smoothing))
+  level_loss, level_acc = per_level(selected)
+  # With no level active, level slot 0 keeps every key: its loss is plain InfoNCE.
+  weight = jnp.where(active.any(), active, jnp.arange(active.shape[0]) == 0).astype(jnp.float32)
+  weight = weight / weight.sum()
+  return jnp.sum(weight * level_loss), jnp.sum(weight * level_acc)
+
+
+def _instance_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, temperature,
+                   switches):
+  """InfoNCE with the switches that change it (`LossSwitches`)."""
+  smoothing = smoothing if switches.smooth_instance else 0.0
+  if switches.select_negatives:
+    selected = select_negatives(queue, index, bank, rng)
+    return selected_info_nce(queries, keys, queue, selected, bank['active'], temperature,
+                             smoothing)
+  same_cluster = (_same_cluster(index, queue_index, bank, switches.mask_level)
+                  if switches.mask_same_cluster_negatives or switches.attract_same_cluster
+                  else None)
+  return losses.info_nce(
+      queries, keys, queue, temperature,
+      excluded=same_cluster if switches.mask_same_cluster_negatives else None,
+      attracted=same_cluster if switches.attract_same_cluster else None,
+      attract_share=switches.attract_share, smoothing=smoothing,
+      debias_prior=switches.debias_prior)
+
+
 def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, temperature,
              num_negatives, switches):
   """InfoNCE + proto_weight * ProtoNCE of a batch of embeddings, with the switches applied.
@@ -212,22 +273,16 @@ def pcl_loss(queries, keys, queue, queue_index, index, bank, rng, smoothing, *, 
     queue, queue_index: [r, D] negative keys and [r] their samples' dataset indices.
     index: [B] dataset index of each sample.
     bank: the prototype bank (`prototype_bank`).
-    rng: PRNG key of the negative-prototype sample.
+    rng: PRNG key of the negative-prototype sample (and of the negatives' selection).
     smoothing: ProtoNCE's label-smoothing epsilon (and InfoNCE's with `smooth_instance`).
     temperature, num_negatives: PCL constants; switches: `LossSwitches` (static).
   Returns:
     (loss, terms): terms are loss_inst, acc_inst, loss_proto, acc_proto.
   """
-  same_cluster = (_same_cluster(index, queue_index, bank, switches.mask_level)
-                  if switches.mask_same_cluster_negatives or switches.attract_same_cluster
-                  else None)
-  loss_inst, acc_inst = losses.info_nce(
-      queries, keys, queue, temperature,
-      excluded=same_cluster if switches.mask_same_cluster_negatives else None,
-      attracted=same_cluster if switches.attract_same_cluster else None,
-      attract_share=switches.attract_share,
-      smoothing=smoothing if switches.smooth_instance else 0.0,
-      debias_prior=switches.debias_prior)
+  # The selection's own stream: the prototype sample's key stays as it was without the switch.
+  loss_inst, acc_inst = _instance_loss(queries, keys, queue, queue_index, index, bank,
+                                       jax.random.fold_in(rng, 1), smoothing, temperature,
+                                       switches)
   loss_proto, acc_proto = _level_losses(queries, index, bank, rng, num_negatives, smoothing,
                                         switches.proto_columns)
   terms = dict(loss_inst=loss_inst, acc_inst=acc_inst, loss_proto=loss_proto,

@@ -170,3 +170,89 @@ def test_each_switch_changes_the_loss_as_specified(active_bank):
   _, unknown = _pcl_loss(step_lib.LossSwitches(mask_same_cluster_negatives=True), active_bank,
                          jnp.full((64,), -1))
   np.testing.assert_allclose(unknown['loss_inst'], plain['loss_inst'], rtol=1e-6)
+
+
+# HCSC's instance selection (`pcl.select_negatives`), against numpy.
+
+
+def _np_keep_probability(queue, index, levels, active):
+  """Key by key: 1 - softmax over the level's prototypes of key . c / max(phi, 1e-3) at the
+  query's cluster, clipped to [0, 0.999]; 1 at inactive levels."""
+  keep = []
+  for level, on in zip(levels, active):
+    level_keep = np.ones((index.size, queue.shape[0]))
+    if on:
+      logits = queue.astype(np.float64) @ level['centroids'].T.astype(np.float64)
+      logits /= np.maximum(level['concentration'], 1e-3)
+      membership = np.exp(logits - logits.max(1, keepdims=True))
+      membership /= membership.sum(1, keepdims=True)
+      for row, sample in enumerate(index):
+        level_keep[row] = np.clip(1 - membership[:, level['im2cluster'][sample]], 0, 0.999)
+    keep.append(level_keep)
+  return np.stack(keep)
+
+
+def _selection_bank(active):
+  rng = np.random.default_rng(6)
+  levels = [{'centroids': rng.normal(size=(k, 16)).astype(np.float32),
+             'im2cluster': rng.integers(0, k, 64),
+             'concentration': rng.uniform(0.05, 0.5, k).astype(np.float32)} for k in (6, 3)]
+  levels[1]['concentration'][0] = 0.0  # floored at 1e-3, as HCSC
+  bank = step_lib.prototype_bank(levels, 3, 6)  # slot 2 stays an unused level
+  bank['active'] = jnp.asarray(active)
+  return bank, levels
+
+
+def test_negative_keep_probability_matches_numpy():
+  bank, levels = _selection_bank([True, True, False])
+  _, _, queue = _embeddings()
+  index = np.arange(8, 16)
+  keep = np.asarray(step_lib.negative_keep_probability(jnp.asarray(queue), jnp.asarray(index),
+                                                       bank))
+  want = _np_keep_probability(queue, index, levels + [None], [True, True, False])
+  np.testing.assert_allclose(keep, want, rtol=1e-5, atol=1e-6)
+  assert keep[:2].min() < 0.5 < keep[:2].max()  # some keys are likely dropped, some kept
+
+
+def test_selected_negatives_are_drawn_with_the_keep_probability():
+  bank, _ = _selection_bank([True, True, False])
+  _, _, queue = _embeddings()
+  index = jnp.arange(8, 16)
+  draws = jax.vmap(lambda key: step_lib.select_negatives(queue, index, bank, key))(
+      jax.random.split(jax.random.PRNGKey(0), 2000))
+  keep = np.asarray(step_lib.negative_keep_probability(queue, index, bank))
+  # 2000 draws: the standard error of a frequency is at most 0.011.
+  np.testing.assert_allclose(np.asarray(draws).mean(0), keep, atol=0.06)
+  assert np.asarray(draws)[:, 2].all()  # the inactive slot keeps every key
+
+
+def test_selected_info_nce_averages_the_active_levels_numpy_info_nce():
+  from test_losses import _np_info_nce  # pylint: disable=g-import-not-at-top
+  queries, keys, queue = _embeddings()
+  selected = np.random.default_rng(7).random((3, 8, 64)) < 0.7
+  active = np.array([True, False, True])
+  loss, acc = step_lib.selected_info_nce(queries, keys, queue, jnp.asarray(selected),
+                                         jnp.asarray(active), 0.2, 0.1)
+  per_level = [_np_info_nce(queries, keys, queue, 0.2, 0.1, excluded=~selected[level])
+               for level in (0, 2)]
+  np.testing.assert_allclose(loss, np.mean([l for l, _ in per_level]), rtol=1e-5)
+  np.testing.assert_allclose(acc, np.mean([a for _, a in per_level]), rtol=1e-5)
+  # Warm-up: no active level, and every slot keeps every key (select_negatives' inactive
+  # slots): plain InfoNCE.
+  loss, _ = step_lib.selected_info_nce(queries, keys, queue, jnp.ones((3, 8, 64), bool),
+                                       jnp.zeros(3, bool), 0.2, 0.0)
+  np.testing.assert_allclose(loss, losses.info_nce(queries, keys, queue, 0.2)[0], rtol=1e-6)
+
+
+def test_select_negatives_switch_wires_the_selection_into_pcl_loss():
+  bank, _ = _selection_bank([True, True, False])
+  queue_index = jnp.full((64,), -1)  # the selection reads embeddings, not dataset indices
+  _, plain = _pcl_loss(step_lib.LossSwitches(), bank, queue_index)
+  _, selected = _pcl_loss(step_lib.LossSwitches(select_negatives=True), bank, queue_index)
+  queries, keys, queue = _embeddings()
+  drawn = step_lib.select_negatives(queue, jnp.arange(8, 16), bank,
+                                    jax.random.fold_in(jax.random.PRNGKey(0), 1))
+  expected, _ = step_lib.selected_info_nce(queries, keys, queue, drawn, bank['active'], 0.2, 0.0)
+  np.testing.assert_allclose(selected['loss_inst'], expected, rtol=1e-6)
+  assert float(selected['loss_inst']) < float(plain['loss_inst'])  # fewer negatives
+  np.testing.assert_allclose(selected['loss_proto'], plain['loss_proto'], rtol=1e-6)
