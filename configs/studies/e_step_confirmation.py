@@ -13,11 +13,8 @@ and NMI; 23 seeds resolve an NMI gain of 0.007 with 80% power at p < 0.05.
 """
 
 from configs.studies import e_step
+from configs.studies import recipe_confirmation
 
 
 def get_study():
-  study = e_step.get_study()
-  study['variants'] = {name: study['variants'][name]
-                       for name in ('plain', 'small_images_hierarchical')}
-  study['seeds'] = list(range(5, 28))
-  return study
+  return recipe_confirmation.on_new_seeds(e_step.get_study(), 'small_images_hierarchical')

@@ -15,9 +15,16 @@ seeds 10-27 ran. Their report is the test of the recipe on the development set.
 
 from configs.studies import recipe
 
+# Seeds no choice of a recipe or a candidate has seen; the confirmation studies all use them.
+NEW_SEEDS = list(range(5, 28))
+
+
+def on_new_seeds(study, variant):
+  """`study` cut to its baseline and `variant`, on NEW_SEEDS."""
+  kept = (study['baseline'], variant)
+  return dict(study, variants={name: study['variants'][name] for name in kept},
+              seeds=list(NEW_SEEDS))
+
 
 def get_study():
-  study = recipe.get_study()
-  study['variants'] = {name: study['variants'][name] for name in ('plain', 'small_images')}
-  study['seeds'] = list(range(5, 28))
-  return study
+  return on_new_seeds(recipe.get_study(), 'small_images')
