@@ -9,8 +9,10 @@ were first measured alone against plain PCL over 3 seeds (configs/studies/remedi
 chosen among the candidates of configs/studies/recipe_candidates.py (5 seeds each) on the
 development patches by the rule stated there, and checked, with the runners-up, on held-out
 pictures (configs/studies/recipe.py, benchmarks/holdout_patches.py) and on new seeds
-(configs/studies/recipe_confirmation.py). The reports are in docs/studies/, what they found in
-docs/remedies.md.
+(configs/studies/recipe_confirmation.py). Later rounds (configs/studies/e_step.py: balanced and
+hierarchical clusters; configs/studies/hcsc.py: HCSC's negative selection) sent their best
+candidates to the same new seeds, and none replaced it. The reports are in docs/studies/, what
+they found in docs/remedies.md.
 """
 
 from configs import small_images_plain
