@@ -28,23 +28,21 @@ PCL there beyond the paired 95% interval on both kNN and NMI.
 """
 
 from configs import small_images
+from configs.studies import recipe_candidates
 
 _BALANCED = {'clustering.balanced': True}
 _HIERARCHICAL = {'clustering.hierarchical': True}
 
 
 def get_study():
-  return {
-      'config': 'configs/small_images_plain.py',
-      'overrides': {'eval.val_every': 3},
-      'variants': {
-          'plain': {},
-          'small_images': dict(small_images.RECIPE),
-          'balanced': dict(_BALANCED),
-          'small_images_balanced': {**small_images.RECIPE, **_BALANCED},
-          'hierarchical': dict(_HIERARCHICAL),
-          'small_images_hierarchical': {**small_images.RECIPE, **_HIERARCHICAL},
-      },
-      'baseline': 'plain',
-      'seeds': [0, 1, 2, 3, 4],
+  """recipe_candidates.py's base, settings and seeds (its `plain` cells are these)."""
+  study = recipe_candidates.get_study()
+  study['variants'] = {
+      'plain': {},
+      'small_images': dict(small_images.RECIPE),
+      'balanced': dict(_BALANCED),
+      'small_images_balanced': {**small_images.RECIPE, **_BALANCED},
+      'hierarchical': dict(_HIERARCHICAL),
+      'small_images_hierarchical': {**small_images.RECIPE, **_HIERARCHICAL},
   }
+  return study

@@ -22,20 +22,18 @@ beyond the paired 95% interval on both kNN and NMI.
 """
 
 from configs import small_images
+from configs.studies import recipe_candidates
 
 _SELECTION = {'pcl.select_negatives': True}
 
 
 def get_study():
-  return {
-      'config': 'configs/small_images_plain.py',
-      'overrides': {'eval.val_every': 3},
-      'variants': {
-          'plain': {},
-          'small_images': dict(small_images.RECIPE),
-          'selection': dict(_SELECTION),
-          'hcsc': {**_SELECTION, 'clustering.hierarchical': True},
-      },
-      'baseline': 'plain',
-      'seeds': [0, 1, 2, 3, 4],
+  """recipe_candidates.py's base, settings and seeds (its `plain` cells are these)."""
+  study = recipe_candidates.get_study()
+  study['variants'] = {
+      'plain': {},
+      'small_images': dict(small_images.RECIPE),
+      'selection': dict(_SELECTION),
+      'hcsc': {**_SELECTION, 'clustering.hierarchical': True},
   }
+  return study
