@@ -128,11 +128,14 @@ def _check_schedule(config) -> None:
                f'{config.eval.val_every}; set --config.eval.val_every=1 or monitor acc_inst')
 
 
-def _check_backend(config) -> None:
-  """The clustering backend can run here (faiss installed; faiss-gpu only with a GPU)."""
+def _check_clustering(config) -> None:
+  """The clustering package's own checks: the backend can run here (faiss installed; faiss-gpu
+  only with a GPU), and balanced clusters only on flat levels."""
   from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
+  from pcl_jax.clustering import levels  # pylint: disable=g-import-not-at-top
   try:
     clustering.resolve_backend(config.clustering.backend)
+    levels.check_balanced(config.clustering.balanced, config.clustering.hierarchical)
   except ValueError as error:
     raise UserError(str(error)) from error
 
@@ -256,9 +259,6 @@ def validate(config) -> None:
            f'clustering.sinkhorn_epsilon={config.clustering.sinkhorn_epsilon} must be > 0')
   _require(config.clustering.sinkhorn_iterations >= 1,
            f'clustering.sinkhorn_iterations={config.clustering.sinkhorn_iterations} must be >= 1')
-  _require(not (config.clustering.balanced and config.clustering.hierarchical),
-           'clustering.balanced=True balances flat levels only; set '
-           'clustering.hierarchical=False or clustering.balanced=False')
   _require(config.eval.knn_t > 0, f'eval.knn_t={config.eval.knn_t} must be > 0')
   _require(config.eval.fewshot_episodes >= 1,
            f'eval.fewshot_episodes={config.eval.fewshot_episodes} must be >= 1')
@@ -272,7 +272,7 @@ def validate(config) -> None:
     _require(bool(config.data.root), f'data.name={config.data.name} needs data.root=DIR '
              '(see README "Data layout")')
   _check_schedule(config)
-  _check_backend(config)
+  _check_clustering(config)
   _check_switches(config.pcl)
 
 

@@ -23,18 +23,15 @@ from configs.studies import recipe_candidates
 
 
 def get_study():
-  candidates = recipe_candidates.get_study()['variants']
-  return {
-      'config': 'configs/small_images_plain.py',
-      'overrides': {'eval.val_every': 3},
-      'variants': {
-          'plain': {},
-          'small_images': dict(small_images.RECIPE),
-          'attract': candidates['attract'],
-          'attract_graded': candidates['attract_graded'],
-          'masked_half_proto': candidates['small_images'],
-          'attract_coarse': candidates['attract_coarse'],
-      },
-      'baseline': 'plain',
-      'seeds': [0, 1, 2, 3, 4],
+  """recipe_candidates.py's base, settings and seeds (its `plain` cells are these)."""
+  study = recipe_candidates.get_study()
+  candidates = study['variants']
+  study['variants'] = {
+      'plain': {},
+      'small_images': dict(small_images.RECIPE),
+      'attract': candidates['attract'],
+      'attract_graded': candidates['attract_graded'],
+      'masked_half_proto': candidates['small_images'],
+      'attract_coarse': candidates['attract_coarse'],
   }
+  return study

@@ -106,6 +106,14 @@ def _check_hierarchy(num_clusters):
       warnings.warn(message, stacklevel=3)
 
 
+def check_balanced(balanced: bool, hierarchical: bool):
+  """Raises ValueError for balanced hierarchical levels: a coarse level's clusters are unions of
+  fine ones, so their sizes cannot be set independently."""
+  if balanced and hierarchical:
+    raise ValueError('clustering.balanced=True balances flat levels only; set '
+                     'clustering.hierarchical=False or clustering.balanced=False')
+
+
 def _level_concentration(sq_dist, im2cluster, k: int, temperature):
   """`concentration`, over `_padded_k` clusters where that pads (module docstring)."""
   padded_k = jax_kmeans.padded_k(k, sq_dist.shape[0])
@@ -164,11 +172,9 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
   num_samples = features.shape[0]
   for k in num_clusters:
     kmeans_backend.check_k(k, num_samples)
+  check_balanced(balanced, hierarchical)
   if hierarchical:
     _check_hierarchy(num_clusters)
-    if balanced:
-      raise ValueError('clustering.balanced=True balances flat levels only; set '
-                       'clustering.hierarchical=False or clustering.balanced=False')
 
   def run_kmeans(points, k, level, weights=None):
     per_centroid = functools.partial(kmeans_backend.points_per_centroid, points.shape[0], k)
