@@ -39,11 +39,12 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import mini_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import choices  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.clustering import bank as bank_lib
+from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax.data import loaders
 from pcl_jax import features as features_lib
 from pcl_jax.kernels import host_threads  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.run import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import step as step_lib
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -148,7 +149,7 @@ def _resident_step(trainer, state):
              'im_k': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
              'index': np.arange(batch)}
   resident = parallel.global_batch(views, sharding)
-  bank = step_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
+  bank = bank_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
                                        trainer.config.model.dim, trainer.datasets.num_train)
   bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
                                  parallel.replicated(trainer.mesh))
@@ -199,7 +200,7 @@ def main():
   parser.add_argument('--steps', type=int, default=10, help='steps for the step/loader rates')
   parser.add_argument('--epoch-steps', type=int, default=0,
                       help='cap on M-steps in the timed epoch (0: the full epoch)')
-  parser.add_argument('--conv-impl', default='auto', choices=list(choices.CONV_IMPLS),
+  parser.add_argument('--conv-impl', default='auto', choices=list(configuration.CONV_IMPLS),
                       help='runtime.conv_impl (auto: oneDNN custom calls, else PyTorch kernels, on '
                       'one CPU device)')
   parser.add_argument('--augment-on-device', action='store_true',
@@ -224,7 +225,7 @@ def main():
   host_threads.limit_xla_threads(config.runtime.conv_impl, config.model.arch,
                                  config.runtime.xla_cpu_threads)
   config.train.steps_per_epoch = args.epoch_steps
-  trainer = train.Trainer(config, '/tmp/pcl_epoch_benchmark')
+  trainer = train.Trainer(config, '/tmp/pcl_epoch_benchmark', configuration.validate(config))
   state = trainer.initial_state()
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
         f'{config.model.arch} {config.data.image_size}px batch {config.train.batch_size} '

@@ -40,6 +40,7 @@ from PIL import Image
 from torchvision import transforms
 
 from configs import default
+from pcl_jax.clustering import bank as bank_lib
 from pcl_jax.data import device_augment
 from pcl_jax.data import loaders
 from pcl_jax.data import transforms as data_transforms
@@ -189,10 +190,10 @@ def main():
 
     # Step 2: the training step, as the trainer builds it.
     model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
-    lr_schedule = step_lib.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
-    tx = step_lib.make_optimizer(config.optim, lr_schedule)
+    lr_schedule = state_lib.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
+    tx = state_lib.make_optimizer(config.optim, lr_schedule)
     step_fn = step_lib.make_train_step(config, model, tx, lr_schedule)
-    bank = step_lib.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
+    bank = bank_lib.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
                                          datasets.num_train)
     hparams = {'smoothing': jnp.float32(0.0)}
     state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, args.image_size,

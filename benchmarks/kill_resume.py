@@ -186,14 +186,14 @@ def _restore_all(workdir):
 def _final_arrays(workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   tree, meta, step = checkpoint_lib.restore_for_eval(workdir)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}, meta, step
 
 
 def _metrics(workdir):
-  from pcl_jax import run_files  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import files as run_files  # pylint: disable=g-import-not-at-top
   return run_files.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
 
 

@@ -27,9 +27,9 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pcl_jax import study  # pylint: disable=wrong-import-position
-from pcl_jax import study_report  # pylint: disable=wrong-import-position
 from pcl_jax.evaluation import score  # pylint: disable=wrong-import-position
+from pcl_jax.study import report as study_report  # pylint: disable=wrong-import-position
+from pcl_jax.study import runner as study  # pylint: disable=wrong-import-position
 
 METRICS = ('knn_top1', 'linear_top1', 'fewshot_5w1s', 'fewshot_5w5s', 'nmi')
 

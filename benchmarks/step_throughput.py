@@ -40,10 +40,11 @@ import torch
 from benchmarks import torch_reference
 
 from configs import default  # pylint: disable=g-import-not-at-top
+from pcl_jax.clustering import bank as bank_lib
 from pcl_jax import kernels
 from pcl_jax.kernels import host_threads
 from pcl_jax import models
-from pcl_jax import parallel
+from pcl_jax.run import parallel
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
 
@@ -57,12 +58,12 @@ def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, 
   config.train.dtype = dtype
   config.pcl.num_negatives = num_negatives
   model = models.encoder_from_config(config, bn_groups=bn_groups)
-  schedule = step_lib.make_lr_schedule(config.optim, 10, 100)
-  tx = step_lib.make_optimizer(config.optim, schedule)
+  schedule = state_lib.make_lr_schedule(config.optim, 10, 100)
+  tx = state_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, image_size, num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))  # as Trainer places it
   step = step_lib.make_train_step(config, model, tx, schedule)
-  bank = step_lib.empty_prototype_bank(1, 8, config.model.dim, 1024)
+  bank = bank_lib.empty_prototype_bank(1, 8, config.model.dim, 1024)
   hparams = {'smoothing': jnp.float32(0.0)}
   rng = np.random.default_rng(0)
   batch_np = {'im_q': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),

@@ -76,8 +76,8 @@ def child(spec: str) -> None:
   host_memory.tune_malloc()
   # pylint: disable=g-import-not-at-top
   import jax
-  from pcl_jax import cli
-  from pcl_jax import study as study_lib
+  from pcl_jax.run import cli
+  from pcl_jax.study import runner as study_lib
   # pylint: enable=g-import-not-at-top
   totals = dict.fromkeys(list(_EVENTS.values()) + ['programs', 'cache_hits'], 0.0)
 

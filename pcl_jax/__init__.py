@@ -1,7 +1,10 @@
 """Prototypical Contrastive Learning in JAX/Flax: docs/architecture.md maps the modules.
 
-The algorithm and the run sit at the top level (main, configuration, models, state, losses,
-cluster_schedule, clustering/, step, features, train, resume, stop, checkpoint, run_files,
-parallel, plot); `data/` turns files into batches, `evaluation/` scores features, and
-`kernels/` holds the optional CPU kernels. Importing the package has no side effects.
+The top level is the algorithm: `main` (the command), `train` (the epoch loop), `step` (the
+M-step), `losses`, `models`, `state`, `features` (the feature pass), `cluster_schedule` (the
+cluster-count controller) and `configuration` (the settings' contract), with `clustering/`
+(the E-step), `data/` (files to batches) and `evaluation/` (scoring features). `run/` is the
+run's infrastructure (checkpoints, resume, run files, stop requests, devices, the command line),
+`study/` the tools beside the algorithm (studies, reports, plots), `kernels/` the optional CPU
+kernels. Importing the package has no side effects.
 """

@@ -1,8 +1,9 @@
-"""Start-up checks of a config: every user mistake becomes one clear `UserError` before training.
+"""The settings' contract: the values each may take, `UserError`, and the start-up checks.
 
 This module owns validation only (no defaults: those live in configs/default.py, which is also
-the reference for which fields exist and their types). Each message names the setting and the
-fix, so `main.py` can print it as one line and exit with status 2.
+the reference for which fields exist and their types): every user mistake becomes one clear
+`UserError` before training, its message naming the setting and the fix, so `main.py` can print
+it as one line and exit with status 2. Importing it costs nothing: no JAX, flax or torch.
 """
 
 import difflib
@@ -10,19 +11,36 @@ from typing import List
 
 import ml_collections
 
-from pcl_jax.choices import ARCHS
-from pcl_jax.choices import BACKENDS
-from pcl_jax.choices import CONV_IMPLS
-from pcl_jax.choices import DATASETS
-from pcl_jax.choices import DTYPES
-from pcl_jax.choices import EVAL_ENCODERS
-from pcl_jax.choices import EVAL_RESIZES
-from pcl_jax.choices import FEATURE_LAYERS
-from pcl_jax.choices import MASK_LEVELS
-from pcl_jax.choices import PROTO_COLUMNS
-from pcl_jax.choices import SCHEDULE_METRICS
-from pcl_jax.choices import SCHEDULE_MODES
-from pcl_jax.errors import UserError
+from pcl_jax import cluster_schedule
+
+
+class UserError(ValueError):
+  """A mistake the user can fix by changing a setting; `main` prints it as one `error:` line
+  (no traceback) and exits with status 2. The message names the setting and the fix."""
+
+
+# The values each setting may take. The modules that implement each choice (models, kernels,
+# clustering, data) read them from here, so validation imports neither torch nor flax (a bad
+# value fails in about a second) and no implementation has to import the validator's checks.
+ARCHS = ('conv4', 'resnet18', 'resnet34', 'resnet50')
+CONV_IMPLS = ('auto', 'xla', 'torch', 'onednn')
+DTYPES = ('float32', 'bfloat16')
+# 'faiss-cpu' / 'faiss-gpu' force a faiss build (clustering.resolve_backend); checked at start-up.
+BACKENDS = ('auto', 'faiss', 'jax', 'faiss-cpu', 'faiss-gpu')
+DATASETS = ('digits', 'fake', 'image_folder', 'mini_imagenet')
+SCHEDULE_MODES = ('plateau', 'fixed')
+FEATURE_LAYERS = ('head', 'backbone')
+# data.eval_resize: 'whole' (resize to the crop: all of a square image), 'center' (resize to 8/7
+# of the crop, then the center crop: ImageNet's), 'auto' (pcl_jax/data/recipes.resolve_eval_resize).
+EVAL_RESIZES = ('auto', 'whole', 'center')
+# eval.encoder: the momentum (key) encoder, as the reference's feature pass, or the query encoder,
+# as salesforce/PCL's eval_svm_voc.py / eval_cls_imagenet.py.
+EVAL_ENCODERS = ('key', 'query')
+PROTO_COLUMNS = ('unique', 'reference')  # pcl.proto_columns
+MASK_LEVELS = ('finest', 'coarsest', 'graded')  # pcl.mask_level ('graded': attraction only)
+# Per-epoch metrics the plateau detector can monitor (schedule.metric).
+SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
+
 
 # Settings that moved between sections: old dotted name -> new one. A config file or command
 # line that still names the old one is told where it went; a run directory written with the old
@@ -112,12 +130,12 @@ def check_fields(config, reference=None) -> None:
     _check_section(config, reference, '')
 
 
-def _check_schedule(config) -> None:
-  """The cluster-count schedule settings (list order, duplicates, levels, mode, metric)."""
-  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+def _checked_schedule(config):
+  """The cluster-count schedule the settings describe (list order, duplicates, levels, mode,
+  metric), as a fresh controller."""
   try:
-    cluster_schedule.ClusterSchedule.from_config(config.schedule,
-                                                 hierarchical=config.clustering.hierarchical)
+    schedule = cluster_schedule.ClusterSchedule.from_config(
+        config.schedule, hierarchical=config.clustering.hierarchical)
   except ValueError as error:  # its messages name the setting and the fix
     raise UserError(str(error)) from error
   if config.schedule.mode == 'plateau':
@@ -126,18 +144,7 @@ def _check_schedule(config) -> None:
       _require(config.eval.val_every == 1,
                f'schedule.metric=val_knn_top1 is read every epoch but eval.val_every='
                f'{config.eval.val_every}; set --config.eval.val_every=1 or monitor acc_inst')
-
-
-def _check_clustering(config) -> None:
-  """The clustering package's own checks: the backend can run here (faiss installed; faiss-gpu
-  only with a GPU), and balanced clusters only on flat levels."""
-  from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
-  from pcl_jax.clustering import levels  # pylint: disable=g-import-not-at-top
-  try:
-    clustering.resolve_backend(config.clustering.backend)
-    levels.check_balanced(config.clustering.balanced, config.clustering.hierarchical)
-  except ValueError as error:
-    raise UserError(str(error)) from error
+  return schedule
 
 
 def _check_switches(pcl) -> None:
@@ -176,8 +183,18 @@ def _check_switches(pcl) -> None:
            'combine; set one of them off')
 
 
-def validate(config) -> None:
-  """Checks every field that can be checked without loading data. Raises UserError."""
+def validate(config) -> cluster_schedule.ClusterSchedule:
+  """Checks every field that can be checked without loading data or asking the machine.
+
+  The run's one trip through its settings: the entry point calls this once and hands on what it
+  built, the cluster-count controller. What depends on the machine (the k-means backend, the
+  kernels) is checked where it is chosen (`clustering.check_settings`, `kernels.select`).
+
+  Returns:
+    The run's `ClusterSchedule`, fresh (no epoch seen).
+  Raises:
+    UserError: a setting's message, naming it and the fix.
+  """
   check_fields(config)
   _one_of(config.data.name, DATASETS, 'data.name')
   _one_of(config.model.arch, ARCHS, 'model.arch')
@@ -271,9 +288,8 @@ def validate(config) -> None:
   if config.data.name in ('image_folder', 'mini_imagenet'):
     _require(bool(config.data.root), f'data.name={config.data.name} needs data.root=DIR '
              '(see README "Data layout")')
-  _check_schedule(config)
-  _check_clustering(config)
   _check_switches(config.pcl)
+  return _checked_schedule(config)
 
 
 def splits_overlap(first: str, second: str) -> bool:
@@ -283,15 +299,14 @@ def splits_overlap(first: str, second: str) -> bool:
   return bool(names(first) & names(second))
 
 
-def validate_against_data(config, num_train: int) -> None:
-  """Checks that need the training-set size N."""
+def validate_against_data(config, schedule, num_train: int) -> None:
+  """Checks that need the training-set size N, of the config and the `schedule` that
+  `validate` built from it."""
   batch = config.train.batch_size
   _require(num_train >= batch,
            f'train.batch_size={batch} is larger than the {num_train} training images of '
            f'data.train_split={config.data.train_split!r}; use a smaller batch')
-  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
   try:
-    schedule = cluster_schedule.ClusterSchedule.from_config(config.schedule)
     schedule.validate(num_train)  # k <= N for every listed k
   except ValueError as error:
     raise UserError(f'{error} (data.train_split={config.data.train_split!r})') from error

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from pcl_jax import linalg
-from pcl_jax import parallel
 from pcl_jax.data import device_transforms
 from pcl_jax.data import loaders
+from pcl_jax import models
+from pcl_jax.run import parallel
 
 
 def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
@@ -32,7 +32,7 @@ def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
   def embed(variables, images):
     embedding, backbone = model.apply(variables, images, train=False, return_backbone=True)
     if feature_layer == 'backbone':
-      return linalg.l2_normalize(backbone)
+      return models.l2_normalize(backbone)
     return embedding
 
   return embed

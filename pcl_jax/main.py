@@ -15,8 +15,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from pcl_jax import cli
 from pcl_jax import configuration
+from pcl_jax.run import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -49,9 +49,9 @@ def main(argv):
     cli.fail(f'unexpected arguments {argv[1:]}; settings are flags, e.g. --config.optim.lr=0.03')
   cli.setup_logging(FLAGS.verbose)
   # pylint: disable=g-import-not-at-top
-  from pcl_jax import errors
-  from pcl_jax import parallel
-  from pcl_jax import run_files
+  from pcl_jax import clustering
+  from pcl_jax.run import parallel
+  from pcl_jax.run import files as run_files
   from pcl_jax.kernels import host_threads
   # pylint: enable=g-import-not-at-top
   # Before anything touches a JAX backend (validation asks which one runs): a multi-host run
@@ -63,11 +63,12 @@ def main(argv):
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
     configuration.validate(FLAGS.config)
+    clustering.check_settings(FLAGS.config)
     host_threads.log_choice()
     if FLAGS.mode == 'train':
       # Not the lock: in a multi-host run only process 0 takes it, once JAX knows which it is.
       run_files.prepare_workdir(FLAGS.workdir)
-  except (errors.UserError, run_files.WorkdirError) as error:
+  except (configuration.UserError, run_files.WorkdirError) as error:
     if FLAGS.verbose:
       raise
     cli.fail(error)

@@ -23,12 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pcl_jax import choices
+from pcl_jax import configuration
 from pcl_jax import kernels as kernels_lib
-from pcl_jax import linalg
 from pcl_jax.kernels import fused_batch_norm
 
-ARCHS = choices.ARCHS
+ARCHS = configuration.ARCHS
 # The `model.*` settings that make a network (and a checkpoint's parameter tree): a checkpoint
 # resumes or evaluates only under the same values.
 IDENTITY_FIELDS = ('arch', 'dim', 'mlp', 'small_stem', 'width')
@@ -42,6 +41,14 @@ dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 # literature's) keeps: kernel and bias uniform within 1/sqrt(fan_in). Its kernels have ~1/6 the
 # variance of `conv_init`'s, and under BN a smaller weight norm means a larger effective step.
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize: zero rows stay zero
+  (as faiss's fvec_renorm_L2 leaves them). The encoder's output, and what the clustering and the
+  evaluation apply to centroids and features."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
 def torch_conv_bias_init(fan_in: int):
@@ -292,7 +299,7 @@ class Encoder(nn.Module):
     if self.mlp:
       y = nn.relu(dense(features.shape[-1], name='head_hidden')(y))
     y = dense(self.dim, name='head_out')(y).astype(jnp.float32)
-    embedding = linalg.l2_normalize(y)
+    embedding = l2_normalize(y)
     if return_backbone:
       return embedding, features.astype(jnp.float32)
     return embedding

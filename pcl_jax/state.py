@@ -1,7 +1,8 @@
 """PCLState: everything that changes during training, as one immutable pytree.
 
 This module owns the state's layout and the pure functions that build and evolve it (creation,
-the momentum update of the key encoder, the FIFO enqueue). It never runs a loss or touches data.
+the momentum update of the key encoder, the FIFO enqueue), and the query encoder's optimizer
+with its learning-rate schedule. It never runs a loss or touches data.
 The query/key networks are plain parameter fields (BYOL style); the MoCo queue and its pointer
 are arrays, so nothing mutable lives outside the state and a checkpoint is the whole truth.
 """
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcl_jax import linalg
+from pcl_jax import configuration
+from pcl_jax import models
 
 
 @flax.struct.dataclass
@@ -50,7 +52,7 @@ def create_state(rng, model, tx: optax.GradientTransformation, image_size: int,
   variables = model.init(init_rng, dummy, train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
   dim = model.dim
-  queue = linalg.l2_normalize(jax.random.normal(queue_rng, (num_negatives, dim), jnp.float32))
+  queue = models.l2_normalize(jax.random.normal(queue_rng, (num_negatives, dim), jnp.float32))
   return PCLState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -91,3 +93,34 @@ def enqueue(queue, queue_ptr, keys):
   Returns (queue, new_ptr).
   """
   return write_rows(queue, queue_ptr, keys), (queue_ptr + keys.shape[0]) % queue.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer of the query encoder and its learning rate.
+
+
+def lr_at_epoch(optim_config, epochs: int, epoch):
+  """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
+  lr = optim_config.lr
+  if optim_config.cos:
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
+  milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
+                           or [10**9], jnp.float32)
+  return lr * 0.1 ** jnp.sum(epoch >= milestones)
+
+
+def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
+  per_epoch = optim_config.schedule_per == 'epoch'
+
+  def schedule(step):
+    epoch = step // steps_per_epoch if per_epoch else step / steps_per_epoch
+    return lr_at_epoch(optim_config, epochs, jnp.asarray(epoch, jnp.float32))
+
+  return schedule
+
+
+def make_optimizer(optim_config, lr_schedule) -> optax.GradientTransformation:
+  """PyTorch SGD semantics: g + wd * p, then heavy-ball momentum, then -lr."""
+  return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
+                     optax.sgd(lr_schedule, momentum=optim_config.momentum))

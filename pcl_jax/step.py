@@ -1,96 +1,26 @@
-"""The PCL M-step: learning rate, optimizer, the prototype bank and the jitted `train_step`.
+"""The PCL M-step: the jitted `train_step`.
 
 This module owns one step of training (DESIGN.md section 1, M-step): the key encoder's momentum
 update and shuffle-BN keys, InfoNCE and ProtoNCE on the query encoder, SGD, the enqueue. It is
 pure and jitted once: lr, smoothing and the cluster count enter as arrays, never as Python
 constants, and clustering results arrive as a padded `prototype_bank` with static shapes. Loss
-formulas live in losses.py, the state's layout in state.py; the loop that calls the step is
-train.py's.
+formulas live in `losses`; the state, its optimizer and lr schedule in `state`; the prototype bank
+in `clustering.bank`; the loop that calls the step in `train`.
 """
 
 import dataclasses
 import functools
-from typing import Dict, Sequence
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from pcl_jax import configuration
-from pcl_jax import losses
-from pcl_jax import parallel
-from pcl_jax import state as state_lib
 from pcl_jax.data import device_augment
 from pcl_jax.data import device_transforms
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer and learning rate.
-
-
-def lr_at_epoch(optim_config, epochs: int, epoch):
-  """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
-  lr = optim_config.lr
-  if optim_config.cos:
-    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
-  milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
-                           or [10**9], jnp.float32)
-  return lr * 0.1 ** jnp.sum(epoch >= milestones)
-
-
-def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
-  per_epoch = optim_config.schedule_per == 'epoch'
-
-  def schedule(step):
-    epoch = step // steps_per_epoch if per_epoch else step / steps_per_epoch
-    return lr_at_epoch(optim_config, epochs, jnp.asarray(epoch, jnp.float32))
-
-  return schedule
-
-
-def make_optimizer(optim_config, lr_schedule) -> optax.GradientTransformation:
-  """PyTorch SGD semantics: g + wd * p, then heavy-ball momentum, then -lr."""
-  return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
-                     optax.sgd(lr_schedule, momentum=optim_config.momentum))
-
-
-# ----------------------------------------------------------------------------------------------
-# Prototype bank: clustering results with static shapes.
-
-
-def empty_prototype_bank(num_levels: int, max_k: int, dim: int, num_samples: int) -> dict:
-  """A bank with no active level (warm-up epochs): ProtoNCE contributes nothing."""
-  return {
-      'prototypes': jnp.zeros((num_levels, max_k, dim), jnp.float32),
-      'concentration': jnp.ones((num_levels, max_k), jnp.float32),
-      'valid': jnp.zeros((num_levels, max_k), bool),
-      'im2cluster': jnp.zeros((num_levels, num_samples), jnp.int32),
-      'active': jnp.zeros((num_levels,), bool),
-  }
-
-
-def prototype_bank(levels: Sequence[dict], num_levels: int, max_k: int) -> dict:
-  """Pads per-level clustering results to `[num_levels, max_k, ...]` with validity masks.
-
-  Args:
-    levels: dicts with 'centroids' [k, D], 'im2cluster' [N], 'concentration' [k].
-    num_levels: static number of level slots (schedule.num_levels).
-    max_k: static prototype slots per level (the largest k the run can use).
-  """
-  dim = levels[0]['centroids'].shape[1]
-  num_samples = levels[0]['im2cluster'].shape[0]
-  bank = empty_prototype_bank(num_levels, max_k, dim, num_samples)
-  for slot, level in enumerate(levels):
-    k = level['centroids'].shape[0]
-    if k > max_k:
-      raise ValueError(f'level with k={k} exceeds the {max_k} prototype slots')
-    bank['prototypes'] = bank['prototypes'].at[slot, :k].set(level['centroids'])
-    bank['concentration'] = bank['concentration'].at[slot, :k].set(level['concentration'])
-    bank['valid'] = bank['valid'].at[slot, :k].set(True)
-    bank['im2cluster'] = bank['im2cluster'].at[slot].set(level['im2cluster'].astype(jnp.int32))
-    bank['active'] = bank['active'].at[slot].set(True)
-  return bank
+from pcl_jax import losses
+from pcl_jax.run import parallel
+from pcl_jax import state as state_lib
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,10 +2,9 @@
 
 This module owns `train_and_evaluate` (the run: lock the workdir, resume, train the epochs,
 save) and the `Trainer` (what a run builds once: data, model, jitted step, and the E-step that
-turns the key encoder's features into a prototype bank). One step is step.py's, the feature pass
-features.py's, clustering clustering/'s, the cluster-count controller cluster_schedule.py's;
-resuming and its checks are resume.py's, stop requests stop.py's, file formats run_files.py's and
-checkpoint.py's.
+turns the key encoder's features into a prototype bank). One step is `step`'s, the feature pass
+`features`', clustering `clustering`'s, the cluster-count controller `cluster_schedule`'s; the
+run's infrastructure (resuming, stop requests, run files, checkpoints, devices) is `run`'s.
 """
 
 import functools
@@ -20,23 +19,24 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import cluster_schedule
 from pcl_jax import clustering
+from pcl_jax.clustering import bank as bank_lib
 from pcl_jax import configuration
+from pcl_jax.configuration import UserError
+from pcl_jax.data import loaders
+from pcl_jax.evaluation import knn
+from pcl_jax.evaluation import protocol
 from pcl_jax import features as features_lib
 from pcl_jax import losses
 from pcl_jax import models
-from pcl_jax import parallel
-from pcl_jax import resume
-from pcl_jax import run_files
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
+from pcl_jax.run import parallel
+from pcl_jax.run import resume
+from pcl_jax.run import stop as stop_lib
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
-from pcl_jax import stop as stop_lib
-from pcl_jax.data import loaders
-from pcl_jax.errors import UserError
-from pcl_jax.evaluation import knn
-from pcl_jax.evaluation import protocol
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,12 @@ def _epoch_summary(epoch, record) -> str:
 class Trainer:
   """Holds what a run builds once (data, model, jitted functions) and runs its epochs."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    configuration.validate(config)
-    self.config, self.workdir = config, workdir
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               schedule: cluster_schedule.ClusterSchedule):
+    """`config` as `configuration.validate` checked it, `schedule` what that built."""
+    self.config, self.workdir, self.schedule = config, workdir, schedule
     self.datasets = loaders.build_train_datasets(config)
-    configuration.validate_against_data(config, self.datasets.num_train)
-    self.schedule = cluster_schedule.ClusterSchedule.from_config(
-        config.schedule, hierarchical=config.clustering.hierarchical)
-    self.schedule.validate(self.datasets.num_train)
+    configuration.validate_against_data(config, schedule, self.datasets.num_train)
     self.max_clusters = config.pcl.max_clusters or max(self.schedule.all_clusters)
     self.max_k = min(max(self.schedule.all_clusters), self.datasets.num_train)
 
@@ -71,9 +69,9 @@ class Trainer:
     self.mesh = parallel.data_mesh()
     full_steps = self.datasets.num_train // batch
     self.steps_per_epoch = min(full_steps, config.train.steps_per_epoch or full_steps)
-    self.lr_schedule = step_lib.make_lr_schedule(config.optim, config.train.epochs,
+    self.lr_schedule = state_lib.make_lr_schedule(config.optim, config.train.epochs,
                                                  self.steps_per_epoch)
-    self.tx = step_lib.make_optimizer(config.optim, self.lr_schedule)
+    self.tx = state_lib.make_optimizer(config.optim, self.lr_schedule)
     self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
     self.train_step = step_lib.make_train_step(config, self.model, self.tx, self.lr_schedule,
                                                self.mesh)
@@ -145,7 +143,7 @@ class Trainer:
     feature_s = time.perf_counter() - start
     levels = self._cluster(features, epoch)
     by_k = {level['k']: level for level in levels}
-    bank = step_lib.prototype_bank([by_k[k] for k in self.schedule.active],
+    bank = bank_lib.prototype_bank([by_k[k] for k in self.schedule.active],
                                    self.config.schedule.num_levels, self.max_k)
     timing = {'estep_features_s': feature_s,
               'estep_clustering_s': sum(level['timing_s'] for level in levels),
@@ -193,7 +191,7 @@ class Trainer:
       smoothing = losses.smoothing_factor(self.schedule.newest_k, self.max_clusters,
                                           config.pcl.smoothing_cap)
     else:
-      bank = step_lib.empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
+      bank = bank_lib.empty_prototype_bank(config.schedule.num_levels, self.max_k, config.model.dim,
                                            self.datasets.num_train)
       smoothing = 0.0
     # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
@@ -323,7 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     FloatingPointError: a non-finite loss, feature or state; nothing non-finite is saved.
     TrainingInterrupted: a stop was requested; a checkpoint was saved first when needed.
   """
-  configuration.validate(config)
+  # The config's one trip in: checked here, and what the checks built handed on.
+  schedule = configuration.validate(config)
+  clustering.check_settings(config)
   lock = run_files.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   try:
     run_files.prepare_workdir(workdir)
@@ -335,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       resume.remove_partial_checkpoints(workdir)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.max_to_keep)
     try:
-      return _train(config, workdir, checkpointer, stop_after_epochs, should_stop)
+      return _train(config, schedule, workdir, checkpointer, stop_after_epochs, should_stop)
     finally:
       checkpointer.close()  # waits for the last (asynchronous) save to commit
   finally:
@@ -351,11 +351,11 @@ def checkpoint_meta(trainer: Trainer, epochs_done: int) -> dict:
           'num_negatives': config.pcl.num_negatives}
 
 
-def _train(config, workdir: str, checkpointer, stop_after_epochs, should_stop):
+def _train(config, schedule, workdir: str, checkpointer, stop_after_epochs, should_stop):
   """`train_and_evaluate` once the workdir is locked and the checkpoint manager open."""
   # Settings that the checkpoint cannot take fail here, in seconds, before data and model.
   step = resume.resumable_step(config, workdir, checkpointer)
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, schedule)
   state, first_epoch = resume.restore(config, checkpointer, workdir, step,
                                       trainer.initial_state(), trainer.schedule)
   if config.train.epochs == 0 and step is None:

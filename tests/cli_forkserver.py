@@ -29,14 +29,14 @@ import numpy
 import orbax.checkpoint
 import torch
 import torchvision
-from pcl_jax import cli
 from pcl_jax import configuration
-from pcl_jax import parallel
-from pcl_jax import run_files
-from pcl_jax import train
 from pcl_jax.data import loaders
 from pcl_jax.evaluation import driver
 from pcl_jax.kernels import host_threads
+from pcl_jax.run import cli
+from pcl_jax.run import files as run_files
+from pcl_jax.run import parallel
+from pcl_jax import train
 # pylint: enable=unused-import
 
 

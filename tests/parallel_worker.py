@@ -24,7 +24,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import test as test_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax.clustering import jax_kmeans
-from pcl_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.run import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if args.num_processes > 1:
@@ -35,7 +36,7 @@ config.train.shuffle_bn_groups = 4
 config.train.steps_per_epoch = 2
 config.clustering.backend = 'jax'
 config.schedule.all_clusters = '20,10'
-trainer = train.Trainer(config, '/tmp/unused')
+trainer = train.Trainer(config, '/tmp/unused', configuration.validate(config))
 assert jax.device_count() == args.devices * args.num_processes, jax.devices()
 state = trainer.initial_state()
 # Epoch 0 is warm-up (InfoNCE); epoch 1 runs the E-step and ProtoNCE: 2 steps each.

@@ -88,3 +88,23 @@ def test_every_module_opens_with_a_docstring():
   for name, path in _modules().items():
     docstring = ast.get_docstring(ast.parse(open(path).read()))
     assert docstring and docstring.strip(), f'{name} has no docstring saying what it owns'
+
+
+def test_the_top_level_is_the_algorithm():
+  """The run's infrastructure sits in run/, the tools in study/, the kernels in kernels/; the
+  top of the package holds the algorithm and its entry points only."""
+  package = os.path.join(ROOT, 'pcl_jax')
+  top = {name[:-3] for name in os.listdir(package) if name.endswith('.py')}
+  assert top == {'__init__', 'main', 'train', 'step', 'models', 'state', 'features',
+                 'cluster_schedule', 'configuration', 'plot'} | ({'losses'} & top), sorted(top)
+  subpackages = {name for name in os.listdir(package)
+                 if os.path.isfile(os.path.join(package, name, '__init__.py'))}
+  assert subpackages == {'clustering', 'data', 'evaluation', 'kernels', 'run', 'study'} | (
+      {'losses'} & subpackages), sorted(subpackages)
+
+
+def test_the_algorithm_never_imports_the_study_tools():
+  modules = _modules()
+  for name, path in modules.items():
+    if not name.startswith(('pcl_jax.study', 'pcl_jax.plot')):
+      assert not any(imported.startswith('pcl_jax.study') for imported in _imports(path, modules)), name

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from pcl_jax import cluster_schedule
+from pcl_jax import clustering
 from pcl_jax import configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,7 @@ def test_conflicting_or_bad_loss_and_eval_settings_are_named(changes, message):
     config[section][name] = value
   with pytest.raises(configuration.UserError, match=re.escape(message)):
     configuration.validate(config)
+    clustering.check_settings(config)
 
 
 def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():
@@ -133,7 +135,7 @@ STUDIES = sorted(glob.glob(os.path.join(ROOT, 'configs', 'studies', '*.py')))
 
 @pytest.mark.parametrize('path', STUDIES, ids=os.path.basename)
 def test_study_file_loads_and_every_cell_validates(path, monkeypatch):
-  from pcl_jax import study  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import runner as study  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
   loaded = study.load_study(path)
   cells = study.cell_configs(loaded, {'data.root': '/data/images'})

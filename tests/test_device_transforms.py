@@ -8,6 +8,7 @@ import pytest
 from torchvision import transforms
 
 from configs import test as test_config
+from pcl_jax.clustering import bank as bank_lib
 from pcl_jax.data import device_transforms
 from pcl_jax.data import loaders
 from pcl_jax.data import recipes
@@ -142,17 +143,17 @@ def test_a_custom_transform_goes_through_the_loader():
 
 def test_train_step_on_uint8_views_equals_the_step_on_host_normalised_views():
   """The loader ships uint8 views; normalising them inside the step changes nothing."""
-  from pcl_jax import parallel  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import parallel  # pylint: disable=g-import-not-at-top
   from pcl_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   model = models.encoder_from_config(config, bn_groups=2)
-  schedule = step_lib.make_lr_schedule(config.optim, 2, 4)
-  tx = step_lib.make_optimizer(config.optim, schedule)
+  schedule = state_lib.make_lr_schedule(config.optim, 2, 4)
+  tx = state_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16,
                                  config.pcl.num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
   step = step_lib.make_train_step(config, model, tx, schedule)
-  bank = step_lib.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
+  bank = bank_lib.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
   hparams = {'smoothing': jnp.float32(0.0)}
   pixels = {view: _random_images(8, 16, seed) for seed, view in enumerate(('im_q', 'im_k'))}
   normalise = transforms.Compose([Image.fromarray, data_transforms.ToNormalizedHWC()])

@@ -18,7 +18,7 @@ from pcl_jax.evaluation import fewshot
 from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import linear_probe
 from pcl_jax.evaluation import protocol
-from pcl_jax import linalg
+from pcl_jax import models
 
 
 def _clustered_features(num_classes, per_class, dim, noise, seed=0):
@@ -165,7 +165,7 @@ def test_fewshot_random_features_give_chance():
 
 def test_fewshot_logreg_matches_sklearn():
   features, labels = _clustered_features(10, 40, 24, noise=2.5, seed=4)
-  features = np.asarray(linalg.l2_normalize(features))  # pylint: disable=protected-access
+  features = np.asarray(models.l2_normalize(features))  # pylint: disable=protected-access
   table, counts = fewshot.class_table(labels)
   support, query = fewshot.sample_episodes(np.random.default_rng(5), table, counts, ways=5,
                                             shots=5, queries=15, episodes=8)

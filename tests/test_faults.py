@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from pcl_jax import checkpoint as checkpoint_lib
-from pcl_jax import run_files
-from pcl_jax import train
+from pcl_jax.configuration import UserError
 from pcl_jax.data import sources
-from pcl_jax.errors import UserError
 from pcl_jax.evaluation import driver
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
+from pcl_jax import train
 from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcl_jax import checkpoint
 from pcl_jax.kernels import fused_batch_norm
 from pcl_jax import models
+from pcl_jax.run import checkpoint
 
 EPS = 1e-5
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from pcl_jax import kernels
 from pcl_jax.kernels import max_pool
 from pcl_jax.kernels.onednn import library as onednn_library
 from pcl_jax.kernels.onednn import max_pool as onednn_max_pool
-from pcl_jax import kernels
 from pcl_jax import models
 
 ONEDNN, ONEDNN_WHY_NOT = onednn_library.available()

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pcl_jax import kernels
 from pcl_jax.kernels.onednn import library as onednn_library
 from pcl_jax.kernels.onednn import residual as onednn_residual
-from pcl_jax import kernels
 from pcl_jax import models
 
 AVAILABLE, WHY_NOT = onednn_library.available()

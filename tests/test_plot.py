@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pcl_jax import plot
+from pcl_jax.study import plot
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

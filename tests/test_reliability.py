@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
-from pcl_jax import run_files
-from pcl_jax import stop as stop_lib
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
+from pcl_jax.run import stop as stop_lib
 from pcl_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

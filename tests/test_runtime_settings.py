@@ -8,11 +8,11 @@ import shutil
 
 from configs import default as default_config
 from configs import test as test_config
-from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import configuration
-from pcl_jax import run_files
-from pcl_jax import train
 from pcl_jax.evaluation import driver
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
+from pcl_jax import train
 
 LEGACY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'legacy_run')
 

@@ -43,7 +43,7 @@ def test_enqueue_wraps_when_queue_is_not_a_multiple_of_the_batch():
 def test_create_state_copies_query_into_key_and_normalises_queue():
   config = test_config.get_config()
   model = models.encoder_from_config(config)
-  tx = step_lib.make_optimizer(config.optim, step_lib.make_lr_schedule(config.optim, 2, 5))
+  tx = state_lib.make_optimizer(config.optim, state_lib.make_lr_schedule(config.optim, 2, 5))
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16, 64)
   for q, k in zip(jax.tree_util.tree_leaves(state.params),
                   jax.tree_util.tree_leaves(state.key_params)):

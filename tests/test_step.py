@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from pcl_jax.clustering import bank as bank_lib
 from pcl_jax import losses
 from pcl_jax import models
-from pcl_jax import parallel
+from pcl_jax.run import parallel
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
 
@@ -19,7 +20,7 @@ def _bank(rng, num_samples, sizes, active):
   levels = [{'centroids': rng.normal(size=(k, 4)).astype(np.float32),
              'im2cluster': rng.integers(0, k, num_samples),
              'concentration': np.ones(k, np.float32)} for k in sizes]
-  bank = step_lib.prototype_bank(levels, len(sizes), max(sizes))
+  bank = bank_lib.prototype_bank(levels, len(sizes), max(sizes))
   bank['active'] = jnp.asarray(active)
   return bank, levels
 
@@ -59,8 +60,8 @@ def test_loss_switches_read_the_config_and_default_to_published_pcl():
 def _one_step(switches, bank):
   config = test_config.get_config()
   model = models.encoder_from_config(config, bn_groups=2)
-  schedule = step_lib.make_lr_schedule(config.optim, 2, 4)
-  tx = step_lib.make_optimizer(config.optim, schedule)
+  schedule = state_lib.make_lr_schedule(config.optim, 2, 4)
+  tx = state_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16, config.pcl.num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
   step = jax.jit(lambda s, b, k, h: step_lib.train_step(
@@ -95,7 +96,7 @@ def active_bank():
   levels = [{'centroids': rng.normal(size=(k, 16)).astype(np.float32),
              'im2cluster': rng.integers(0, k, 64), 'concentration': np.full(k, 0.3, np.float32)}
             for k in (6, 3)]
-  return step_lib.prototype_bank(levels, 2, 6)
+  return bank_lib.prototype_bank(levels, 2, 6)
 
 
 def test_the_queue_records_each_key_s_dataset_index(active_bank):
@@ -198,7 +199,7 @@ def _selection_bank(active):
              'im2cluster': rng.integers(0, k, 64),
              'concentration': rng.uniform(0.05, 0.5, k).astype(np.float32)} for k in (6, 3)]
   levels[1]['concentration'][0] = 0.0  # floored at 1e-3, as HCSC
-  bank = step_lib.prototype_bank(levels, 3, 6)  # slot 2 stays an unused level
+  bank = bank_lib.prototype_bank(levels, 3, 6)  # slot 2 stays an unused level
   bank['active'] = jnp.asarray(active)
   return bank, levels
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pcl_jax import run_files
-from pcl_jax import study as study_lib
-from pcl_jax import study_report
-from pcl_jax.errors import UserError
+from pcl_jax.configuration import UserError
+from pcl_jax.run import files as run_files
+from pcl_jax.study import report as study_report
+from pcl_jax.study import runner as study_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'

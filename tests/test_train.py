@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from configs import test as test_config
-from pcl_jax import run_files
+from pcl_jax import configuration
+from pcl_jax.run import files as run_files
+from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
 from pcl_jax import train
 
@@ -24,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_optimizer_matches_torch_sgd_with_momentum_and_weight_decay():
   config = test_config.get_config()
   config.optim.lr, config.optim.weight_decay, config.optim.cos = 0.1, 0.01, False
-  schedule = step_lib.make_lr_schedule(config.optim, 10, 5)
-  tx = step_lib.make_optimizer(config.optim, schedule)
+  schedule = state_lib.make_lr_schedule(config.optim, 10, 5)
+  tx = state_lib.make_optimizer(config.optim, schedule)
   target = np.array([1.0, -2.0, 3.0], np.float32)
   params = jnp.zeros(3)
   opt_state = tx.init(params)
@@ -49,7 +51,7 @@ def test_lr_schedule_is_the_reference_adjust_learning_rate(cos, per, expected):
   config = test_config.get_config()
   config.optim.lr, config.optim.cos, config.optim.schedule_per = 0.1, cos, per
   config.optim.schedule = '2,3'
-  schedule = step_lib.make_lr_schedule(config.optim, 4, 10)
+  schedule = state_lib.make_lr_schedule(config.optim, 4, 10)
   np.testing.assert_allclose([schedule(0), schedule(9), schedule(10)], expected, rtol=1e-6)
   if not cos:  # step decay x0.1 at epochs 2 and 3
     np.testing.assert_allclose([schedule(20), schedule(35)], [0.01, 0.001], rtol=1e-5)
@@ -58,7 +60,7 @@ def test_lr_schedule_is_the_reference_adjust_learning_rate(cos, per, expected):
 def test_cosine_per_step_decays_within_an_epoch():
   config = test_config.get_config()
   config.optim.lr, config.optim.schedule_per = 0.1, 'step'
-  schedule = step_lib.make_lr_schedule(config.optim, 2, 10)
+  schedule = state_lib.make_lr_schedule(config.optim, 2, 10)
   assert float(schedule(5)) < 0.1
   np.testing.assert_allclose(schedule(10), 0.05, rtol=1e-6)
 
@@ -71,7 +73,7 @@ def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path, m
   config.schedule.every = 1  # k changes every epoch after warm-up
   # The real jitted step (make_train_step), with a trace counter around the Python function.
   monkeypatch.setattr(step_lib, 'train_step', chex.assert_max_traces(step_lib.train_step, n=1))
-  trainer = train.Trainer(config, str(tmp_path))
+  trainer = train.Trainer(config, str(tmp_path), configuration.validate(config))
   state = trainer.initial_state()
   records = []
   for epoch in range(config.train.epochs):
@@ -152,7 +154,7 @@ def test_zero_epochs_saves_the_initialisation_as_checkpoint_zero(tmp_path):
   config.train.epochs = 0
   state = train.train_and_evaluate(config, str(tmp_path))
   assert os.listdir(tmp_path / 'checkpoints') == ['0']
-  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   tree, meta, step = checkpoint_lib.restore_for_eval(str(tmp_path))
   assert step == 0 and meta['epochs_done'] == 0
   np.testing.assert_array_equal(jax.tree_util.tree_leaves(tree['key_params'])[0],
@@ -163,7 +165,7 @@ def _write_hwio_checkpoint(source: str, target: str) -> None:
   """`target`: `source`'s latest checkpoint as checkpoints were written before conv kernels were
   stored OHWI (HWIO kernels, no 'conv_kernel_layout' in meta)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   tree, meta, step = checkpoint_lib.restore_for_eval(source)
   tree = checkpoint_lib.transpose_conv_kernels(tree, 'OHWI', 'HWIO')
   del meta[checkpoint_lib.KERNEL_LAYOUT_KEY]
@@ -180,7 +182,7 @@ def _write_hwio_checkpoint(source: str, target: str) -> None:
 @pytest.mark.slow
 def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
   """Checkpoints from before kernels were stored OHWI: both restores transpose them back."""
-  from pcl_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.train.epochs = 1
   current, legacy = str(tmp_path / 'current'), str(tmp_path / 'legacy')
@@ -208,7 +210,7 @@ def test_a_protonce_epoch_runs_on_the_gpu(tmp_path, dtype):
   config = test_config.get_config()
   config.train.dtype = dtype
   config.clustering.backend = 'jax'
-  trainer = train.Trainer(config, str(tmp_path))
+  trainer = train.Trainer(config, str(tmp_path), configuration.validate(config))
   state = trainer.initial_state()
   records = []
   for epoch in range(2):

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import choices
 from pcl_jax.clustering import faiss_kmeans
 from pcl_jax.clustering import jax_kmeans
+from pcl_jax import configuration
 
 
 def resolve_backend(name: str) -> str:
@@ -33,7 +33,7 @@ def resolve_backend(name: str) -> str:
   Raises:
     ValueError: unknown name, or faiss requested but not installed.
   """
-  if name not in choices.BACKENDS:
+  if name not in configuration.BACKENDS:
     raise ValueError(f"clustering.backend='{name}' is unknown; use auto, faiss or jax")
   if name == 'jax':
     return 'jax'

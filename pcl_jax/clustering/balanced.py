@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pcl_jax import linalg
 from pcl_jax.clustering import jax_kmeans
+from pcl_jax import models
 
 # Elements of one [block, k] similarity matrix.
 _BLOCK_ELEMENTS = 1 << 22
@@ -92,7 +92,7 @@ def sinkhorn_assignments(features, centroids, *, epsilon: float, iterations: int
     [N] int32 cluster of each sample.
   """
   features = jnp.asarray(features, jnp.float32)
-  unit_centroids = linalg.l2_normalize(jnp.asarray(centroids, jnp.float32))
+  unit_centroids = models.l2_normalize(jnp.asarray(centroids, jnp.float32))
   block_rows = _block_rows(features.shape[0], unit_centroids.shape[0])
   epsilon = jnp.float32(epsilon)
   column_potential = _column_potentials(features, unit_centroids, epsilon,
@@ -110,7 +110,7 @@ def _member_means(features, centroids, im2cluster, *, spherical):
                              num_segments=k)
   total = jax.ops.segment_sum(features, im2cluster, num_segments=k)
   means = jnp.where(size[:, None] > 0, total / jnp.maximum(size, 1.0)[:, None], centroids)
-  return linalg.l2_normalize(means) if spherical else means
+  return models.l2_normalize(means) if spherical else means
 
 
 def rebalance(features, centroids, *, epsilon: float, iterations: int, spherical: bool):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import parallel
+from pcl_jax.run import parallel
 
 
 def import_faiss():

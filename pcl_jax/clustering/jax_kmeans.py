@@ -24,7 +24,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pcl_jax import linalg
+from pcl_jax import models
 
 # faiss's split_clusters perturbation, "a bit above machine epsilon for float16".
 _SPLIT_EPS = 1.0 / 1024.0
@@ -223,7 +223,7 @@ def _lloyd(padded_x, padded_weights, valid, centroids, centroid_valid, niter, ke
     uniform = jax.random.uniform(jax.random.fold_in(key, i), (k,))
     updated, _, splits = _split_empty_clusters(updated, cluster_weight, uniform, centroid_valid)
     if spherical:
-      updated = linalg.l2_normalize(updated)
+      updated = models.l2_normalize(updated)
     return updated, objective, num_splits + splits
 
   init = (centroids, jnp.float32(0.0), jnp.int32(0))
@@ -273,7 +273,7 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, *
     else:
       start = init_centroids
     if spherical:
-      start = linalg.l2_normalize(start)
+      start = models.l2_normalize(start)
     centroids, objective, _ = _lloyd(padded_x, padded_weights, valid, start, centroid_valid,
                                      niter, split_key, chunk=chunk, spherical=spherical)
     # Strictly better only, as faiss: on a tie the earlier run stays.
@@ -302,7 +302,7 @@ def kmeans(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weigh
                     'points', num_points, k, k * min_points)
   if x.shape[0] == k and init_centroids is None:
     # faiss's corner case: every point is its own centroid, no iteration.
-    return linalg.l2_normalize(x) if spherical else x
+    return models.l2_normalize(x) if spherical else x
   rows = padded_k(k, x.shape[0])
   if init_centroids is not None:
     init_centroids = jnp.asarray(init_centroids, jnp.float32)

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import linalg
-from pcl_jax.clustering import balanced as balanced_lib
-from pcl_jax.clustering import jax_kmeans
 from pcl_jax.clustering import backend as kmeans_backend
+from pcl_jax.clustering import balanced as balanced_lib
 from pcl_jax.clustering import faiss_kmeans
+from pcl_jax.clustering import jax_kmeans
+from pcl_jax import models
 
 # Cluster-count ratio between hierarchical levels below which the notes saw harm.
 _MIN_HIERARCHY_RATIO = 1.2
@@ -211,7 +211,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     phi = _level_concentration(sq_dist, im2cluster, k, temperature)
     if hierarchical:
       finer = (centroids, im2cluster)
-    normalized = linalg.l2_normalize(centroids)
+    normalized = models.l2_normalize(centroids)
     jax.block_until_ready((normalized, phi))
     levels.append({'k': k, 'centroids': normalized, 'im2cluster': im2cluster.astype(jnp.int32),
                    'concentration': phi, 'timing_s': time.perf_counter() - start})

@@ -25,9 +25,9 @@ from PIL import Image
 from torchvision.transforms import functional as tv_functional
 import tqdm
 
-from pcl_jax import run_files
+from pcl_jax.configuration import UserError
 from pcl_jax.data import recipes
-from pcl_jax.errors import UserError
+from pcl_jax.run import files as run_files
 
 MINI_IMAGENET_SIZE = 84
 # 2: the manifest lists every file (with its modification time) and the array's SHA-256.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcl_jax.data import recipes
-from pcl_jax import parallel
+from pcl_jax.run import parallel
 
 # Pillow's fixed point for 8-bit images (Resample.c: PRECISION_BITS = 32 - 8 - 2).
 PRECISION_BITS = 22

@@ -23,10 +23,10 @@ from PIL import Image
 import torch
 from torch.utils import data as torch_data
 
+from pcl_jax.configuration import UserError
 from pcl_jax.data import sources
-from pcl_jax.data import transforms
 from pcl_jax.data.sources import ArraySource
-from pcl_jax.errors import UserError
+from pcl_jax.data import transforms
 
 # Images in flight across all loader workers (each worker prefetches its share).
 _BATCHES_IN_FLIGHT = 8

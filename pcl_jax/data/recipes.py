@@ -15,7 +15,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-# `data.eval_resize`, resolved: what the eval transform keeps of an image (pcl_jax/choices.py).
+# `data.eval_resize`, resolved: what the eval transform keeps of an image (pcl_jax/configuration.py).
 EVAL_RESIZE_WHOLE = 'whole'  # short side resized to the crop, center crop: all of a square image
 EVAL_RESIZE_CENTER = 'center'  # short side resized to 8/7 of the crop, center crop: ImageNet's
 

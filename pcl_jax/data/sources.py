@@ -29,12 +29,12 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from pcl_jax import choices
+from pcl_jax import configuration
+from pcl_jax.configuration import UserError
 from pcl_jax.data import cache
 from pcl_jax.data import recipes
-from pcl_jax.errors import UserError
 
-DATASETS = choices.DATASETS
+DATASETS = configuration.DATASETS
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 # (classes, images) of the standard Ravi & Larochelle split.

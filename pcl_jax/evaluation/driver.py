@@ -86,18 +86,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import checkpoint as checkpoint_lib
+from pcl_jax import clustering
 from pcl_jax import configuration
-from pcl_jax import features as features_lib
-from pcl_jax import models
-from pcl_jax import run_files
+from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
-from pcl_jax.errors import UserError
 from pcl_jax.evaluation import clustering_quality
 from pcl_jax.evaluation import fewshot
 from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import linear_probe
 from pcl_jax.evaluation import protocol
+from pcl_jax import features as features_lib
+from pcl_jax import models
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
 
 
 def _timed(timing: dict, name: str, fn, *args, **kwargs):
@@ -346,6 +347,7 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     or the split's results exist and overwrite is False.
   """
   configuration.validate(config)
+  clustering.check_settings(config)
   _check_results_writable(workdir, config.data.eval_split, overwrite)
   tree, meta, step = checkpoint_lib.restore_for_eval(workdir, epochs_done, best=best)
   checkpoint_path = os.path.join(checkpoint_lib.checkpoint_dir(workdir, best), str(step))

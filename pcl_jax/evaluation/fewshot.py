@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import linalg
 from pcl_jax.evaluation import protocol
+from pcl_jax import models
 
 # (ways, shots) of the few-shot settings; results key f'{ways}way{shots}shot'.
 FEWSHOT_SETTINGS = ((5, 1), (5, 5))
@@ -167,7 +167,7 @@ def fewshot_eval(features, labels, *, ways: int = 5, shots: int = 1, queries: in
   support, query = sample_episodes(rng, table, counts, ways=ways, shots=shots, queries=queries,
                                    episodes=episodes)
   centroid_correct, logreg_correct = _episode_accuracies(
-      linalg.l2_normalize(features), support, query, jnp.float32(1.0 / logreg_c),
+      models.l2_normalize(features), support, query, jnp.float32(1.0 / logreg_c),
       logreg_steps=logreg_steps, episode_batch=episode_batch)
   num_queries = ways * queries
   mean, ci95 = _mean_ci95(np.asarray(centroid_correct) / num_queries)

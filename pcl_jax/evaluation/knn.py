@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import linalg
 from pcl_jax.evaluation import protocol
+from pcl_jax import models
 
 KNN_CHUNK = 512  # queries per kNN block: memory is KNN_CHUNK x num_reference floats
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -44,8 +44,8 @@ def knn_predict(train_features, train_labels, query_features, *, k: int, tempera
   """
   train_labels = np.asarray(train_labels)
   num_classes = int(num_classes or train_labels.max() + 1)
-  reference = linalg.l2_normalize(train_features)
-  queries = linalg.l2_normalize(query_features)
+  reference = models.l2_normalize(train_features)
+  queries = models.l2_normalize(query_features)
   num_queries = queries.shape[0]
   chunk = max(1, min(chunk, num_queries))
   padded = -(-num_queries // chunk) * chunk

@@ -37,11 +37,12 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from pcl_jax import cli
+from pcl_jax import clustering
 from pcl_jax import configuration
-from pcl_jax import run_files
-from pcl_jax.errors import UserError
+from pcl_jax.configuration import UserError
 from pcl_jax.evaluation import driver
+from pcl_jax.run import cli
+from pcl_jax.run import files as run_files
 
 _META_FIELDS = ('split', 'feature_layer', 'encoder', 'checkpoint_step')
 
@@ -168,7 +169,7 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
 
 
 def _define_flags() -> None:
-  """This command's flags, on absl's global FLAGS (as every entry point, pcl_jax/cli.py); defined
+  """This command's flags, on absl's global FLAGS (as every entry point, pcl_jax/run/cli.py); defined
   only when the module runs as a program, so importing it as a library defines none."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file('config', _default_config_path(),
@@ -196,6 +197,7 @@ def main(argv):
 
   def run():
     configuration.validate(values.config)
+    clustering.check_settings(values.config)
     score_features(values.config, values.features, values.out, overwrite=values.overwrite)
 
   cli.run_reporting_errors(run, values.verbose)

@@ -20,8 +20,8 @@ import dataclasses
 import functools
 from typing import Callable
 
-from pcl_jax import choices
-from pcl_jax.errors import UserError
+from pcl_jax import configuration
+from pcl_jax.configuration import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +91,9 @@ def resolve(conv_impl: str) -> str:
   from pcl_jax.kernels import torch_conv
   from pcl_jax.kernels.onednn import library
   # pylint: enable=g-import-not-at-top
-  if conv_impl not in choices.CONV_IMPLS:
+  if conv_impl not in configuration.CONV_IMPLS:
     raise UserError(f'runtime.conv_impl={conv_impl!r} is unknown; use one of '
-                    f'{", ".join(choices.CONV_IMPLS)}')
+                    f'{", ".join(configuration.CONV_IMPLS)}')
   if conv_impl == 'onednn':
     available, reason = library.available()
     if not available:

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pcl_jax.kernels import conv_args
-from pcl_jax.kernels import torch_conv
 from pcl_jax.kernels.onednn import library
+from pcl_jax.kernels import torch_conv
 
 
 def blocked_layout(images_shape, kernel_shape, stride) -> Tuple[bool, bool]:

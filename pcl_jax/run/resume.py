@@ -5,8 +5,8 @@ an interrupted save are removed; a damaged checkpoint (checksums, meta or arrays
 read) is set aside in WORKDIR/checkpoints_damaged/ with a warning and the newest intact one is
 used; its settings are compared with the config (before any data or model is built, so a
 mismatch fails in seconds); the state and the cluster schedule are restored; and config.json
-records what changed. Which checkpoint to save and when
-is train.py's; the on-disk format is checkpoint.py's.
+records what changed. Which checkpoint to save and when is `pcl_jax.train`'s; the on-disk
+format is `checkpoint`'s.
 """
 
 import json
@@ -15,12 +15,12 @@ import os
 import shutil
 from typing import Optional
 
-from pcl_jax import checkpoint as checkpoint_lib
 from pcl_jax import cluster_schedule
 from pcl_jax import configuration
-from pcl_jax import parallel
-from pcl_jax import run_files
-from pcl_jax.errors import UserError
+from pcl_jax.configuration import UserError
+from pcl_jax.run import checkpoint as checkpoint_lib
+from pcl_jax.run import files as run_files
+from pcl_jax.run import parallel
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from etils import epath
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pcl_jax.configuration import UserError
 from pcl_jax import models
-from pcl_jax import run_files
-from pcl_jax.errors import UserError
+from pcl_jax.run import files as run_files
 
 KERNEL_LAYOUT_KEY = 'conv_kernel_layout'
 CHECKSUMS_FILE = 'checksums.json'

@@ -57,10 +57,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 
-from pcl_jax import cli
 from pcl_jax import configuration
-from pcl_jax import run_files
-from pcl_jax.errors import UserError
+from pcl_jax.configuration import UserError
+from pcl_jax.run import cli
+from pcl_jax.run import files as run_files
 
 log = logging.getLogger('pcl_jax.study')  # not __name__: '__main__' when run with -m
 
@@ -305,10 +305,13 @@ def cell_configs(study: Study, command_line: Optional[Dict[str, object]] = None,
 
 
 def validate_cells(cells: Sequence[Cell]) -> None:
-  """`configuration.validate` of every cell (fails on the first, naming it)."""
+  """`configuration.validate` and `clustering.check_settings` of every cell (fails on the
+  first, naming it)."""
+  from pcl_jax import clustering  # pylint: disable=g-import-not-at-top  (JAX: not for --help)
   for cell in cells:
     try:
       configuration.validate(cell.config)
+      clustering.check_settings(cell.config)
     except UserError as error:
       raise UserError(f'cell {cell.name}: {error}') from error
 
@@ -526,7 +529,7 @@ def study_summary(study: Study, workdir: str,
 def write_study_report(study: Study, cells: Sequence[Cell], root: str,
                        command_line: Optional[Dict[str, object]] = None):
   """Reads every finished cell and writes the report files; returns (paths, missing)."""
-  from pcl_jax import study_report  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import report as study_report  # pylint: disable=g-import-not-at-top
   metrics, curves, diverged = {}, {}, {}
   for cell in cells:
     reason = diverged_reason(cell, root)
@@ -767,11 +770,3 @@ def main(argv):
              'leaves them out and reruns skip them; delete a cell\'s directory to train it again',
              cli.DIVERGED_STATUS)
 
-
-if __name__ == '__main__':
-  # Before anything starts a thread that allocates (see kernels/host_memory's docstring).
-  from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.tune_malloc()
-  define_flags()
-  from absl import app  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=parse_flags)

@@ -204,13 +204,12 @@ def run_reporting_errors(run: Callable[[], object], verbose: bool):
   bug: its traceback is wanted). `verbose` re-raises user errors with their traceback.
   """
   # pylint: disable=g-import-not-at-top
-  from pcl_jax import errors
-  from pcl_jax import run_files
-  from pcl_jax import stop
+  from pcl_jax.run import files as run_files
+  from pcl_jax.run import stop
   # pylint: enable=g-import-not-at-top
   try:
     return run()
-  except (errors.UserError, run_files.WorkdirError, FileNotFoundError) as error:
+  except (configuration.UserError, run_files.WorkdirError, FileNotFoundError) as error:
     if verbose:
       raise
     fail(error)

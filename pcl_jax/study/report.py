@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 import numpy as np
 from scipy import stats
 
-from pcl_jax import plot
-from pcl_jax import run_files
+from pcl_jax.run import files as run_files
+from pcl_jax.study import plot
 
 # (metric, group, decimals shown, what it is), in report order.
 METRICS = (

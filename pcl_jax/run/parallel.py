@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pcl_jax.errors import UserError
+from pcl_jax.configuration import UserError
 
 DATA_AXIS = 'data'
 

@@ -1,0 +1,12 @@
+"""`python -m pcl_jax.study`: runs a study file's cells and writes its report (see `runner`)."""
+
+from absl import app
+
+from pcl_jax.kernels import host_memory
+from pcl_jax.study import runner
+
+if __name__ == '__main__':
+  # Before anything starts a thread that allocates (see kernels/host_memory's docstring).
+  host_memory.tune_malloc()
+  runner.define_flags()
+  app.run(runner.main, flags_parser=runner.parse_flags)
