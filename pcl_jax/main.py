@@ -33,11 +33,11 @@ flags.DEFINE_bool('verbose', False, 'Show the Python traceback of user errors.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _run(config, workdir):
+def _run(config, workdir, schedule):
   # pylint: disable=g-import-not-at-top
   if FLAGS.mode == 'train':
     from pcl_jax import train
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, schedule=schedule)
   else:
     from pcl_jax.evaluation import driver
     driver.evaluate_checkpoint(config, workdir, epochs_done=FLAGS.step,
@@ -62,7 +62,7 @@ def main(argv):
   cli.limit_xla_threads(FLAGS.config)
   try:
     # Before importing torch and the data pipeline: a bad value fails within a second or two.
-    configuration.validate(FLAGS.config)
+    schedule = configuration.validate(FLAGS.config)
     clustering.check_settings(FLAGS.config)
     host_threads.log_choice()
     if FLAGS.mode == 'train':
@@ -72,7 +72,7 @@ def main(argv):
     if FLAGS.verbose:
       raise
     cli.fail(error)
-  cli.run_reporting_errors(lambda: _run(FLAGS.config, FLAGS.workdir), FLAGS.verbose)
+  cli.run_reporting_errors(lambda: _run(FLAGS.config, FLAGS.workdir, schedule), FLAGS.verbose)
 
 
 if __name__ == '__main__':

@@ -299,7 +299,9 @@ def _check_state_finite(state, epoch: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after_epochs: Optional[int] = None,
-                       should_stop: Optional[Callable[[], bool]] = None) -> state_lib.PCLState:
+                       should_stop: Optional[Callable[[], bool]] = None,
+                       schedule: Optional[cluster_schedule.ClusterSchedule] = None
+                       ) -> state_lib.PCLState:
   """Trains (resuming from WORKDIR/checkpoints when present) and writes the run's files.
 
   A run directory that already holds `train.epochs` epochs is reported as finished and left
@@ -314,6 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       pre-emption would); rerunning resumes. None: run to `train.epochs`.
     should_stop: polled between steps like the signal flag (tests; schedulers); True stops the
       run as SIGTERM does.
+    schedule: what `configuration.validate(config)` returned, when the caller has checked the
+      config already (`main` does, before importing this module); None checks it here.
   Returns:
     The final state.
   Raises:
@@ -321,9 +325,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     FloatingPointError: a non-finite loss, feature or state; nothing non-finite is saved.
     TrainingInterrupted: a stop was requested; a checkpoint was saved first when needed.
   """
-  # The config's one trip in: checked here, and what the checks built handed on.
-  schedule = configuration.validate(config)
-  clustering.check_settings(config)
+  if schedule is None:  # the config's one trip in: checked here, what the checks built handed on
+    schedule = configuration.validate(config)
+    clustering.check_settings(config)
   lock = run_files.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   try:
     run_files.prepare_workdir(workdir)
