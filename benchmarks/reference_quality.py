@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pcl_jax.evaluation import score  # pylint: disable=wrong-import-position
 from pcl_jax.study import report as study_report  # pylint: disable=wrong-import-position
-from pcl_jax.study import runner as study  # pylint: disable=wrong-import-position
+from pcl_jax.study import spec as study_spec  # pylint: disable=wrong-import-position
 
 METRICS = ('knn_top1', 'linear_top1', 'fewshot_5w1s', 'fewshot_5w5s', 'nmi')
 
@@ -54,7 +54,7 @@ def main():
   parser.add_argument('--config', default='configs/small_images_plain.py')
   parser.add_argument('--config.data.root', dest='data_root', default='')
   args = parser.parse_args()
-  config = study.load_config(args.config, '--config')
+  config = study_spec.load_config(args.config, '--config')
   if args.data_root:
     config.data.root = args.data_root
   reference = []

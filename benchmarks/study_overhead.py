@@ -77,7 +77,9 @@ def child(spec: str) -> None:
   # pylint: disable=g-import-not-at-top
   import jax
   from pcl_jax.run import cli
-  from pcl_jax.study import runner as study_lib
+  from pcl_jax.study import cells as study_cells
+  from pcl_jax.study import runner as study_runner
+  from pcl_jax.study import spec as study_spec
   # pylint: enable=g-import-not-at-top
   totals = dict.fromkeys(list(_EVENTS.values()) + ['programs', 'cache_hits'], 0.0)
 
@@ -94,7 +96,7 @@ def child(spec: str) -> None:
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   jax.monitoring.register_event_listener(on_event)
   per_cell = []
-  run_cell = study_lib.run_cell
+  run_cell = study_runner.run_cell
 
   def measured_run_cell(*args, **kwargs):
     before = dict(totals)
@@ -102,13 +104,13 @@ def child(spec: str) -> None:
     per_cell.append({key: totals[key] - before[key] for key in totals})
     return timing
 
-  study_lib.run_cell = measured_run_cell
-  study = study_lib.load_study(study_path)
-  cells = study_lib.cell_configs(study)
+  study_runner.run_cell = measured_run_cell
+  study = study_spec.load_study(study_path)
+  cells = study_cells.cell_configs(study)
   cli.limit_xla_threads(cells[0].config)
-  study_lib.validate_cells(cells)
+  study_cells.validate_cells(cells)
   ready = time.perf_counter()
-  outcome = study_lib.run_study(study, workdir, cells, compilation_cache=cache)
+  outcome = study_runner.run_study(study, workdir, cells, compilation_cache=cache)
   print('TIMINGS ' + json.dumps({
       'startup_s': ready - start, 'total_s': time.perf_counter() - start,
       'cells': [dict(vars(t), overhead_s=t.overhead_s, **jax_s)

@@ -135,11 +135,14 @@ STUDIES = sorted(glob.glob(os.path.join(ROOT, 'configs', 'studies', '*.py')))
 
 @pytest.mark.parametrize('path', STUDIES, ids=os.path.basename)
 def test_study_file_loads_and_every_cell_validates(path, monkeypatch):
-  from pcl_jax.study import runner as study  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import cells as study_cells
+  from pcl_jax.study import spec as study_spec
+  # pylint: enable=g-import-not-at-top
   monkeypatch.chdir(ROOT)
-  loaded = study.load_study(path)
-  cells = study.cell_configs(loaded, {'data.root': '/data/images'})
-  study.validate_cells(cells)
+  loaded = study_spec.load_study(path)
+  cells = study_cells.cell_configs(loaded, {'data.root': '/data/images'})
+  study_cells.validate_cells(cells)
   assert len(cells) == len(loaded.variants) * len(loaded.seeds) and len(loaded.seeds) >= 3
 
 

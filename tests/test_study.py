@@ -16,8 +16,10 @@ from scipy import stats
 
 from pcl_jax.configuration import UserError
 from pcl_jax.run import files as run_files
+from pcl_jax.study import cells as study_cells
 from pcl_jax.study import report as study_report
-from pcl_jax.study import runner as study_lib
+from pcl_jax.study import runner as study_runner
+from pcl_jax.study import spec as study_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -258,7 +260,7 @@ BAD_STUDIES = [
 def test_bad_study_files_name_the_problem(tmp_path, name, text, expected):
   path = str(tmp_path / f'{name}.py') if text is None else _write(tmp_path / f'{name}.py', text)
   with pytest.raises(UserError, match='^--study=') as error:
-    study_lib.load_study(path)
+    study_spec.load_study(path)
   assert expected in str(error.value)
 
 
@@ -272,17 +274,17 @@ def test_bad_study_files_name_the_problem(tmp_path, name, text, expected):
      "variant 'x': train.epochs='many' does not fit the field"),
 ])
 def test_unknown_fields_and_wrong_types_name_the_study_entry(tmp_path, changes, expected):
-  study = study_lib.load_study(_write(tmp_path / 's.py', _study_text(**changes)))
+  study = study_spec.load_study(_write(tmp_path / 's.py', _study_text(**changes)))
   with pytest.raises(UserError) as error:
-    study_lib.cell_configs(study)
+    study_cells.cell_configs(study)
   assert expected in str(error.value)
 
 
 def test_cell_configs_apply_study_variant_seed_then_command_line(tmp_path):
-  study = study_lib.load_study(_write(tmp_path / 's.py', _study_text(
+  study = study_spec.load_study(_write(tmp_path / 's.py', _study_text(
       overrides={'optim.lr': 0.2, 'train.epochs': 3},
       variants={'base': {}, 'lr': {'optim.lr': 0.1}})))
-  cells = study_lib.cell_configs(study, {'train.epochs': 1})
+  cells = study_cells.cell_configs(study, {'train.epochs': 1})
   assert [cell.name for cell in cells] == ['base/seed0', 'base/seed1', 'lr/seed0', 'lr/seed1']
   assert [cell.config.optim.lr for cell in cells] == [0.2, 0.2, 0.1, 0.1]
   assert [cell.config.seed for cell in cells] == [0, 1, 0, 1]
@@ -290,31 +292,31 @@ def test_cell_configs_apply_study_variant_seed_then_command_line(tmp_path):
   assert cells[2].workdir('D') == os.path.join('D', 'lr', 'seed0')
   cells[0].config.optim.lr = 5.0
   assert cells[1].config.optim.lr == 0.2  # independent configs
-  study_lib.validate_cells(cells[1:])
+  study_cells.validate_cells(cells[1:])
   cells[0].config.pcl.num_negatives = 4
   with pytest.raises(UserError, match='^cell base/seed0: pcl.num_negatives=4 is smaller'):
-    study_lib.validate_cells(cells)
+    study_cells.validate_cells(cells)
 
 
 def test_cells_slices_and_slurm_arrays():
-  assert study_lib.parse_cells('1/3') == (1, 3)
+  assert study_cells.parse_cells('1/3') == (1, 3)
   for bad in ('3/3', '1', 'a/b', '-1/2', '0/0'):
     with pytest.raises(UserError, match='must be i/n'):
-      study_lib.parse_cells(bad)
+      study_cells.parse_cells(bad)
   cells = list(range(7))
-  slices = [study_lib.select_cells(cells, i, 3) for i in range(3)]
+  slices = [study_cells.select_cells(cells, i, 3) for i in range(3)]
   assert slices == [[0, 3, 6], [1, 4], [2, 5]]
-  assert study_lib.slurm_slice({}) is None
-  assert study_lib.slurm_slice({'SLURM_ARRAY_TASK_ID': '5', 'SLURM_ARRAY_TASK_MIN': '4',
-                                'SLURM_ARRAY_TASK_COUNT': '2'}) == (1, 2)
-  assert study_lib.slurm_slice({'SLURM_ARRAY_TASK_ID': '6', 'SLURM_ARRAY_TASK_MIN': '2',
-                                'SLURM_ARRAY_TASK_STEP': '2',
-                                'SLURM_ARRAY_TASK_COUNT': '3'}) == (2, 3)
+  assert study_cells.slurm_slice({}) is None
+  assert study_cells.slurm_slice({'SLURM_ARRAY_TASK_ID': '5', 'SLURM_ARRAY_TASK_MIN': '4',
+                                  'SLURM_ARRAY_TASK_COUNT': '2'}) == (1, 2)
+  assert study_cells.slurm_slice({'SLURM_ARRAY_TASK_ID': '6', 'SLURM_ARRAY_TASK_MIN': '2',
+                                  'SLURM_ARRAY_TASK_STEP': '2',
+                                  'SLURM_ARRAY_TASK_COUNT': '3'}) == (2, 3)
   with pytest.raises(UserError, match='pass --cells'):
-    study_lib.slurm_slice({'SLURM_ARRAY_TASK_ID': '9', 'SLURM_ARRAY_TASK_MIN': '1',
-                           'SLURM_ARRAY_TASK_COUNT': '3'})  # --array=1,5,9
+    study_cells.slurm_slice({'SLURM_ARRAY_TASK_ID': '9', 'SLURM_ARRAY_TASK_MIN': '1',
+                             'SLURM_ARRAY_TASK_COUNT': '3'})  # --array=1,5,9
   with pytest.raises(UserError, match='SLURM_ARRAY_TASK_COUNT is not'):
-    study_lib.slurm_slice({'SLURM_ARRAY_TASK_ID': '0'})
+    study_cells.slurm_slice({'SLURM_ARRAY_TASK_ID': '0'})
 
 
 def test_config_differences_ignore_how_a_cell_computes():
@@ -322,7 +324,7 @@ def test_config_differences_ignore_how_a_cell_computes():
            'data': {'num_workers': 2, 'name': 'digits'}}
   wanted = {'seed': 0, 'optim': {'lr': 0.2, 'cos': True}, 'runtime': {'conv_impl': 'xla'},
             'data': {'num_workers': 0, 'name': 'digits'}}
-  assert study_lib.config_differences(saved, wanted) == ['optim.lr: 0.1 -> 0.2']
+  assert study_cells.config_differences(saved, wanted) == ['optim.lr: 0.1 -> 0.2']
 
 
 def test_a_diverged_cell_is_marked_left_out_and_not_retried(tmp_path, monkeypatch):
@@ -337,12 +339,12 @@ def test_a_diverged_cell_is_marked_left_out_and_not_retried(tmp_path, monkeypatc
                    checkpoint_step=cell.config.train.epochs, knn_top1=80.0 + cell.seed)
     _write_cell(cell.workdir(root), results,
                 [{'epoch': 0, 'acc_inst': 10.0 + cell.seed, 'acc_proto': None}])
-    return study_lib.CellTiming(cell=cell.name, wall_s=1.0, train_s=0.5, eval_s=0.25)
+    return study_runner.CellTiming(cell=cell.name, wall_s=1.0, train_s=0.5, eval_s=0.25)
 
-  monkeypatch.setattr(study_lib, 'run_cell', fake_run_cell)
+  monkeypatch.setattr(study_runner, 'run_cell', fake_run_cell)
   path = _write(tmp_path / 's.py', _study_text())
   workdir = str(tmp_path / 'run')
-  outcome = study_lib.run_study_file(path, workdir)
+  outcome = study_runner.run_study_file(path, workdir)
   assert calls == ['base/seed0', 'base/seed1', 'early/seed0', 'early/seed1']
   assert outcome.ran == calls[:3] and outcome.missing == []
   assert 'non-finite loss_inst' in outcome.diverged['early/seed1']
@@ -354,7 +356,7 @@ def test_a_diverged_cell_is_marked_left_out_and_not_retried(tmp_path, monkeypatc
   assert report['variants']['base']['knn_top1']['values'] == [80.0, 81.0]
   assert list(report['diverged']) == ['early/seed1'] and report['missing'] == []
   calls.clear()
-  again = study_lib.run_study_file(path, workdir)
+  again = study_runner.run_study_file(path, workdir)
   assert calls == [] and again.skipped == ['base/seed0', 'base/seed1', 'early/seed0']
   assert list(again.diverged) == ['early/seed1']
 
@@ -410,7 +412,7 @@ def sliced(tmp_path_factory):
     first, second = first.result(), second.result()
   assert first.returncode == 0, first.stderr[-3000:]
   assert second.returncode == 0, second.stderr[-3000:]
-  study_lib.run_study_file(study, str(workdir), report_only=True)
+  study_runner.run_study_file(study, str(workdir), report_only=True)
   return {'study': study, 'workdir': workdir, 'cache': cache, 'common': common,
           'outputs': (first, second)}
 
@@ -449,16 +451,16 @@ def test_rerun_skips_finished_cells_and_refuses_changed_settings(sliced):
   checkpoint = os.path.join(workdir, 'early', 'seed1', 'checkpoints', '2')
   mtime = os.path.getmtime(checkpoint)
   report_mtime = os.path.getmtime(os.path.join(workdir, 'report.json'))
-  outcome = study_lib.run_study_file(sliced['study'], workdir)  # in this process, all cells
+  outcome = study_runner.run_study_file(sliced['study'], workdir)  # in this process, all cells
   assert outcome.skipped == ['base/seed0', 'base/seed1', 'early/seed0', 'early/seed1']
   assert outcome.ran == [] and outcome.missing == [] and outcome.diverged == {}
   assert os.path.getmtime(checkpoint) == mtime
   assert os.path.getmtime(os.path.join(workdir, 'report.json')) > report_mtime
-  study = study_lib.load_study(sliced['study'])
-  changed = study_lib.cell_configs(study, {'optim.lr': 0.5})
+  study = study_spec.load_study(sliced['study'])
+  changed = study_cells.cell_configs(study, {'optim.lr': 0.5})
   with pytest.raises(UserError, match=r'^cell base/seed0 in .* \(saved -> now: optim.lr: 0.08 -> '
                      r'0.5\)'):
-    study_lib.run_study(study, workdir, changed, report_only=True)
+    study_runner.run_study(study, workdir, changed, report_only=True)
 
 
 def test_reevaluate_scores_finished_cells_again_with_new_eval_settings(sliced, tmp_path):
@@ -466,11 +468,11 @@ def test_reevaluate_scores_finished_cells_again_with_new_eval_settings(sliced, t
   shutil.copytree(sliced['workdir'], workdir)
   cell = os.path.join(workdir, 'base', 'seed0')
   checkpoint_mtime = os.path.getmtime(os.path.join(cell, 'checkpoints', '2'))
-  study = study_lib.load_study(sliced['study'])
-  three_runs = study_lib.cell_configs(study, {'eval.kmeans_runs': 3})
+  study = study_spec.load_study(sliced['study'])
+  three_runs = study_cells.cell_configs(study, {'eval.kmeans_runs': 3})
   with pytest.raises(UserError, match=r'eval.kmeans_runs: 2 -> 3'):  # not without reevaluate
-    study_lib.run_study(study, workdir, three_runs, report_only=True)
-  outcome = study_lib.run_study(study, workdir, three_runs, selection=(0, 4), reevaluate=True)
+    study_runner.run_study(study, workdir, three_runs, report_only=True)
+  outcome = study_runner.run_study(study, workdir, three_runs, selection=(0, 4), reevaluate=True)
   assert outcome.reevaluated == ['base/seed0'] and outcome.ran == []
   assert os.path.getmtime(os.path.join(cell, 'checkpoints', '2')) == checkpoint_mtime
   results = json.load(open(os.path.join(cell, 'eval', 'results.json')))
@@ -483,8 +485,8 @@ def test_reevaluate_scores_finished_cells_again_with_new_eval_settings(sliced, t
   # What training recorded cannot change by evaluating again.
   for changes, field in (({'eval.val_every': 2}, 'eval.val_every'), ({'optim.lr': 0.5}, 'optim.lr')):
     with pytest.raises(UserError, match=re.escape(field)):
-      study_lib.run_study(study, workdir, study_lib.cell_configs(study, changes),
-                          reevaluate=True)
+      study_runner.run_study(study, workdir, study_cells.cell_configs(study, changes),
+                             reevaluate=True)
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
-"""What the command-line entry points (`pcl_jax.main`, `pcl_jax.study`) share.
+"""What the command-line entry points (`pcl_jax.main`, `pcl_jax.study`, `evaluation.score`) share.
 
 This module owns how a user's mistake reaches the terminal: one line `error: ...` on stderr and
 exit status 2 (`fail`); absl flag parsing, which runs the `--config` file and applies its
-`--config.*` overrides, with every failure said in one such line (`parse_flags`); the logging
+`--config.*` overrides, with every failure said in one such line (`parse_flags`); reading argv
+around that parsing: a flag's value before it (`flag_value`), the `--config.*` overrides' field
+paths (`override_paths`) and, after it, their parsed values (`config_overrides`); the logging
 set-up of a run (`setup_logging`); and the mapping of what a run raises to a line and an exit
 status (`run_reporting_errors`: 2 user error, 3 diverged, 128 + signal when stopped). It defines
 no flags: each entry point defines its own on absl's global `FLAGS`, including `config` and
@@ -14,7 +16,7 @@ import os
 import re
 import sys
 import threading
-from typing import Callable
+from typing import Callable, Dict, List, Optional
 
 from absl import flags
 from absl import logging
@@ -54,15 +56,48 @@ def verbose_requested(argv) -> bool:
              for arg in argv[1:])
 
 
-def _config_argument(argv):
-  """The value of --config in argv (`--config=X` or `--config X`), without a `:args` suffix."""
+def flag_value(argv, name: str) -> Optional[str]:
+  """The value of flag `name` in argv (`--name=V`, `-name=V`, `--name V`), or None; read before
+  absl parses argv, to check or load what the flag names first."""
   for i, arg in enumerate(argv[1:], 1):
-    for prefix in ('--config=', '-config='):
+    for prefix in (f'--{name}=', f'-{name}='):
       if arg.startswith(prefix):
-        return arg[len(prefix):].split(':', 1)[0]
-    if arg in ('--config', '-config') and i + 1 < len(argv):
-      return argv[i + 1].split(':', 1)[0]
+        return arg[len(prefix):]
+    if arg in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      return argv[i + 1]
   return None
+
+
+def _config_argument(argv):
+  """The value of --config in argv, without config_flags' `:args` suffix."""
+  value = flag_value(argv, 'config')
+  return None if value is None else value.split(':', 1)[0]
+
+
+_OVERRIDE = re.compile(r'-{1,2}(?:no)?config\.([\w.]+)')
+
+
+def override_paths(argv) -> List[str]:
+  """The field paths of argv's `--config.X=V` overrides (`--noconfig.X` too), in argv's order,
+  each once."""
+  paths = []
+  for arg in argv[1:]:
+    match = _OVERRIDE.match(arg)
+    if match and match.group(1) not in paths:
+      paths.append(match.group(1))
+  return paths
+
+
+def config_overrides(argv, config: ml_collections.ConfigDict) -> Dict[str, object]:
+  """{field path: value} of argv's `--config.X=V` overrides, the values as `parse_flags` parsed
+  them into `config` (FLAGS.config)."""
+  overrides = {}
+  for path in override_paths(argv):
+    node = config
+    for part in path.split('.'):
+      node = node[part]
+    overrides[path] = node
+  return overrides
 
 
 def _check_config_path(argv) -> None:
@@ -79,11 +114,7 @@ def _check_config_path(argv) -> None:
 
 def _override_path(argv, key: str) -> str:
   """The `--config.a.b` override in argv whose path contains the field `key`."""
-  for arg in argv[1:]:
-    match = re.match(r'-{1,2}(?:no)?config\.([\w.]+)', arg)
-    if match and key in match.group(1).split('.'):
-      return match.group(1)
-  return key
+  return next((path for path in override_paths(argv) if key in path.split('.')), key)
 
 
 def _flag_error_message(error: BaseException, argv) -> str:

@@ -4,7 +4,7 @@ This module owns what a study reports (see docs/studies.md): the metrics read fr
 files (`cell_metrics`, a pure function of its eval results and its metrics.jsonl records), the
 statistics over seeds (`mean_ci`, `paired_difference`: Student-t intervals and the paired
 t-test), and the three report files. It reads nothing but what it is handed and writes only the
-report files; running cells is `pcl_jax.study`'s. It imports neither jax nor torch nor pyplot.
+report files; running cells is `runner`'s. It imports neither jax nor torch nor pyplot.
 
 Statistics, per variant and metric, over the seeds whose cell has the value:
 - `mean`; `ci95`: half-width of the Student-t 95% interval of the mean,
@@ -28,6 +28,7 @@ from scipy import stats
 
 from pcl_jax.run import files as run_files
 from pcl_jax.study import plot
+from pcl_jax.study import spec
 
 # (metric, group, decimals shown, what it is), in report order.
 METRICS = (
@@ -63,7 +64,7 @@ GROUPS = (
     ('validation', 'Validation kNN and over-fitting (metrics.jsonl; needs eval.val_every > 0)'),
 )
 VAL_KEY = 'val_knn_top1'
-REPORT_FILES = ('report.json', 'report.md', 'report.png')
+REPORT_FILES = spec.REPORT_FILES
 
 
 # ------------------------------------------------------------------------------------------
