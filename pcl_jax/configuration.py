@@ -397,7 +397,8 @@ def _instance_loss_of(switches: dict):
 
 def _translate_switches(upgraded: dict) -> None:
   """`REPLACED_SWITCHES` in a saved config dict, in place: the pcl switches become
-  pcl.instance_loss and its section, clustering.hierarchical / balanced clustering.levels."""
+  pcl.instance_loss and its section, clustering.hierarchical and clustering.balanced become
+  clustering.levels."""
   replaced = {}
   for old in REPLACED_SWITCHES:
     section, name = old.split('.')
