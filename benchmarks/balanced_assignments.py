@@ -1,5 +1,5 @@
-"""Benchmark of `clustering.balanced`: what equal-sized clusters cost on top of k-means, and how
-even they come out.
+"""Benchmark of `clustering.levels='balanced'`: what equal-sized clusters cost on top of k-means,
+and how even they come out.
 
 For each k, on synthetic features (`benchmarks/clustering.py`'s mixture of Gaussians, N = 60000:
 mini-ImageNet's 100 classes x 600, D = 128), times the E-step's k-means (`clustering.kmeans`,

@@ -66,7 +66,8 @@ def window_case(features, ks, backend, niter, nredo, args):
   def run():
     levels = clustering.cluster_levels(features, ks, backend=backend, niter=niter,
                                        nredo=nredo, seed=0, spherical=True,
-                                       hierarchical=args.hierarchical, temperature=0.2,
+                                       levels='hierarchical' if args.hierarchical else 'flat',
+                                       temperature=0.2,
                                        use_float16=True)
     return [level['concentration'] for level in levels]
   return run

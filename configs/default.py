@@ -85,29 +85,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl.warmup_epochs = 20  # epochs of InfoNCE only, before the first E-step
   config.pcl.smoothing_cap = 0.2
   config.pcl.max_clusters = 0  # 0: the largest entry of schedule.all_clusters
-  # Switches for PCL's known flaws (docs/remedies.md has what each measured); off = PCL as published.
-  config.pcl.mask_same_cluster_negatives = False  # InfoNCE drops queue keys of the query's cluster
-  config.pcl.attract_same_cluster = False  # ... or makes them extra positives (Huynh et al. 2022)
-  config.pcl.mask_level = 'finest'  # finest | coarsest | graded (attraction only): whose clusters
-  config.pcl.attract_share = 0.0  # the attracted keys' share of InfoNCE's target; 0: uniform
-  config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE
+  # InfoNCE's form (docs/remedies.md has what each measured): infonce (PCL as published) |
+  # masked (queue keys of the query's cluster leave the negatives) | attract (they become extra
+  # positives, Huynh et al. 2022) | debiased (Chuang et al. 2020) | selected (HCSC's negatives
+  # drawn per level, Guo et al. 2022). Only the section of that name below is read; the others
+  # must keep their defaults.
+  config.pcl.instance_loss = 'infonce'
+  config.pcl.infonce = ml_collections.ConfigDict()
+  config.pcl.infonce.smoothed = False  # label-smoothed with ProtoNCE's epsilon too
+  config.pcl.masked = ml_collections.ConfigDict()
+  config.pcl.masked.level = 'finest'  # finest | coarsest: the active level whose clusters mask
+  config.pcl.masked.smoothed = False
+  config.pcl.attract = ml_collections.ConfigDict()
+  # finest | coarsest | graded (each key weighted by the fraction of active levels that put it
+  # in the query's cluster)
+  config.pcl.attract.level = 'finest'
+  config.pcl.attract.share = 0.0  # the attracted keys' share of InfoNCE's target; 0: uniform
+  config.pcl.attract.smoothed = False
+  config.pcl.debiased = ml_collections.ConfigDict()
+  config.pcl.debiased.prior = 0.1  # tau+: the chance that a negative is of the query's class
+  config.pcl.selected = ml_collections.ConfigDict()
+  config.pcl.selected.smoothed = False
+  config.pcl.proto_weight = 1.0  # ProtoNCE's weight against InfoNCE (0: InfoNCE only)
   config.pcl.proto_columns = 'unique'  # unique | reference (the official code's, per sample)
-  config.pcl.smooth_instance = False  # InfoNCE smoothed with ProtoNCE's epsilon too
-  config.pcl.debias_prior = 0.0  # tau+ of debiased InfoNCE (Chuang et al. 2020); 0: off
-  config.pcl.select_negatives = False  # HCSC's instance selection: negatives drawn per level
 
   config.clustering = ml_collections.ConfigDict()
   config.clustering.backend = 'auto'  # auto | faiss | jax
   config.clustering.niter = 20
   config.clustering.nredo = 5
   config.clustering.spherical = True
-  config.clustering.hierarchical = False
   config.clustering.use_float16 = True  # faiss GPU index in float16
   config.clustering.max_points_factor = 5 / 3  # max_points_per_centroid = int(N * f / k)
   config.clustering.min_points_factor = 1 / 3  # min_points_per_centroid = int(N * f / k)
-  # Equal-sized clusters (SwAV's Sinkhorn-Knopp over k-means' centroids, flat levels only):
-  # off = PCL as published; epsilon and iterations are SwAV's.
-  config.clustering.balanced = False
+  # What each level clusters: flat (the samples, each level on its own: PCL as published) |
+  # hierarchical (the finer level's centroids, so a coarse cluster is a union of fine ones) |
+  # balanced (flat, then made equal-sized: SwAV's Sinkhorn-Knopp over k-means' centroids).
+  config.clustering.levels = 'flat'
+  # Read with levels=balanced only; SwAV's epsilon and iterations.
   config.clustering.sinkhorn_epsilon = 0.05
   config.clustering.sinkhorn_iterations = 3
 

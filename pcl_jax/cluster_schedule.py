@@ -10,7 +10,8 @@ from a checkpoint makes exactly the decisions of an uninterrupted one.
 
 Typical use in the trainer, once per epoch in which prototypes were in use::
 
-  schedule = ClusterSchedule.from_config(config.schedule, config.clustering.hierarchical)
+  schedule = ClusterSchedule.from_config(config.schedule,
+                                         config.clustering.levels == 'hierarchical')
   schedule.validate(num_train_samples)
   ...
   decision = schedule.update(epoch, epoch_metrics)
@@ -220,7 +221,7 @@ class ClusterSchedule:
     Args:
       schedule_config: a ConfigDict with fields all_clusters (comma string), num_levels, mode,
         metric, window, min_delta, init_threshold, threshold_step, patience, every.
-      hierarchical: `clustering.hierarchical`; only changes `clustering_order()`.
+      hierarchical: `clustering.levels='hierarchical'`; only changes `clustering_order()`.
     """
     return cls(
         all_clusters=parse_cluster_list(schedule_config.all_clusters),

@@ -6,6 +6,7 @@ the reference for which fields exist and their types): every user mistake become
 it as one line and exit with status 2. Importing it costs nothing: no JAX, flax or torch.
 """
 
+import copy
 import difflib
 from typing import List
 
@@ -36,17 +37,45 @@ EVAL_RESIZES = ('auto', 'whole', 'center')
 # eval.encoder: the momentum (key) encoder, as the reference's feature pass, or the query encoder,
 # as salesforce/PCL's eval_svm_voc.py / eval_cls_imagenet.py.
 EVAL_ENCODERS = ('key', 'query')
+INSTANCE_LOSSES = ('infonce', 'masked', 'attract', 'debiased', 'selected')  # pcl.instance_loss
+MASK_LEVELS = ('finest', 'coarsest')  # pcl.masked.level
+ATTRACT_LEVELS = ('finest', 'coarsest', 'graded')  # pcl.attract.level
 PROTO_COLUMNS = ('unique', 'reference')  # pcl.proto_columns
-MASK_LEVELS = ('finest', 'coarsest', 'graded')  # pcl.mask_level ('graded': attraction only)
+CLUSTER_LEVELS = ('flat', 'hierarchical', 'balanced')  # clustering.levels
 # Per-epoch metrics the plateau detector can monitor (schedule.metric).
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
 
 
-# Settings that moved between sections: old dotted name -> new one. A config file or command
-# line that still names the old one is told where it went; a run directory written with the old
-# name (config.json, checkpoint meta) is read as if it had the new one.
-MOVED_FIELDS = {'model.conv_impl': 'runtime.conv_impl',
-                'model.xla_cpu_threads': 'runtime.xla_cpu_threads'}
+# Settings read under one value of a choice only: choice -> {value: the fields or sections it
+# reads}. Under any other value they must keep configs/default.py's values (`_check_unread`), so
+# a setting that cannot matter is never silently ignored.
+READ_ONLY_WITH = {
+    'pcl.instance_loss': {form: (f'pcl.{form}',) for form in INSTANCE_LOSSES},
+    'clustering.levels': {'balanced': ('clustering.sinkhorn_epsilon',
+                                       'clustering.sinkhorn_iterations')},
+}
+
+# Settings that moved between sections: old dotted name -> new one. A run directory written with
+# the old name (config.json, checkpoint meta) is read as if it had the new one.
+RELOCATED_FIELDS = {'model.conv_impl': 'runtime.conv_impl',
+                    'model.xla_cpu_threads': 'runtime.xla_cpu_threads'}
+# Switches that one choice replaced: old dotted name -> the setting that says it now. A saved
+# config.json with them is translated (`_translate_switches`), so its runs resume and compare.
+REPLACED_SWITCHES = {
+    'pcl.mask_same_cluster_negatives': "pcl.instance_loss='masked'",
+    'pcl.attract_same_cluster': "pcl.instance_loss='attract'",
+    'pcl.mask_level': 'pcl.masked.level or pcl.attract.level',
+    'pcl.attract_share': "pcl.attract.share, read with pcl.instance_loss='attract'",
+    'pcl.smooth_instance': 'pcl.infonce.smoothed, or the smoothed field of pcl.masked, '
+                           'pcl.attract or pcl.selected',
+    'pcl.debias_prior': "pcl.instance_loss='debiased' with pcl.debiased.prior",
+    'pcl.select_negatives': "pcl.instance_loss='selected'",
+    'clustering.hierarchical': "clustering.levels='hierarchical'",
+    'clustering.balanced': "clustering.levels='balanced'",
+}
+# Every old name -> where it went. A config file, command line or study file that still names
+# one is told ('it is now ...').
+MOVED_FIELDS = {**RELOCATED_FIELDS, **REPLACED_SWITCHES}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -135,7 +164,7 @@ def _checked_schedule(config):
   metric), as a fresh controller."""
   try:
     schedule = cluster_schedule.ClusterSchedule.from_config(
-        config.schedule, hierarchical=config.clustering.hierarchical)
+        config.schedule, hierarchical=config.clustering.levels == 'hierarchical')
   except ValueError as error:  # its messages name the setting and the fix
     raise UserError(str(error)) from error
   if config.schedule.mode == 'plateau':
@@ -147,40 +176,53 @@ def _checked_schedule(config):
   return schedule
 
 
-def _check_switches(pcl) -> None:
-  """The loss switches (step.LossSwitches)."""
+def _leaves(value, setting: str) -> dict:
+  """{dotted name: value} of a field, or of every field of a section."""
+  if not _is_section(value):
+    return {setting: value}
+  return {name: leaf for key in value.keys()
+          for name, leaf in _leaves(value[key], f'{setting}.{key}').items()}
+
+
+def _setting(config, setting: str):
+  for part in setting.split('.'):
+    config = config[part]
+  return config
+
+
+def _check_unread(config, reference) -> None:
+  """The settings that `READ_ONLY_WITH` says the chosen values do not read are at their
+  defaults: e.g. pcl.attract.share under pcl.instance_loss='masked' would change nothing."""
+  for choice, read_by in READ_ONLY_WITH.items():
+    chosen = _setting(config, choice)
+    for value, settings in read_by.items():
+      if value == chosen:
+        continue
+      for setting in settings:
+        defaults = _leaves(_setting(reference, setting), setting)
+        for name, got in _leaves(_setting(config, setting), setting).items():
+          _require(got == defaults[name],
+                   f'{name}={got!r} is read only with {choice}={value!r}, and {choice} is '
+                   f'{chosen!r}; set {choice}={value!r}, or leave {name} at its default '
+                   f'{defaults[name]!r}')
+
+
+def _check_loss(pcl) -> None:
+  """InfoNCE's form and its parameters (`losses.INSTANCE_FORMS`), ProtoNCE's weight and
+  columns."""
+  _require(pcl.masked.level in MASK_LEVELS,
+           f'pcl.masked.level={pcl.masked.level!r} is unknown; use one of '
+           f'{", ".join(MASK_LEVELS)} (a key is masked or not: graded weights are '
+           "pcl.attract.level's)")
+  _one_of(pcl.attract.level, ATTRACT_LEVELS, 'pcl.attract.level')
+  _require(0 <= pcl.attract.share < 1,
+           f'pcl.attract.share={pcl.attract.share} must be in [0, 1) (the attracted keys\' '
+           'share of InfoNCE\'s target; 0: uniform over the positives)')
+  _require(0 < pcl.debiased.prior < 1, f'pcl.debiased.prior={pcl.debiased.prior} must be in '
+           '(0, 1) (about 1 / number of classes)')
   _one_of(pcl.proto_columns, PROTO_COLUMNS, 'pcl.proto_columns')
-  _one_of(pcl.mask_level, MASK_LEVELS, 'pcl.mask_level')
   _require(pcl.proto_weight >= 0, f'pcl.proto_weight={pcl.proto_weight} must be >= 0 '
            '(0: InfoNCE only)')
-  _require(0 <= pcl.debias_prior < 1, f'pcl.debias_prior={pcl.debias_prior} must be in [0, 1) '
-           '(about 1 / number of classes; 0: off)')
-  _require(not (pcl.mask_same_cluster_negatives and pcl.attract_same_cluster),
-           'pcl.mask_same_cluster_negatives removes the keys of the query\'s cluster from '
-           'InfoNCE and pcl.attract_same_cluster makes them positives; set one of them off')
-  _require(not (pcl.debias_prior and pcl.attract_same_cluster),
-           'pcl.debias_prior assumes one positive per query and pcl.attract_same_cluster adds '
-           'more; set one of them off')
-  _require(0 <= pcl.attract_share < 1,
-           f'pcl.attract_share={pcl.attract_share} must be in [0, 1) (the attracted keys\' share '
-           'of InfoNCE\'s target; 0: uniform over the positives)')
-  _require(not pcl.attract_share or pcl.attract_same_cluster,
-           f'pcl.attract_share={pcl.attract_share} weighs the attracted keys and does nothing '
-           'without pcl.attract_same_cluster=True; set that, or pcl.attract_share=0')
-  _require(pcl.mask_level != 'graded' or not pcl.mask_same_cluster_negatives,
-           'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster and cannot mask a '
-           'fraction of a key; use finest or coarsest with pcl.mask_same_cluster_negatives')
-  if pcl.select_negatives:
-    others = [name for name, on in (
-        ('pcl.mask_same_cluster_negatives', pcl.mask_same_cluster_negatives),
-        ('pcl.attract_same_cluster', pcl.attract_same_cluster),
-        ('pcl.debias_prior', pcl.debias_prior)) if on]
-    _require(not others,
-             f'pcl.select_negatives draws InfoNCE\'s negatives per level (HCSC) and does not '
-             f'combine with {", ".join(others)}; set one of them off')
-  _require(not (pcl.debias_prior and pcl.smooth_instance),
-           'pcl.debias_prior and pcl.smooth_instance both change InfoNCE\'s target and do not '
-           'combine; set one of them off')
 
 
 def validate(config) -> cluster_schedule.ClusterSchedule:
@@ -204,6 +246,11 @@ def validate(config) -> cluster_schedule.ClusterSchedule:
            f'runtime.xla_cpu_threads={threads!r} must be a whole number >= 0 (0: chosen for you)')
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
+  _one_of(config.clustering.levels, CLUSTER_LEVELS, 'clustering.levels')
+  _one_of(config.pcl.instance_loss, INSTANCE_LOSSES, 'pcl.instance_loss')
+  reference = _reference_config()
+  if reference is not None:
+    _check_unread(config, reference)
   _one_of(config.schedule.mode, SCHEDULE_MODES, 'schedule.mode')
   _one_of(config.eval.feature_layer, FEATURE_LAYERS, 'eval.feature_layer')
   _one_of(config.eval.encoder, EVAL_ENCODERS, 'eval.encoder')
@@ -288,7 +335,7 @@ def validate(config) -> cluster_schedule.ClusterSchedule:
   if config.data.name in ('image_folder', 'mini_imagenet'):
     _require(bool(config.data.root), f'data.name={config.data.name} needs data.root=DIR '
              '(see README "Data layout")')
-  _check_switches(config.pcl)
+  _check_loss(config.pcl)
   return _checked_schedule(config)
 
 
@@ -328,22 +375,72 @@ def config_changes(old: dict, new: dict, ignored=(), prefix: str = '') -> List[s
   return changes
 
 
+def _instance_loss_of(switches: dict):
+  """(pcl.instance_loss, its section's fields) that a saved config's loss switches (the
+  `REPLACED_SWITCHES` of pcl, absent ones off) computed."""
+  switch = lambda name, off=False: switches.get(name, off)
+  smoothed = bool(switch('smooth_instance'))
+  if switch('select_negatives'):
+    return 'selected', {'smoothed': smoothed}
+  if switch('attract_same_cluster'):
+    return 'attract', {'level': switch('mask_level', 'finest'),
+                       'share': switch('attract_share', 0.0), 'smoothed': smoothed}
+  if switch('debias_prior', 0.0):
+    _require(not switch('mask_same_cluster_negatives'),
+             'this run combined pcl.mask_same_cluster_negatives with pcl.debias_prior, which no '
+             'pcl.instance_loss computes; it can be neither resumed nor compared')
+    return 'debiased', {'prior': switch('debias_prior')}
+  if switch('mask_same_cluster_negatives'):
+    return 'masked', {'level': switch('mask_level', 'finest'), 'smoothed': smoothed}
+  return 'infonce', {'smoothed': smoothed}
+
+
+def _translate_switches(upgraded: dict) -> None:
+  """`REPLACED_SWITCHES` in a saved config dict, in place: the pcl switches become
+  pcl.instance_loss and its section, clustering.hierarchical and clustering.balanced become
+  clustering.levels."""
+  replaced = {}
+  for old in REPLACED_SWITCHES:
+    section, name = old.split('.')
+    if name in upgraded.get(section, {}):
+      replaced.setdefault(section, {})[name] = upgraded[section].pop(name)
+  if 'pcl' in replaced:
+    form, fields = _instance_loss_of(replaced['pcl'])
+    upgraded['pcl'].update({'instance_loss': form, form: fields})
+  if 'clustering' in replaced:
+    flags = replaced['clustering']
+    upgraded['clustering']['levels'] = ('hierarchical' if flags.get('hierarchical') else
+                                        'balanced' if flags.get('balanced') else 'flat')
+
+
+def _complete(section: dict, defaults: dict) -> None:
+  """Fields (of sections within sections too) that `section` lacks, at their `defaults`."""
+  for name, value in defaults.items():
+    if isinstance(value, dict) and isinstance(section.get(name), dict):
+      _complete(section[name], value)
+    else:
+      section.setdefault(name, value)
+
+
 def upgrade_saved_config(saved: dict) -> dict:
-  """A config dict as a run directory stored it (config.json), with `MOVED_FIELDS` at their new
-  places and fields added since at their defaults, so it compares field by field with a current
-  config."""
-  upgraded = {key: dict(value) if isinstance(value, dict) else value
-              for key, value in saved.items()}
-  for old, new in MOVED_FIELDS.items():
+  """A config dict as a run directory stored it (config.json), with `RELOCATED_FIELDS` at their
+  new places, `REPLACED_SWITCHES` translated and fields added since at their defaults, so it
+  compares field by field with a current config.
+
+  Raises:
+    UserError: the saved switches combine in a way no current setting computes.
+  """
+  upgraded = copy.deepcopy(saved)
+  for old, new in RELOCATED_FIELDS.items():
     old_section, old_name = old.split('.')
     new_section, new_name = new.split('.')
     if old_name in upgraded.get(old_section, {}):
       value = upgraded[old_section].pop(old_name)
       upgraded.setdefault(new_section, {}).setdefault(new_name, value)
+  _translate_switches(upgraded)
   # A field added since the run was saved did not exist then: the run used its default.
   reference = _reference_config()
   for section, fields in (reference.to_dict().items() if reference else ()):
     if isinstance(fields, dict) and isinstance(upgraded.get(section), dict):
-      for name, value in fields.items():
-        upgraded[section].setdefault(name, value)
+      _complete(upgraded[section], fields)
   return upgraded

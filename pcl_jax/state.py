@@ -30,7 +30,7 @@ class PCLState:
   queue: jnp.ndarray  # [r, D] negative keys, L2-normalised
   queue_ptr: jnp.ndarray  # int32 scalar: next row of `queue` to overwrite
   # [r] int32: dataset index of each queue row's sample (-1: a random initial row), so negatives
-  # can be told apart by cluster (pcl.mask_same_cluster_negatives).
+  # can be told apart by cluster (pcl.instance_loss='masked' or 'attract').
   queue_index: jnp.ndarray
   rng: jnp.ndarray  # base PRNG key; per-step keys are fold_in(rng, step)
 

@@ -105,11 +105,10 @@ class Trainer:
         clustering.cluster_levels, num_clusters=self.schedule.clustering_order(),
         backend=config.clustering.backend, niter=config.clustering.niter,
         nredo=config.clustering.nredo, seed=config.seed * 1000 + epoch,
-        spherical=config.clustering.spherical, hierarchical=config.clustering.hierarchical,
-        temperature=config.pcl.temperature, use_float16=config.clustering.use_float16,
+        spherical=config.clustering.spherical, temperature=config.pcl.temperature,
+        use_float16=config.clustering.use_float16, levels=config.clustering.levels,
         max_points_factor=config.clustering.max_points_factor,
         min_points_factor=config.clustering.min_points_factor,
-        balanced=config.clustering.balanced,
         sinkhorn_epsilon=config.clustering.sinkhorn_epsilon,
         sinkhorn_iterations=config.clustering.sinkhorn_iterations)
     if jax.process_count() == 1:

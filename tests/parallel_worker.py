@@ -72,7 +72,7 @@ levels = {}
 for backend in ('jax', 'faiss', 'auto'):
   for level in clustering.cluster_levels(
       sharded_features, [20, 10], backend=backend, niter=5, nredo=1, seed=0, spherical=True,
-      hierarchical=False, temperature=0.2, use_float16=False, max_points_factor=5 / 3,
+      levels='flat', temperature=0.2, use_float16=False, max_points_factor=5 / 3,
       min_points_factor=1 / 3):
     for name in ('centroids', 'im2cluster', 'concentration'):
       levels[f'{backend}_k{level["k"]}_{name}'] = parallel.to_host(level[name])

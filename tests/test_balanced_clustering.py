@@ -1,6 +1,6 @@
 """Tests of pcl_jax.clustering.balanced: Sinkhorn-Knopp equipartition against a dense numpy
 reference (float64, the textbook alternation of row and column normalisations), the member-mean
-centroids, and the E-step's `clustering.balanced` levels."""
+centroids, and the E-step's `clustering.levels='balanced'`."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -90,10 +90,10 @@ def test_an_empty_cluster_keeps_its_centroid():
 
 def test_balanced_levels_are_more_even_than_kmeans_and_keep_the_concentration_formula():
   x, _ = crowded_points(num_points=600, k=8, dim=8, seed=3)
-  options = dict(backend='jax', niter=10, nredo=1, seed=0, spherical=False, hierarchical=False,
-                 temperature=0.2, use_float16=True)
-  plain = clustering.cluster_levels(x, [20], **options)[0]
-  even = clustering.cluster_levels(x, [20], balanced=True, sinkhorn_epsilon=0.05,
+  options = dict(backend='jax', niter=10, nredo=1, seed=0, spherical=False, temperature=0.2,
+                 use_float16=True)
+  plain = clustering.cluster_levels(x, [20], levels='flat', **options)[0]
+  even = clustering.cluster_levels(x, [20], levels='balanced', sinkhorn_epsilon=0.05,
                                    sinkhorn_iterations=50, **options)[0]
   spread = lambda level: np.bincount(np.asarray(level['im2cluster']), minlength=20).std()
   assert spread(even) < 0.5 * spread(plain)
@@ -109,11 +109,3 @@ def test_balanced_levels_are_more_even_than_kmeans_and_keep_the_concentration_fo
                              np.asarray(clustering.concentration(sq_dist, im2cluster, 20, 0.2)),
                              rtol=1e-6)
   del raw_centroids
-
-
-def test_balanced_hierarchical_levels_are_refused():
-  x, _ = crowded_points()
-  with pytest.raises(ValueError, match='clustering.balanced=True balances flat levels only'):
-    clustering.cluster_levels(x, [12, 4], backend='jax', niter=2, nredo=1, seed=0,
-                              spherical=True, hierarchical=True, temperature=0.2,
-                              use_float16=True, balanced=True)

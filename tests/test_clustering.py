@@ -339,7 +339,7 @@ def test_levels_with_padding_match_the_numpy_concentration(pad_k):
 
 
 def level_options(**overrides):
-  options = dict(backend='jax', niter=5, nredo=1, seed=0, spherical=True, hierarchical=False,
+  options = dict(backend='jax', niter=5, nredo=1, seed=0, spherical=True, levels='flat',
                  temperature=0.2, use_float16=True)
   options.update(overrides)
   return options
@@ -368,7 +368,7 @@ def test_hierarchical_coarse_label_is_parent_of_fine_label(backend):
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # A ratio of 3 does not warn.
     levels = clustering.cluster_levels(x, [30, 10], **level_options(backend=backend,
-                                                                    hierarchical=True))
+                                                                    levels='hierarchical'))
   for fine, coarse in zip(levels, levels[1:]):
     fine_labels, coarse_labels = np.asarray(fine['im2cluster']), np.asarray(coarse['im2cluster'])
     for cluster in np.unique(fine_labels):
@@ -381,20 +381,21 @@ def test_hierarchical_coarse_label_is_parent_of_fine_label(backend):
 def test_hierarchical_warns_on_small_ratio():
   x = overlapping_points(600)
   with pytest.warns(UserWarning, match='ratio'):
-    clustering.cluster_levels(x, [30, 27], **level_options(hierarchical=True))
+    clustering.cluster_levels(x, [30, 27], **level_options(levels='hierarchical'))
 
 
 @pytest.mark.parametrize('ks', [[10, 10], [10, 20], [20, 10, 15]])
 def test_hierarchical_rejects_non_decreasing_counts(ks):
   with pytest.raises(ValueError, match='strictly decreasing'):
-    clustering.cluster_levels(overlapping_points(100), ks, **level_options(hierarchical=True))
+    clustering.cluster_levels(overlapping_points(100), ks,
+                              **level_options(levels='hierarchical'))
 
 
 def test_hierarchical_rejects_level_larger_than_non_empty_parents():
   # Five distinct points: at most five of the 30 fine clusters can be non-empty.
   x = np.repeat(overlapping_points(5), 120, axis=0)
   with pytest.raises(ValueError, match='non-empty centroids'):
-    clustering.cluster_levels(x, [30, 10], **level_options(hierarchical=True))
+    clustering.cluster_levels(x, [30, 10], **level_options(levels='hierarchical'))
 
 
 # ----------------------------------------------------------------------------------------------

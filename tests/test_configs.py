@@ -2,8 +2,11 @@
 
 import glob
 import importlib
+import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -84,39 +87,100 @@ def test_a_validation_split_inside_the_training_split_is_refused():
 
 @pytest.mark.parametrize('changes, message', [
     ({'pcl.proto_columns': 'official'}, "pcl.proto_columns='official' is unknown"),
-    ({'pcl.mask_level': 'middle'}, "pcl.mask_level='middle' is unknown"),
+    ({'pcl.instance_loss': 'mask'}, "pcl.instance_loss='mask' is unknown"),
+    ({'pcl.instance_loss': 'masked', 'pcl.masked.level': 'graded'},
+     "pcl.masked.level='graded' is unknown"),
+    ({'pcl.instance_loss': 'attract', 'pcl.attract.level': 'middle'},
+     "pcl.attract.level='middle' is unknown"),
     ({'pcl.proto_weight': -1.0}, 'pcl.proto_weight=-1.0 must be >= 0'),
-    ({'pcl.debias_prior': 1.0}, 'pcl.debias_prior=1.0 must be in [0, 1)'),
-    ({'pcl.debias_prior': 0.1, 'pcl.smooth_instance': True}, 'set one of them off'),
-    ({'pcl.mask_same_cluster_negatives': True, 'pcl.attract_same_cluster': True},
-     'pcl.attract_same_cluster makes them positives; set one of them off'),
-    ({'pcl.debias_prior': 0.1, 'pcl.attract_same_cluster': True},
-     'pcl.debias_prior assumes one positive'),
-    ({'pcl.attract_same_cluster': True, 'pcl.attract_share': 1.0},
-     'pcl.attract_share=1.0 must be in [0, 1)'),
-    ({'pcl.attract_share': 0.5}, 'does nothing without pcl.attract_same_cluster=True'),
-    ({'pcl.mask_same_cluster_negatives': True, 'pcl.mask_level': 'graded'},
-     'pcl.mask_level=graded weighs keys for pcl.attract_same_cluster'),
+    ({'pcl.instance_loss': 'debiased', 'pcl.debiased.prior': 1.0},
+     'pcl.debiased.prior=1.0 must be in (0, 1)'),
+    ({'pcl.instance_loss': 'debiased', 'pcl.debiased.prior': 0.0},
+     'pcl.debiased.prior=0.0 must be in (0, 1)'),
+    ({'pcl.instance_loss': 'attract', 'pcl.attract.share': 1.0},
+     'pcl.attract.share=1.0 must be in [0, 1)'),
+    # A setting of a form that is not the chosen one would change nothing.
+    ({'pcl.attract.share': 0.5},
+     "pcl.attract.share=0.5 is read only with pcl.instance_loss='attract', and "
+     "pcl.instance_loss is 'infonce'"),
+    ({'pcl.instance_loss': 'debiased', 'pcl.infonce.smoothed': True},
+     "pcl.infonce.smoothed=True is read only with pcl.instance_loss='infonce'"),
+    ({'pcl.instance_loss': 'selected', 'pcl.masked.level': 'coarsest'},
+     "pcl.masked.level='coarsest' is read only with pcl.instance_loss='masked'"),
     ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
-    ({'pcl.select_negatives': True, 'pcl.attract_same_cluster': True},
-     'does not combine with pcl.attract_same_cluster; set one of them off'),
-    ({'pcl.select_negatives': True, 'pcl.mask_same_cluster_negatives': True,
-      'pcl.debias_prior': 0.1},
-     'does not combine with pcl.mask_same_cluster_negatives, pcl.debias_prior'),
-    ({'clustering.sinkhorn_epsilon': 0.0}, 'clustering.sinkhorn_epsilon=0.0 must be > 0'),
-    ({'clustering.sinkhorn_iterations': 0}, 'clustering.sinkhorn_iterations=0 must be >= 1'),
-    ({'clustering.balanced': True, 'clustering.hierarchical': True},
-     'clustering.balanced=True balances flat levels only'),
+    ({'clustering.levels': 'agglomerative'}, "clustering.levels='agglomerative' is unknown"),
+    ({'clustering.levels': 'balanced', 'clustering.sinkhorn_epsilon': 0.0},
+     'clustering.sinkhorn_epsilon=0.0 must be > 0'),
+    ({'clustering.levels': 'balanced', 'clustering.sinkhorn_iterations': 0},
+     'clustering.sinkhorn_iterations=0 must be >= 1'),
+    ({'clustering.levels': 'hierarchical', 'clustering.sinkhorn_epsilon': 0.1},
+     "clustering.sinkhorn_epsilon=0.1 is read only with clustering.levels='balanced'"),
 ])
-def test_conflicting_or_bad_loss_and_eval_settings_are_named(changes, message):
+def test_bad_loss_clustering_and_eval_settings_are_named(changes, message):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
-  for dotted, value in changes.items():
-    section, name = dotted.split('.')
-    config[section][name] = value
+  runner.apply_overrides(config, changes, 'test')
   with pytest.raises(configuration.UserError, match=re.escape(message)):
     configuration.validate(config)
     clustering.check_settings(config)
+
+
+@pytest.mark.parametrize('changes', [
+    {'pcl.instance_loss': 'attract', 'pcl.attract.share': 0.5, 'pcl.attract.level': 'graded',
+     'pcl.attract.smoothed': True},
+    {'pcl.instance_loss': 'masked', 'pcl.masked.level': 'coarsest', 'pcl.masked.smoothed': True},
+    {'pcl.instance_loss': 'debiased', 'pcl.debiased.prior': 0.05},
+    {'pcl.instance_loss': 'selected', 'pcl.selected.smoothed': True},
+    {'clustering.levels': 'balanced', 'clustering.sinkhorn_epsilon': 0.1,
+     'clustering.sinkhorn_iterations': 5},
+])
+def test_each_choice_reads_its_own_settings(changes):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  runner.apply_overrides(config, changes, 'test')
+  configuration.validate(config)
+
+
+def _old_switch_value(old):
+  """A value of the old setting `old` that was not its default (what a user would set)."""
+  return {'pcl.mask_level': 'coarsest', 'pcl.attract_share': 0.5,
+          'pcl.debias_prior': 0.1}.get(old, True)
+
+
+@pytest.mark.parametrize('old', sorted(configuration.REPLACED_SWITCHES))
+def test_an_old_switch_in_a_config_file_or_a_study_file_names_the_new_setting(old, monkeypatch):
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  new = configuration.REPLACED_SWITCHES[old]
+  config = test_config.get_config()
+  section, name = old.split('.')
+  with config.unlocked():
+    config[section][name] = _old_switch_value(old)
+  with pytest.raises(configuration.UserError,
+                     match=re.escape(f'unknown field {old}; it is now {new}')):
+    configuration.check_fields(config)
+  monkeypatch.chdir(ROOT)
+  study = runner.study_from_dict({'config': 'configs/test.py', 'overrides': {},
+                                  'variants': {'plain': {}, 'old': {old: _old_switch_value(old)}},
+                                  'baseline': 'plain', 'seeds': [0, 1, 2]}, 'old_names.py')
+  with pytest.raises(configuration.UserError,
+                     match=re.escape(f"variant 'old': the config has an unknown field {old}; "
+                                     f'it is now {new}')):
+    runner.cell_configs(study)
+
+
+@pytest.mark.parametrize('old', sorted(configuration.REPLACED_SWITCHES))
+def test_an_old_switch_on_the_command_line_names_the_new_setting(old, tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py',
+       f'--workdir={tmp_path}', f'--config.{old}={_old_switch_value(old)}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: --config.{old}: '), result.stderr
+  assert f'(it is now --config.{configuration.REPLACED_SWITCHES[old]})' in lines[0]
 
 
 def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():
@@ -128,6 +192,56 @@ def test_a_run_saved_before_the_eval_settings_reads_them_at_their_defaults():
   assert 'eval_resize' not in saved['data'] and 'encoder' not in saved['eval']
   upgraded = configuration.upgrade_saved_config(saved)
   assert (upgraded['data']['eval_resize'], upgraded['eval']['encoder']) == ('auto', 'key')
+
+
+def test_a_run_saved_before_the_loss_and_clustering_choices_reads_as_published_pcl():
+  """tests/data/legacy_run's config.json has no loss switch and clustering.hierarchical=False:
+  it compares with configs/test.py as a run of the defaults (infonce, flat levels)."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'tests', 'data', 'legacy_run', 'config.json')) as handle:
+    saved = json.load(handle)
+  assert saved['clustering']['hierarchical'] is False and 'instance_loss' not in saved['pcl']
+  upgraded = configuration.upgrade_saved_config(saved)
+  assert 'hierarchical' not in upgraded['clustering']
+  assert (upgraded['pcl']['instance_loss'], upgraded['clustering']['levels']) == ('infonce',
+                                                                                 'flat')
+  # configs/test.py has changed one evaluation setting since; the loss and clustering none.
+  changes = configuration.config_changes(upgraded, test_config.get_config().to_dict())
+  assert changes == ['eval.kmeans_runs: 10 -> 2']
+
+
+@pytest.mark.parametrize('switches, expected', [
+    ({'attract_same_cluster': True, 'attract_share': 0.5, 'mask_level': 'graded',
+      'smooth_instance': True},
+     ('attract', {'level': 'graded', 'share': 0.5, 'smoothed': True})),
+    ({'mask_same_cluster_negatives': True, 'mask_level': 'coarsest'},
+     ('masked', {'level': 'coarsest', 'smoothed': False})),
+    ({'debias_prior': 0.05}, ('debiased', {'prior': 0.05})),
+    ({'select_negatives': True, 'smooth_instance': True}, ('selected', {'smoothed': True})),
+    ({'smooth_instance': True}, ('infonce', {'smoothed': True})),
+    ({'mask_level': 'coarsest'}, ('infonce', {'smoothed': False})),  # it did nothing alone
+])
+def test_saved_loss_switches_read_as_the_instance_loss_they_computed(switches, expected):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  off = {'mask_same_cluster_negatives': False, 'attract_same_cluster': False,
+         'mask_level': 'finest', 'attract_share': 0.0, 'smooth_instance': False,
+         'debias_prior': 0.0, 'select_negatives': False}
+  saved = {'pcl': {'temperature': 0.1, 'proto_weight': 0.5, **off, **switches},
+           'clustering': {'balanced': True, 'niter': 10}}
+  upgraded = configuration.upgrade_saved_config(saved)
+  form, fields = expected
+  pcl = default.get_config().pcl.to_dict()
+  pcl.update({'temperature': 0.1, 'proto_weight': 0.5, 'instance_loss': form})
+  pcl[form].update(fields)
+  assert upgraded['pcl'] == pcl
+  assert upgraded['clustering']['levels'] == 'balanced' and upgraded['clustering']['niter'] == 10
+  assert 'balanced' in saved['clustering']  # the input is left as it was
+
+
+def test_saved_switches_that_no_instance_loss_computes_are_refused():
+  saved = {'pcl': {'mask_same_cluster_negatives': True, 'debias_prior': 0.1}}
+  with pytest.raises(configuration.UserError, match='no pcl.instance_loss computes'):
+    configuration.upgrade_saved_config(saved)
 
 
 STUDIES = sorted(glob.glob(os.path.join(ROOT, 'configs', 'studies', '*.py')))
@@ -150,7 +264,32 @@ def test_the_small_image_recipe_is_plain_pcl_plus_its_recipe():
   from configs import small_images, small_images_plain  # pylint: disable=g-import-not-at-top
   recipe, plain = small_images.get_config(), small_images_plain.get_config()
   for dotted, value in small_images.RECIPE.items():
-    section, name = dotted.split('.')
-    assert recipe[section][name] == value and plain[section][name] != value
-    plain[section][name] = value
+    *sections, name = dotted.split('.')
+    recipe_node, plain_node = recipe, plain
+    for section in sections:
+      recipe_node, plain_node = recipe_node[section], plain_node[section]
+    assert recipe_node[name] == value and plain_node[name] != value
+    plain_node[name] = value
   assert recipe.to_dict() == plain.to_dict()
+
+
+@pytest.mark.parametrize('path', STUDIES, ids=os.path.basename)
+def test_a_study_s_finished_cells_see_no_change_under_the_new_names(path, tmp_path, monkeypatch):
+  """Each cell directory as the old code wrote it (config.json with the loss switches and
+  clustering flags, tests/data/pinned_losses.json) compares equal with what the study file now
+  asks, for the study runner (`check_cell_config`) and for resume (`config_changes`)."""
+  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'tests', 'data', 'pinned_losses.json')) as handle:
+    old_sections = json.load(handle)['studies'][os.path.basename(path)]
+  monkeypatch.chdir(ROOT)
+  study = runner.load_study(os.path.relpath(path, ROOT))
+  cells = runner.cell_configs(study, {'data.root': '/data/images'})
+  assert {cell.variant for cell in cells} == set(old_sections)
+  for cell in cells:
+    saved = dict(cell.config.to_dict(), **old_sections[cell.variant])
+    os.makedirs(cell.workdir(str(tmp_path)))
+    with open(os.path.join(cell.workdir(str(tmp_path)), 'config.json'), 'w') as handle:
+      json.dump(saved, handle)
+    runner.check_cell_config(cell, str(tmp_path))
+    upgraded = configuration.upgrade_saved_config(saved)
+    assert configuration.config_changes(upgraded, cell.config.to_dict()) == [], cell.name

@@ -73,7 +73,7 @@ def test_saved_configs_get_fields_added_since_at_their_defaults():
   upgraded = configuration.upgrade_saved_config(saved)
   defaults = default_config.get_config()
   assert upgraded['model']['width'] == 32 and upgraded['pcl']['temperature'] == 0.1
-  assert upgraded['pcl']['mask_same_cluster_negatives'] is False
+  assert upgraded['pcl']['instance_loss'] == 'infonce'
   assert upgraded['model']['dim'] == defaults.model.dim
   assert 'data' not in upgraded  # only sections the run saved are completed
 

@@ -5,19 +5,20 @@ r"""Changes to the E-step's clusters against plain PCL, 5 seeds each: a screen.
 
 `plain` and `small_images` are the cells `plain` and `attract_half` (the recipe) of
 configs/studies/recipe_candidates.py: linked into the workdir, they are reused, not retrained.
-The loss switches measured so far change what the encoder is pulled towards, never the clusters
+The loss changes measured so far change what the encoder is pulled towards, never the clusters
 themselves, and none moved NMI on seeds no choice saw (docs/remedies.md). These candidates change
 the clusters, each for a reason from the literature, and were fixed before any of them ran:
-  balanced                 equal-sized clusters at every level (clustering.balanced: SeLa's and
-                           SwAV's Sinkhorn-Knopp equipartition, SwAV's epsilon 0.05 and 3
-                           iterations): k-means on small image sets leaves singletons next to
-                           clusters several times the mean size, and ProtoNCE pulls every member
-                           of a crowded cluster, often of several classes, to one prototype;
+  balanced                 equal-sized clusters at every level (clustering.levels=balanced:
+                           SeLa's and SwAV's Sinkhorn-Knopp equipartition, SwAV's epsilon 0.05
+                           and 3 iterations): k-means on small image sets leaves singletons
+                           next to clusters several times the mean size, and ProtoNCE pulls
+                           every member of a crowded cluster, often of several classes, to one
+                           prototype;
   small_images_balanced    the recipe (configs/small_images.py) with them;
-  hierarchical             HCSC's hierarchical prototypes (clustering.hierarchical: each level
-                           clusters the finer level's centroids, so a sample's coarse prototype
-                           is the parent of its fine one): flat levels can pull a sample to
-                           prototypes that disagree about its neighbours;
+  hierarchical             HCSC's hierarchical prototypes (clustering.levels=hierarchical: each
+                           level clusters the finer level's centroids, so a sample's coarse
+                           prototype is the parent of its fine one): flat levels can pull a
+                           sample to prototypes that disagree about its neighbours;
   small_images_hierarchical  the recipe with them.
 The rule, also fixed before they ran: five seeds cannot resolve an NMI change below ~0.015
 (paired sd ~0.011), so this is a screen, not the test. A candidate whose kNN and NMI
@@ -30,8 +31,8 @@ PCL there beyond the paired 95% interval on both kNN and NMI.
 from configs import small_images
 from configs.studies import recipe_candidates
 
-_BALANCED = {'clustering.balanced': True}
-_HIERARCHICAL = {'clustering.hierarchical': True}
+_BALANCED = {'clustering.levels': 'balanced'}
+_HIERARCHICAL = {'clustering.levels': 'hierarchical'}
 
 
 def get_study():

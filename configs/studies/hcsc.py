@@ -8,7 +8,7 @@ a 5-seed screen.
 configs/studies/recipe_candidates.py: linked into the workdir, they are reused, not retrained.
 Hierarchical Contrastive Selective Coding (Guo et al., CVPR 2022) adds two things to PCL:
 hierarchical prototypes (screened alone in configs/studies/e_step.py) and the selection of
-InfoNCE's negatives (pcl.select_negatives): at each level a queue key stays a negative with
+InfoNCE's negatives (pcl.instance_loss='selected'): at each level a queue key stays a negative with
 probability 1 - p(key in the query's prototype), so keys likely of the query's cluster are
 mostly dropped, and InfoNCE is averaged over the levels. It is the soft, per-level form of the
 same-cluster mask, read from the key's embedding instead of its sample's last assignment. Two
@@ -24,7 +24,7 @@ beyond the paired 95% interval on both kNN and NMI.
 from configs import small_images
 from configs.studies import recipe_candidates
 
-_SELECTION = {'pcl.select_negatives': True}
+_SELECTION = {'pcl.instance_loss': 'selected'}
 
 
 def get_study():
@@ -34,6 +34,6 @@ def get_study():
       'plain': {},
       'small_images': dict(small_images.RECIPE),
       'selection': dict(_SELECTION),
-      'hcsc': {**_SELECTION, 'clustering.hierarchical': True},
+      'hcsc': {**_SELECTION, 'clustering.levels': 'hierarchical'},
   }
   return study

@@ -1,4 +1,4 @@
-"""The E-step's clustering: k-means backends, hierarchical levels and cluster concentration.
+"""The E-step's clustering: k-means backends, flat, hierarchical or balanced levels, concentration.
 
 `backend` (`kmeans` and `resolve_backend`, over `faiss_kmeans` and `jax_kmeans`) and `levels`
 (`cluster_levels`, `concentration`). The names below are the package's public interface
@@ -7,7 +7,6 @@
 
 from pcl_jax.clustering.backend import kmeans
 from pcl_jax.clustering.backend import resolve_backend
-from pcl_jax.clustering import levels
 from pcl_jax.clustering.levels import cluster_levels
 from pcl_jax.clustering.levels import concentration
 from pcl_jax.configuration import UserError
@@ -16,8 +15,8 @@ __all__ = ['kmeans', 'resolve_backend', 'cluster_levels', 'concentration', 'chec
 
 
 def check_settings(config) -> str:
-  """The `clustering` settings' checks that ask the machine: the backend can run here (faiss
-  installed; faiss-gpu only with a GPU), and balanced clusters only on flat levels.
+  """The `clustering` settings' check that asks the machine: the backend can run here (faiss
+  installed; faiss-gpu only with a GPU).
 
   Returns:
     The resolved backend ('faiss-gpu', 'faiss-cpu' or 'jax').
@@ -25,8 +24,6 @@ def check_settings(config) -> str:
     UserError: naming the setting and the fix.
   """
   try:
-    backend = resolve_backend(config.clustering.backend)
-    levels.check_balanced(config.clustering.balanced, config.clustering.hierarchical)
+    return resolve_backend(config.clustering.backend)
   except ValueError as error:
     raise UserError(str(error)) from error
-  return backend

@@ -1,6 +1,6 @@
 """Balanced cluster assignments: Sinkhorn-Knopp equipartition over k-means' centroids.
 
-This module owns the `clustering.balanced` option of the E-step. k-means leaves clusters of very
+This module owns the E-step's `clustering.levels='balanced'`. k-means leaves clusters of very
 different sizes (on small image sets at k=100, singletons next to clusters of 60), and ProtoNCE
 then pulls most samples towards a few crowded prototypes. SeLa (Asano et al. 2020) and SwAV
 (Caron et al. 2020) instead assign samples under the constraint that every cluster gets an equal

@@ -1,7 +1,8 @@
 """The E-step's clustering levels and PCL's concentration (DESIGN.md section 1, steps 2-4).
 
-This module owns k-means once per active level (flat, or hierarchical: level l+1 clusters the
-centroids of level l, so a sample's coarse cluster is the parent of its fine one) and the
+This module owns k-means once per active level (`clustering.levels`: flat; hierarchical, where
+level l+1 clusters the centroids of level l, so a sample's coarse cluster is the parent of its
+fine one; or balanced, flat levels made equal-sized by `balanced.rebalance`) and the
 concentration phi of each cluster. It takes features in and gives centroids, assignments and
 concentrations back as device arrays; it never touches model parameters, the optimizer, the data
 pipeline or the cluster-count schedule (which levels are active is the caller's decision).
@@ -90,28 +91,20 @@ def _linear_percentile(ascending, count, percent: float):
 
 
 # ----------------------------------------------------------------------------------------------
-# Levels (flat or hierarchical).
+# Levels (flat, hierarchical or balanced).
 
 
 def _check_hierarchy(num_clusters):
   for fine, coarse in zip(num_clusters, num_clusters[1:]):
     if coarse >= fine:
-      raise ValueError(f'clustering.hierarchical=True needs strictly decreasing cluster counts, '
-                       f'got {list(num_clusters)}; order schedule.all_clusters fine to coarse or '
-                       'set clustering.hierarchical=False')
+      raise ValueError(f"clustering.levels='hierarchical' needs strictly decreasing cluster "
+                       f'counts, got {list(num_clusters)}; order schedule.all_clusters fine to '
+                       "coarse or set clustering.levels='flat'")
     if fine / coarse < _MIN_HIERARCHY_RATIO:
       message = (f'hierarchical levels k={fine} -> k={coarse} differ by a ratio of '
                  f'{fine / coarse:.2f} < {_MIN_HIERARCHY_RATIO}; the notes found that ratio '
                  'harmful (coarse levels clustered from too few centroids)')
       warnings.warn(message, stacklevel=3)
-
-
-def check_balanced(balanced: bool, hierarchical: bool):
-  """Raises ValueError for balanced hierarchical levels: a coarse level's clusters are unions of
-  fine ones, so their sizes cannot be set independently."""
-  if balanced and hierarchical:
-    raise ValueError('clustering.balanced=True balances flat levels only; set '
-                     'clustering.hierarchical=False or clustering.balanced=False')
 
 
 def _level_concentration(sq_dist, im2cluster, k: int, temperature):
@@ -123,19 +116,19 @@ def _level_concentration(sq_dist, im2cluster, k: int, temperature):
 
 
 def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
-                   hierarchical, temperature, use_float16, max_points_factor=5 / 3,
-                   min_points_factor=1 / 3, balanced=False, sinkhorn_epsilon=0.05,
-                   sinkhorn_iterations=3):
+                   temperature, use_float16, levels='flat', max_points_factor=5 / 3,
+                   min_points_factor=1 / 3, sinkhorn_epsilon=0.05, sinkhorn_iterations=3):
   """Runs the E-step clustering for every active level; host-side driver.
 
-  Flat mode: each level clusters the samples independently, with seed `seed + level`.
-  Hierarchical mode (strictly decreasing k): level 0 clusters the samples; level l+1 clusters
+  'flat': each level clusters the samples independently, with seed `seed + level`.
+  'hierarchical' (strictly decreasing k): level 0 clusters the samples; level l+1 clusters
   level l's non-empty centroids weighted by their member counts, and every level-l centroid
   (empty ones included) gets its nearest level-(l+1) centroid as parent; then
   im2cluster_{l+1} = parent[im2cluster_l], so a sample's coarse cluster is always the parent
   of its fine one, and its distance (for the concentration) is to that coarse centroid.
-  Balanced (flat mode only): each level's k-means clusters are then made equal-sized
-  (`balanced.rebalance`: Sinkhorn-Knopp assignments, member-mean centroids).
+  'balanced': flat levels whose k-means clusters are then made equal-sized
+  (`balanced.rebalance`: Sinkhorn-Knopp assignments, member-mean centroids; a coarse level of a
+  hierarchy is a union of fine clusters, so its sizes could not be set).
   Concentrations come from the sample distances to the un-normalised centroids (as the
   reference); the returned centroids are then L2-normalised, as the reference normalises its
   prototypes (a no-op up to rounding when spherical).
@@ -148,21 +141,19 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     nredo: k-means restarts.
     seed: base seed; level l uses seed + l.
     spherical: spherical k-means.
-    hierarchical: cluster each level's centroids instead of the samples.
     temperature: ProtoNCE temperature (scales the concentrations).
     use_float16: faiss-gpu index storage.
+    levels: 'flat', 'hierarchical' or 'balanced' (`clustering.levels`).
     max_points_factor: max_points_per_centroid = int(n * factor / k), n = points clustered.
     min_points_factor: min_points_per_centroid = int(n * factor / k).
-    balanced: equipartition assignments after k-means (flat mode only).
-    sinkhorn_epsilon: their entropy weight.
+    sinkhorn_epsilon: the balanced assignments' entropy weight.
     sinkhorn_iterations: their Sinkhorn-Knopp iterations.
   Returns:
     One dict per level, in order: {'k', 'centroids' [k, D], 'im2cluster' [N] int32,
     'concentration' [k], 'timing_s'}.
   Raises:
     ValueError: bad cluster counts (see `kmeans`), non-decreasing counts in hierarchical mode,
-      or a level with more clusters than its parent level has non-empty centroids, or
-      balanced with hierarchical.
+      or a level with more clusters than its parent level has non-empty centroids.
   """
   features = jnp.asarray(features, jnp.float32)
   num_clusters = [int(k) for k in num_clusters]
@@ -172,7 +163,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
   num_samples = features.shape[0]
   for k in num_clusters:
     kmeans_backend.check_k(k, num_samples)
-  check_balanced(balanced, hierarchical)
+  hierarchical = levels == 'hierarchical'
   if hierarchical:
     _check_hierarchy(num_clusters)
 
@@ -184,13 +175,13 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
         max_points_per_centroid=per_centroid(max_points_factor),
         min_points_per_centroid=per_centroid(min_points_factor))
 
-  levels = []
+  results = []
   finer = None  # (centroids, im2cluster) of the previous level in hierarchical mode.
   for level, k in enumerate(num_clusters):
     start = time.perf_counter()
     if finer is None:
       centroids, im2cluster, sq_dist = run_kmeans(features, k, level)
-      if balanced:
+      if levels == 'balanced':
         centroids, im2cluster, sq_dist = balanced_lib.rebalance(
             features, centroids, epsilon=sinkhorn_epsilon, iterations=sinkhorn_iterations,
             spherical=spherical)
@@ -202,7 +193,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
         raise ValueError(
             f'hierarchical level k={k} exceeds the {populated.size} non-empty centroids of the '
             f'level above (k={fine_centroids.shape[0]}); use fewer clusters at this level or set '
-            'clustering.hierarchical=False')
+            "clustering.levels='flat'")
       centroids, _, _ = run_kmeans(fine_centroids[populated], k, level,
                                    weights=member_count[populated])
       parent, _ = jax_kmeans.assign_to_centroids(fine_centroids, centroids)
@@ -213,6 +204,6 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
       finer = (centroids, im2cluster)
     normalized = models.l2_normalize(centroids)
     jax.block_until_ready((normalized, phi))
-    levels.append({'k': k, 'centroids': normalized, 'im2cluster': im2cluster.astype(jnp.int32),
-                   'concentration': phi, 'timing_s': time.perf_counter() - start})
-  return levels
+    results.append({'k': k, 'centroids': normalized, 'im2cluster': im2cluster.astype(jnp.int32),
+                    'concentration': phi, 'timing_s': time.perf_counter() - start})
+  return results
