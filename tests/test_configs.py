@@ -118,9 +118,9 @@ def test_a_validation_split_inside_the_training_split_is_refused():
 ])
 def test_bad_loss_clustering_and_eval_settings_are_named(changes, message):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import cells as study_cells  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
-  runner.apply_overrides(config, changes, 'test')
+  study_cells.apply_overrides(config, changes, 'test')
   with pytest.raises(configuration.UserError, match=re.escape(message)):
     configuration.validate(config)
     clustering.check_settings(config)
@@ -137,9 +137,9 @@ def test_bad_loss_clustering_and_eval_settings_are_named(changes, message):
 ])
 def test_each_choice_reads_its_own_settings(changes):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import cells as study_cells  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
-  runner.apply_overrides(config, changes, 'test')
+  study_cells.apply_overrides(config, changes, 'test')
   configuration.validate(config)
 
 
@@ -152,7 +152,8 @@ def _old_switch_value(old):
 @pytest.mark.parametrize('old', sorted(configuration.REPLACED_SWITCHES))
 def test_an_old_switch_in_a_config_file_or_a_study_file_names_the_new_setting(old, monkeypatch):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
-  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import cells as study_cells  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import spec as study_spec  # pylint: disable=g-import-not-at-top
   new = configuration.REPLACED_SWITCHES[old]
   config = test_config.get_config()
   section, name = old.split('.')
@@ -162,13 +163,13 @@ def test_an_old_switch_in_a_config_file_or_a_study_file_names_the_new_setting(ol
                      match=re.escape(f'unknown field {old}; it is now {new}')):
     configuration.check_fields(config)
   monkeypatch.chdir(ROOT)
-  study = runner.study_from_dict({'config': 'configs/test.py', 'overrides': {},
+  study = study_spec.study_from_dict({'config': 'configs/test.py', 'overrides': {},
                                   'variants': {'plain': {}, 'old': {old: _old_switch_value(old)}},
                                   'baseline': 'plain', 'seeds': [0, 1, 2]}, 'old_names.py')
   with pytest.raises(configuration.UserError,
                      match=re.escape(f"variant 'old': the config has an unknown field {old}; "
                                      f'it is now {new}')):
-    runner.cell_configs(study)
+    study_cells.cell_configs(study)
 
 
 @pytest.mark.parametrize('old', sorted(configuration.REPLACED_SWITCHES))
@@ -278,18 +279,19 @@ def test_a_study_s_finished_cells_see_no_change_under_the_new_names(path, tmp_pa
   """Each cell directory as the old code wrote it (config.json with the loss switches and
   clustering flags, tests/data/pinned_losses.json) compares equal with what the study file now
   asks, for the study runner (`check_cell_config`) and for resume (`config_changes`)."""
-  from pcl_jax.study import runner  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import cells as study_cells  # pylint: disable=g-import-not-at-top
+  from pcl_jax.study import spec as study_spec  # pylint: disable=g-import-not-at-top
   with open(os.path.join(ROOT, 'tests', 'data', 'pinned_losses.json')) as handle:
     old_sections = json.load(handle)['studies'][os.path.basename(path)]
   monkeypatch.chdir(ROOT)
-  study = runner.load_study(os.path.relpath(path, ROOT))
-  cells = runner.cell_configs(study, {'data.root': '/data/images'})
+  study = study_spec.load_study(os.path.relpath(path, ROOT))
+  cells = study_cells.cell_configs(study, {'data.root': '/data/images'})
   assert {cell.variant for cell in cells} == set(old_sections)
   for cell in cells:
     saved = dict(cell.config.to_dict(), **old_sections[cell.variant])
     os.makedirs(cell.workdir(str(tmp_path)))
     with open(os.path.join(cell.workdir(str(tmp_path)), 'config.json'), 'w') as handle:
       json.dump(saved, handle)
-    runner.check_cell_config(cell, str(tmp_path))
+    study_cells.check_cell_config(cell, str(tmp_path))
     upgraded = configuration.upgrade_saved_config(saved)
     assert configuration.config_changes(upgraded, cell.config.to_dict()) == [], cell.name

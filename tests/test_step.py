@@ -22,7 +22,7 @@ from pcl_jax import models
 from pcl_jax.run import parallel
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
-from pcl_jax.study import runner
+from pcl_jax.study import cells as study_cells
 from test_losses import _embeddings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ with open(os.path.join(ROOT, 'tests', 'data', 'pinned_losses.json')) as _handle:
 def _settings(overrides):
   """LossSettings of configs/test.py with the dotted `overrides` (validated)."""
   config = test_config.get_config()
-  runner.apply_overrides(config, overrides, 'test')
+  study_cells.apply_overrides(config, overrides, 'test')
   configuration.validate(config)
   return losses.LossSettings.from_config(config.pcl)
 
@@ -188,7 +188,7 @@ def test_the_recipe_s_step_computes_what_it_did_and_records_the_queue_s_dataset_
   pinned step ran its old switches), on the pinned state, batch and bank
   (tests/data/pin_losses.py at d27d4e0)."""
   config = test_config.get_config()
-  runner.apply_overrides(config, small_images.RECIPE, 'test')
+  study_cells.apply_overrides(config, small_images.RECIPE, 'test')
   old_names = PINNED['step']['overrides']
   old_settings = _translated_pcl({key.split('.')[1]: value for key, value in old_names.items()})
   assert (losses.LossSettings.from_config(config.pcl)
