@@ -4,11 +4,10 @@ Table-driven: each case is a command line (plus the files it needs) and a phrase
 must contain. All cases run once, from a module fixture, each as `python -m pcl_jax.main ARGS`
 runs (cwd = the repository root) in a child of tests/cli_forkserver.py, which imported JAX once
 for all of them; each case is then its own test. Most fail at start-up; the checkpoint cases
-first need one short training run (a fresh process). `test_verbose_shows_the_traceback` runs a
-fresh interpreter too.
+start from a copy of the shared short training run (`tiny_run`, tests/conftest.py).
+`test_verbose_shows_the_traceback` runs a fresh interpreter.
 """
 
-import concurrent.futures
 import dataclasses
 import fcntl
 import json
@@ -313,18 +312,16 @@ def _run_forked(named_args, base, env, jobs=2):
 
 
 @pytest.fixture(scope='module')
-def outcomes(tmp_path_factory):
+def outcomes(tmp_path_factory, tiny_run):
   """Runs every case once; {case name: CompletedProcess}.
 
-  The shared training run is a fresh `python -m pcl_jax.main`; meanwhile the cases that need
-  no checkpoint run, then those that do, each in a child of tests/cli_forkserver.py (the
-  program as `python -m` runs it, without importing JAX anew per case).
+  Each case runs in a child of tests/cli_forkserver.py (the program as `python -m` runs it,
+  without importing JAX anew per case); those that need a checkpoint start from a copy of the
+  shared 1-epoch run (`tiny_run`, configs/test.py for 2 steps). The children share the test
+  run's compilation cache (JAX_COMPILATION_CACHE_DIR, tests/conftest.py).
   """
   base = tmp_path_factory.mktemp('cli_errors')
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
-  trained = str(base / 'trained')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
 
   def case_args(needs_trained):
     named = {}
@@ -333,20 +330,13 @@ def outcomes(tmp_path_factory):
         continue
       case_dir = str(base / case.name)
       os.makedirs(case_dir)
-      named[case.name] = _args(case, case_dir, trained)
+      named[case.name] = _args(case, case_dir, tiny_run)
     return named
 
   try:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      training = pool.submit(_run, [sys.executable, '-m', 'pcl_jax.main', TEST_CONFIG,
-                                    f'--workdir={trained}', '--config.train.epochs=1',
-                                    '--config.train.steps_per_epoch=2'], env)
-      results = _run_forked(case_args(needs_trained=False), base, env)
-      trained_result = training.result()
-    assert trained_result.returncode == 0, trained_result.stderr[-3000:]
+    results = _run_forked(case_args(needs_trained=False), base, env)
     results.update(_run_forked(case_args(needs_trained=True), base, env))
-    print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()},
-          'training:', round(trained_result.seconds, 1))
+    print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()})
   finally:
     while _LOCKS:
       os.close(_LOCKS.pop())
