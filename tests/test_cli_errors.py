@@ -40,7 +40,6 @@ class Case:
   expected: str
   # Builds what the case needs under its own directory; returns extra args (e.g. paths).
   setup: Optional[Callable] = None
-  needs_trained: bool = False  # runs after the shared training run exists
   status: int = 2
   workdir: bool = True  # pass --workdir=<case dir>/run unless the args give one
   quiet: bool = True  # nothing on stderr but the error (else progress bars and logs may precede)
@@ -100,7 +99,7 @@ def _data(kind):
 
 
 def _copy_trained(extra=(), damage=False, results=False):
-  """The shared trained run, copied (training reruns take the workdir's lock)."""
+  """The shared trained run (`tiny_run`), copied (training reruns take the workdir's lock)."""
   def setup(case_dir, trained):
     workdir = os.path.join(case_dir, 'run')
     shutil.copytree(trained, workdir)
@@ -243,24 +242,23 @@ CASES = [
     Case('workdir_in_use', (), 'in use by another training process', setup=_workdir_in_use),
     Case('eval_without_checkpoint', ('--mode=eval',), 'no checkpoint'),
     Case('eval_missing_step', ('--mode=eval', '--step=99'), 'no checkpoint 99',
-         setup=_copy_trained(), needs_trained=True),
+         setup=_copy_trained()),
     Case('eval_results_exist', ('--mode=eval',), 'pass --overwrite',
-         setup=_copy_trained(results=True), needs_trained=True),
+         setup=_copy_trained(results=True)),
     # Not quiet: a ResNet's XLA thread choice (host_threads) is logged before the checkpoint
     # is read.
     Case('eval_checkpoint_other_arch', ('--mode=eval', '--config.model.arch=resnet18'),
-         "model.arch='conv4'", setup=_copy_trained(), needs_trained=True, quiet=False),
+         "model.arch='conv4'", setup=_copy_trained(), quiet=False),
     Case('resume_checkpoint_other_arch', ('--config.model.arch=resnet18',),
-         "trained with model.arch='conv4'", setup=_copy_trained(), needs_trained=True,
-         quiet=False),
+         "trained with model.arch='conv4'", setup=_copy_trained(), quiet=False),
     Case('resume_other_image_size', ('--config.data.image_size=24',),
-         'trained with data.image_size=16', setup=_copy_trained(), needs_trained=True),
+         'trained with data.image_size=16', setup=_copy_trained()),
     Case('resume_other_queue_length', ('--config.pcl.num_negatives=128',),
-         'trained with pcl.num_negatives=64', setup=_copy_trained(), needs_trained=True),
+         'trained with pcl.num_negatives=64', setup=_copy_trained()),
     Case('resume_other_cluster_list', ('--config.schedule.all_clusters=40,20,10',),
-         'resume with the same schedule settings', setup=_copy_trained(), needs_trained=True),
+         'resume with the same schedule settings', setup=_copy_trained()),
     Case('resume_damaged_checkpoint', (), 'no intact checkpoint in',
-         setup=_copy_trained(damage=True), needs_trained=True),
+         setup=_copy_trained(damage=True)),
     # --- Divergence: its own status (3), same one-line form.
     Case('diverging_lr', ('--config.optim.lr=1e30', '--config.train.steps_per_epoch=3',
                           '--config.train.log_every_steps=1'), 'non-finite', status=3),
@@ -323,19 +321,14 @@ def outcomes(tmp_path_factory, tiny_run):
   base = tmp_path_factory.mktemp('cli_errors')
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
 
-  def case_args(needs_trained):
-    named = {}
-    for case in CASES:
-      if case.skip or case.needs_trained != needs_trained:
-        continue
+  named_args = {}
+  for case in CASES:
+    if not case.skip:
       case_dir = str(base / case.name)
       os.makedirs(case_dir)
-      named[case.name] = _args(case, case_dir, tiny_run)
-    return named
-
+      named_args[case.name] = _args(case, case_dir, tiny_run)
   try:
-    results = _run_forked(case_args(needs_trained=False), base, env)
-    results.update(_run_forked(case_args(needs_trained=True), base, env))
+    results = _run_forked(named_args, base, env)
     print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()})
   finally:
     while _LOCKS:
