@@ -4,11 +4,10 @@ Table-driven: each case is a command line (plus the files it needs) and a phrase
 must contain. All cases run once, from a module fixture, each as `python -m pcl_jax.main ARGS`
 runs (cwd = the repository root) in a child of tests/cli_forkserver.py, which imported JAX once
 for all of them; each case is then its own test. Most fail at start-up; the checkpoint cases
-first need one short training run (a fresh process). `test_verbose_shows_the_traceback` runs a
-fresh interpreter too.
+start from a copy of the shared short training run (`tiny_run`, tests/conftest.py).
+`test_verbose_shows_the_traceback` runs a fresh interpreter.
 """
 
-import concurrent.futures
 import dataclasses
 import fcntl
 import json
@@ -41,7 +40,6 @@ class Case:
   expected: str
   # Builds what the case needs under its own directory; returns extra args (e.g. paths).
   setup: Optional[Callable] = None
-  needs_trained: bool = False  # runs after the shared training run exists
   status: int = 2
   workdir: bool = True  # pass --workdir=<case dir>/run unless the args give one
   quiet: bool = True  # nothing on stderr but the error (else progress bars and logs may precede)
@@ -101,7 +99,7 @@ def _data(kind):
 
 
 def _copy_trained(extra=(), damage=False, results=False):
-  """The shared trained run, copied (training reruns take the workdir's lock)."""
+  """The shared trained run (`tiny_run`), copied (training reruns take the workdir's lock)."""
   def setup(case_dir, trained):
     workdir = os.path.join(case_dir, 'run')
     shutil.copytree(trained, workdir)
@@ -244,24 +242,23 @@ CASES = [
     Case('workdir_in_use', (), 'in use by another training process', setup=_workdir_in_use),
     Case('eval_without_checkpoint', ('--mode=eval',), 'no checkpoint'),
     Case('eval_missing_step', ('--mode=eval', '--step=99'), 'no checkpoint 99',
-         setup=_copy_trained(), needs_trained=True),
+         setup=_copy_trained()),
     Case('eval_results_exist', ('--mode=eval',), 'pass --overwrite',
-         setup=_copy_trained(results=True), needs_trained=True),
+         setup=_copy_trained(results=True)),
     # Not quiet: a ResNet's XLA thread choice (host_threads) is logged before the checkpoint
     # is read.
     Case('eval_checkpoint_other_arch', ('--mode=eval', '--config.model.arch=resnet18'),
-         "model.arch='conv4'", setup=_copy_trained(), needs_trained=True, quiet=False),
+         "model.arch='conv4'", setup=_copy_trained(), quiet=False),
     Case('resume_checkpoint_other_arch', ('--config.model.arch=resnet18',),
-         "trained with model.arch='conv4'", setup=_copy_trained(), needs_trained=True,
-         quiet=False),
+         "trained with model.arch='conv4'", setup=_copy_trained(), quiet=False),
     Case('resume_other_image_size', ('--config.data.image_size=24',),
-         'trained with data.image_size=16', setup=_copy_trained(), needs_trained=True),
+         'trained with data.image_size=16', setup=_copy_trained()),
     Case('resume_other_queue_length', ('--config.pcl.num_negatives=128',),
-         'trained with pcl.num_negatives=64', setup=_copy_trained(), needs_trained=True),
+         'trained with pcl.num_negatives=64', setup=_copy_trained()),
     Case('resume_other_cluster_list', ('--config.schedule.all_clusters=40,20,10',),
-         'resume with the same schedule settings', setup=_copy_trained(), needs_trained=True),
+         'resume with the same schedule settings', setup=_copy_trained()),
     Case('resume_damaged_checkpoint', (), 'no intact checkpoint in',
-         setup=_copy_trained(damage=True), needs_trained=True),
+         setup=_copy_trained(damage=True)),
     # --- Divergence: its own status (3), same one-line form.
     Case('diverging_lr', ('--config.optim.lr=1e30', '--config.train.steps_per_epoch=3',
                           '--config.train.log_every_steps=1'), 'non-finite', status=3),
@@ -313,40 +310,26 @@ def _run_forked(named_args, base, env, jobs=2):
 
 
 @pytest.fixture(scope='module')
-def outcomes(tmp_path_factory):
+def outcomes(tmp_path_factory, tiny_run):
   """Runs every case once; {case name: CompletedProcess}.
 
-  The shared training run is a fresh `python -m pcl_jax.main`; meanwhile the cases that need
-  no checkpoint run, then those that do, each in a child of tests/cli_forkserver.py (the
-  program as `python -m` runs it, without importing JAX anew per case).
+  Each case runs in a child of tests/cli_forkserver.py (the program as `python -m` runs it,
+  without importing JAX anew per case); those that need a checkpoint start from a copy of the
+  shared 1-epoch run (`tiny_run`, configs/test.py for 2 steps). The children share the test
+  run's compilation cache (JAX_COMPILATION_CACHE_DIR, tests/conftest.py).
   """
   base = tmp_path_factory.mktemp('cli_errors')
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
-  trained = str(base / 'trained')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
 
-  def case_args(needs_trained):
-    named = {}
-    for case in CASES:
-      if case.skip or case.needs_trained != needs_trained:
-        continue
+  named_args = {}
+  for case in CASES:
+    if not case.skip:
       case_dir = str(base / case.name)
       os.makedirs(case_dir)
-      named[case.name] = _args(case, case_dir, trained)
-    return named
-
+      named_args[case.name] = _args(case, case_dir, tiny_run)
   try:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-      training = pool.submit(_run, [sys.executable, '-m', 'pcl_jax.main', TEST_CONFIG,
-                                    f'--workdir={trained}', '--config.train.epochs=1',
-                                    '--config.train.steps_per_epoch=2'], env)
-      results = _run_forked(case_args(needs_trained=False), base, env)
-      trained_result = training.result()
-    assert trained_result.returncode == 0, trained_result.stderr[-3000:]
-    results.update(_run_forked(case_args(needs_trained=True), base, env))
-    print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()},
-          'training:', round(trained_result.seconds, 1))
+    results = _run_forked(named_args, base, env)
+    print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()})
   finally:
     while _LOCKS:
       os.close(_LOCKS.pop())

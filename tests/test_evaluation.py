@@ -19,6 +19,7 @@ from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import linear_probe
 from pcl_jax.evaluation import protocol
 from pcl_jax import models
+from tests import runs
 
 
 def _clustered_features(num_classes, per_class, dim, noise, seed=0):
@@ -262,14 +263,10 @@ def test_linear_probe_on_separable_features():
 
 
 @pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  from pcl_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('eval_run'))
-  config = test_config.get_config()
-  config.train.epochs = 1  # one InfoNCE epoch is enough to have a checkpoint
-  config.train.steps_per_epoch = 2
-  train.train_and_evaluate(config, workdir)
-  return workdir
+def trained_workdir(tiny_run, tmp_path_factory):
+  """The shared 1-epoch run (one InfoNCE epoch is enough to have a checkpoint), copied: the
+  tests below evaluate into it."""
+  return runs.copy_run(tiny_run, tmp_path_factory.mktemp('eval_run'))
 
 
 def _eval_config():

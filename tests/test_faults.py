@@ -27,6 +27,7 @@ from pcl_jax.evaluation import driver
 from pcl_jax.run import checkpoint as checkpoint_lib
 from pcl_jax.run import files as run_files
 from pcl_jax import train
+from tests import runs
 from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,20 +80,15 @@ def _table(quick):
           for kind in CHECKPOINT_FILES for how in DAMAGES if (kind, how) != ('checksums', 'delete')]
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A 2-epoch run with checkpoints 1 and 2 (sealed: each has its checksums.json)."""
-  workdir = str(tmp_path_factory.mktemp('faults') / 'run')
-  config = test_config.get_config()
-  train.train_and_evaluate(config, workdir)
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
-  return workdir
+@pytest.fixture(name='trained')
+def fixture_trained(two_epoch_run):
+  """The shared 2-epoch run with checkpoints 1 and 2 (sealed: each has its checksums.json);
+  every test works on a copy."""
+  return two_epoch_run
 
 
 def _copy(trained, tmp_path, name='run'):
-  workdir = str(tmp_path / name)
-  shutil.copytree(trained, workdir)
-  return workdir
+  return runs.copy_run(trained, tmp_path, name)
 
 
 def _damage_checkpoint(workdir, kind, how, step=2):

@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import test as test_config
 from pcl_jax import configuration
 from pcl_jax.run import checkpoint as checkpoint_lib
 from pcl_jax.run import files as run_files
 from pcl_jax.run import stop as stop_lib
 from pcl_jax import train
+from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
@@ -29,13 +29,9 @@ TIMING_FIELDS = kill_resume.TIMING_FIELDS
 
 
 def _config():
-  """configs/test.py, shorter: 3 epochs of 3 steps, checkpoints every 2 epochs."""
-  config = test_config.get_config()
-  config.train.epochs = 3
-  config.train.steps_per_epoch = 3
-  config.clustering.nredo = 1
-  config.checkpoint.every_epochs = 2
-  return config
+  """configs/test.py, shorter: 3 epochs of 3 steps, checkpoints every 2 epochs (the shared
+  `reference_run`'s)."""
+  return runs.reference_config()
 
 
 def _records(workdir):
@@ -55,11 +51,10 @@ def _steps(workdir):
                 if name.isdigit())
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """An uninterrupted run of `_config()`: (workdir, final state)."""
-  workdir = str(tmp_path_factory.mktemp('reliability') / 'reference')
-  return workdir, train.train_and_evaluate(_config(), workdir)
+@pytest.fixture(name='reference')
+def fixture_reference(reference_run):
+  """The shared uninterrupted run of `_config()`: (workdir, final state)."""
+  return reference_run
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pcl_jax.evaluation import driver
 from pcl_jax.run import checkpoint as checkpoint_lib
 from pcl_jax.run import files as run_files
 from pcl_jax import train
+from tests import runs
 
 LEGACY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'legacy_run')
 
@@ -30,10 +31,12 @@ def _epochs(workdir: str):
       os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def test_a_run_resumes_and_evaluates_under_another_kernel_set(tmp_path):
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(_config(1, 'auto'), workdir)
-  train.train_and_evaluate(_config(2, 'xla'), workdir)  # another kernel set: no refusal
+def test_a_run_resumes_and_evaluates_under_another_kernel_set(tiny_run, tmp_path):
+  workdir = runs.copy_run(tiny_run, tmp_path)  # 1 epoch of 2 steps under runtime.conv_impl=auto
+  assert json.load(open(os.path.join(workdir, 'config.json')))['runtime']['conv_impl'] == 'auto'
+  config = _config(2, 'xla')  # another kernel set: no refusal
+  config.train.steps_per_epoch = runs.tiny_config().train.steps_per_epoch
+  train.train_and_evaluate(config, workdir)
   assert _epochs(workdir) == [0, 1]
   assert checkpoint_lib.read_meta(workdir, 2)['model'] == {
       'arch': 'conv4', 'dim': 16, 'mlp': False, 'small_stem': False, 'width': 8}

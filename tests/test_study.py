@@ -397,12 +397,13 @@ def test_cli_user_errors_are_one_line_and_status_2(tmp_path, args, expected):
 
 
 @pytest.fixture(scope='module')
-def sliced(tmp_path_factory):
+def sliced(tmp_path_factory, compilation_cache_dir):
   """The tiny study run as a 2-task array, both tasks at once as a cluster runs them: task 0 by
-  `--cells=0/2`, task 1 from SLURM variables; then the report of both, as `--report_only`."""
+  `--cells=0/2`, task 1 from SLURM variables; then the report of both, as `--report_only`.
+  `--compilation_cache` names the test run's cache (tests/conftest.py)."""
   base = tmp_path_factory.mktemp('study')
   study = _write(base / 'tiny.py', _study_text())
-  workdir, cache = base / 'sliced', base / 'jax_cache'
+  workdir, cache = base / 'sliced', compilation_cache_dir
   common = [f'--study={study}', f'--workdir={workdir}', f'--compilation_cache={cache}']
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     first = pool.submit(_run_cli, [*common, '--cells=0/2'])

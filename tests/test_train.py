@@ -19,6 +19,7 @@ from pcl_jax.run import files as run_files
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
 from pcl_jax import train
+from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,16 +92,18 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-  config = test_config.get_config()
-  config.train.epochs = 3
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+def test_resume_equals_uninterrupted_run(reference_run, tmp_path):
+  """Stopped after 2 of 3 epochs (checkpoint 2), then resumed: the shared uninterrupted run's
+  state and metrics."""
+  straight_dir, straight = reference_run
+  config = runs.reference_config()
   resumed_dir = str(tmp_path / 'resumed')
   train.train_and_evaluate(config, resumed_dir, stop_after_epochs=2)
+  assert sorted(os.listdir(os.path.join(resumed_dir, 'checkpoints'))) == ['2']
   resumed = train.train_and_evaluate(config, resumed_dir)
   for a, b in zip(_leaves(straight), _leaves(resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  straight_records = run_files.read_metrics(str(tmp_path / 'straight' / 'metrics.jsonl'))
+  straight_records = run_files.read_metrics(os.path.join(straight_dir, 'metrics.jsonl'))
   resumed_records = run_files.read_metrics(os.path.join(resumed_dir, 'metrics.jsonl'))
   assert [r['epoch'] for r in resumed_records] == [0, 1, 2]
   for a, b in zip(straight_records, resumed_records):
@@ -128,7 +131,8 @@ def test_cli_run_writes_run_files_and_compiles_the_step_once_as_k_changes(tmp_pa
   workdir = tmp_path / 'run'
   result = subprocess.run(
       [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py', f'--workdir={workdir}',
-       '--config.train.epochs=4', '--config.schedule.mode=fixed', '--config.schedule.every=1'],
+       '--config.train.epochs=4', '--config.train.steps_per_epoch=3',
+       '--config.schedule.mode=fixed', '--config.schedule.every=1'],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'epoch 0: loss_inst' in result.stdout
