@@ -78,7 +78,9 @@ def _leaves(tree) -> dict:
 
 def _as_saved(path: str, array):
   """A restored leaf in the legacy run's format: conv kernels [out, kh, kw, in] (OHWI)."""
-  return np.transpose(array, (3, 0, 1, 2)) if path.endswith("['kernel']") and array.ndim == 4 else array
+  if path.endswith("['kernel']") and array.ndim == 4:
+    return np.transpose(array, (3, 0, 1, 2))
+  return array
 
 
 def test_the_legacy_runs_ohwi_kernels_restore_as_flax_hwio_for_resume_and_evaluation(tmp_path):

@@ -87,7 +87,7 @@ class Upgrade:
 # conv kernels were ever stored otherwise) need none.
 UPGRADES = (
     # Conv kernels were stored [out, kh, kw, in] for a while, said by meta['conv_kernel_layout'].
-    Upgrade('conv kernels OHWI -> HWIO (flax\'s layout)',
+    Upgrade("conv kernels OHWI -> HWIO (flax's layout)",
             applies=lambda meta: meta.get('conv_kernel_layout') == 'OHWI',
             to_saved=functools.partial(_permute_conv_kernels, permutation=(3, 0, 1, 2)),
             to_current=functools.partial(_permute_conv_kernels, permutation=(1, 2, 3, 0)),
