@@ -30,10 +30,10 @@ from pcl_jax.kernels import torch_conv
 
 def blocked_layout(images_shape, kernel_shape, stride) -> Tuple[bool, bool]:
   """(forward, input gradient) for NHWC images and an HWIO kernel: whether that pass runs on
-  oneDNN's channel-blocked activation layout (copied in and out) instead of NHWC. For stride-1 3x3 convolutions of >= 512 channels
-  on small maps (ResNet's last stage; other kernel sizes were not measured), where oneDNN 3.2's
-  jit kernels beat its NHWC brgemm ones: both passes on maps of <= 9 pixels (84 px inputs), the
-  input gradient alone up to 16 (32 px).
+  oneDNN's channel-blocked activation layout (copied in and out) instead of NHWC. For stride-1
+  3x3 convolutions of >= 512 channels on small maps (ResNet's last stage; other kernel sizes
+  were not measured), where oneDNN 3.2's jit kernels beat its NHWC brgemm ones: both passes on
+  maps of <= 9 pixels (84 px inputs), the input gradient alone up to 16 (32 px).
   Measured on the 2-core Zen 5 test machine, 512 channels alone: at 3x3, batch 96,
   forward 7.9 against 9.5 ms and input gradient 7.1 against 10.0 (the mini-ImageNet step
   x1.025-1.036, `ffi_step.py --layer layout`); at 4x4, batch 64, the forward even and the input
