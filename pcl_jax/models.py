@@ -9,15 +9,20 @@ BatchNorm computes its training statistics per group of `bn_groups` consecutive 
 each group sat on its own device: that is how a single device emulates MoCo's shuffle-BN
 (the key batch is permuted before it enters the key encoder, see `step.py`).
 
-Which kernels compute the convolutions, batch norms, stem pool and residual joins is not the
-model's concern: `pcl_jax.kernels.select(runtime.conv_impl)` chooses a `Kernels` set and the
-encoder receives it (`kernels=`); parameters and outputs are the same under every set. This
-module imports no torch.
+The layers are flax.linen's own, in their own layouts: every convolution is an `nn.Conv` (HWIO
+`kernel`, and `bias` for the Conv4's), so a checkpoint's parameter tree is the one any Flax
+model has. Which kernels compute the convolutions, batch norms, stem pool and residual joins is
+not the model's concern: `pcl_jax.kernels.select(runtime.conv_impl)` chooses a `Kernels` set,
+the encoder receives it (`kernels=`) and hands it to the layers at one seam each:
+`nn.Conv(conv_general_dilated=kernels.conv)`, and `GroupedBatchNorm`, whose `activation` (a
+plain function such as `nn.relu`) the set's `batch_norm` fuses where it can. A kernel that wants
+another weight layout converts inside `pcl_jax.kernels`. Parameters and outputs are the same
+under every set. This module imports no torch.
 """
 
 import functools
 import math
-from typing import Any, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 
 from pcl_jax import configuration
 from pcl_jax import kernels as kernels_lib
-from pcl_jax.kernels import fused_batch_norm
+from pcl_jax.kernels import max_pool
 
 ARCHS = configuration.ARCHS
 # The `model.*` settings that make a network (and a checkpoint's parameter tree): a checkpoint
@@ -57,21 +62,16 @@ def torch_conv_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
                                                                   bound)
 
-# Conv kernels are stored [out, kh, kw, in]: the bytes of a channels-last PyTorch conv weight,
-# which PyTorch's oneDNN kernels (`kernels.torch_conv`) read ~6% faster per step than flax's usual HWIO.
-# XLA and cuDNN take either through the convolution's dimension numbers.
-CONV_KERNEL_LAYOUT = 'OHWI'
-_CONV_DIMENSIONS = ('NHWC', CONV_KERNEL_LAYOUT, 'NHWC')
-
 
 class GroupedBatchNorm(nn.Module):
-  """BatchNorm with batch statistics per group of consecutive samples.
+  """BatchNorm with batch statistics per group of consecutive samples, then `activation`.
 
   Running statistics follow PyTorch (momentum 0.1 on the new value, unbiased variance) so a
   converted reference checkpoint behaves the same. With `num_groups=1` this is plain BatchNorm.
-  With `relu_max_pool` it returns max_pool_2x2(relu(BN(x))), in training as one fused op
-  (`fused_batch_norm`: a few passes over the activations instead of a dozen); with `relu`,
-  relu(BN(x)). Training-mode statistics come from `kernels.batch_norm`.
+  `activation` (None, `nn.relu`, `kernels.max_pool.relu_max_pool_2x2`, or any function of the
+  normalised output) follows the normalisation. In training, the kernel set's `batch_norm`
+  computes the statistics and applies the activation, fusing those it knows; in evaluation the
+  activation is applied as it is.
   """
   use_running_average: bool
   num_groups: int = 1
@@ -79,59 +79,36 @@ class GroupedBatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   zero_scale: bool = False
-  relu_max_pool: bool = False
-  relu: bool = False
+  activation: Optional[Callable] = None
   kernels: kernels_lib.Kernels = None  # None: XLA's
 
   @nn.compact
-  def __call__(self, x, input_bias=None):
-    """`input_bias` [C]: a per-channel bias (a conv's) that x does not include yet. Training BN
-    cancels it, so only the running mean sees it, and the largest tensor skips an add pass."""
+  def __call__(self, x):
     features = x.shape[-1]
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
     scale = self.param('scale', scale_init, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    input_bias = jnp.zeros((features,), jnp.float32) if input_bias is None else input_bias
 
     if self.use_running_average:
       inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
-      shift = bias - (running_mean.value - input_bias) * inv
+      shift = bias - running_mean.value * inv
       out = (x * inv.astype(x.dtype) + shift.astype(x.dtype)).astype(self.dtype)
-      if self.relu_max_pool:
-        return max_pool_2x2(nn.relu(out))
-      return nn.relu(out) if self.relu else out
+      return out if self.activation is None else self.activation(out)
 
-    if self.relu_max_pool:
-      out, mean, var = fused_batch_norm.batch_norm_relu_max_pool(x, scale, bias, self.num_groups,
-                                                                 self.epsilon)
-    else:
-      out, mean, var = _kernels(self.kernels).batch_norm(x, scale, bias, self.num_groups,
-                                                         self.epsilon, self.relu)
+    out, mean, var = _kernels(self.kernels).batch_norm(x, scale, bias, self.num_groups,
+                                                       self.epsilon, self.activation)
     if not self.is_initializing():
       count = x.size // (self.num_groups * features)
       unbiased = var.mean(0) * count / max(count - 1, 1)
-      running_mean.value = (self.momentum * running_mean.value
-                            + (1 - self.momentum) * (mean.mean(0) + input_bias))
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.mean(0)
       running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
     return out.astype(self.dtype)
 
 
 def _kernels(kernels) -> kernels_lib.Kernels:
   return kernels_lib.select('xla') if kernels is None else kernels
-
-
-def max_pool_2x2(x):
-  """2x2 stride-2 max-pool (floor mode, as PyTorch) as a reshape + max.
-
-  Same values as nn.max_pool(x, (2, 2), (2, 2)), but its gradient is an elementwise mask instead
-  of XLA's select-and-scatter, which is several times slower on CPU.
-  """
-  batch, height, width, channels = x.shape
-  x = x[:, :height // 2 * 2, :width // 2 * 2]
-  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
-  return x.max(axis=(2, 4))
 
 
 def _pad(size: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -164,7 +141,7 @@ class BasicBlock(_ResidualBlock):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(x)
-    y = self.norm(relu=True)(y)
+    y = self.norm(activation=nn.relu)(y)
     y = self.conv(self.filters, (3, 3), padding=_pad(3))(y)
     return self._add_shortcut(x, self.norm()(y))
 
@@ -175,9 +152,9 @@ class Bottleneck(_ResidualBlock):
 
   @nn.compact
   def __call__(self, x):
-    y = self.norm(relu=True)(self.conv(self.filters, (1, 1), padding='VALID')(x))
+    y = self.norm(activation=nn.relu)(self.conv(self.filters, (1, 1), padding='VALID')(x))
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides), padding=_pad(3))(y)
-    y = self.norm(relu=True)(y)
+    y = self.norm(activation=nn.relu)(y)
     y = self.norm()(self.conv(self.filters * 4, (1, 1), padding='VALID')(y))
     return self._add_shortcut(x, y)
 
@@ -195,16 +172,17 @@ class ResNetBackbone(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     kernels = _kernels(self.kernels)
-    conv = functools.partial(Conv, dtype=self.dtype, kernels=kernels)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                             conv_general_dilated=kernels.conv)
     norm = functools.partial(GroupedBatchNorm, use_running_average=not train,
                              num_groups=self.bn_groups, dtype=self.dtype, kernels=kernels)
     x = x.astype(self.dtype)
     if self.small_stem:
       x = conv(self.width, (3, 3), padding=_pad(3), name='stem_conv')(x)
-      x = norm(name='stem_bn', relu=True)(x)
+      x = norm(name='stem_bn', activation=nn.relu)(x)
     else:
       x = conv(self.width, (7, 7), (2, 2), padding=_pad(7), name='stem_conv')(x)
-      x = norm(name='stem_bn', relu=True)(x)
+      x = norm(name='stem_bn', activation=nn.relu)(x)
       x = kernels.max_pool(x, 3, 2, 1)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
@@ -213,60 +191,12 @@ class ResNetBackbone(nn.Module):
     return x.mean(axis=(1, 2))
 
 
-def ohwi(init):
-  """`init` for an OHWI `shape`: draws the HWIO kernel that flax's nn.Conv would with `init` (same
-  key, same values) and transposes it, so runs start from the same weights as with nn.Conv."""
-  def draw(key, shape, dtype=jnp.float32):
-    features, kernel_h, kernel_w, in_features = shape
-    return init(key, (kernel_h, kernel_w, in_features, features), dtype).transpose(3, 0, 1, 2)
-  return draw
-
-
-def _convolve(module: nn.Module, x, kernel_size, features, strides, padding,
-              kernel_init=conv_init):
-  """The OHWI kernel parameter 'kernel' of `module` and x convolved with it (`kernels.conv`)."""
-  kernel = module.param('kernel', ohwi(kernel_init),
-                        (features,) + tuple(kernel_size) + (x.shape[-1],), jnp.float32)
-  return _kernels(module.kernels).conv(x.astype(module.dtype), kernel.astype(module.dtype), strides, padding,
-                  dimension_numbers=_CONV_DIMENSIONS)
-
-
-class Conv(nn.Module):
-  """A bias-free 2-D convolution like `nn.Conv(use_bias=False)`, kernel stored OHWI."""
-  features: int
-  kernel_size: Tuple[int, int]
-  strides: Tuple[int, int] = (1, 1)
-  padding: Any = 'SAME'
-  dtype: Any = jnp.float32
-  kernels: kernels_lib.Kernels = None
-
-  @nn.compact
-  def __call__(self, x):
-    return _convolve(self, x, self.kernel_size, self.features, self.strides, self.padding)
-
-
-class ConvWithDeferredBias(nn.Module):
-  """A stride-1 conv with bias (kernel OHWI, as `Conv`) that returns
-  (convolution without the bias, bias), for a BN that folds the bias in (`input_bias`).
-  Initialised as PyTorch's nn.Conv2d (`torch_conv_init`), as the Conv4 of the reference."""
-  features: int
-  kernel_size: Tuple[int, int]
-  dtype: Any = jnp.float32
-  kernels: kernels_lib.Kernels = None
-
-  @nn.compact
-  def __call__(self, x):
-    y = _convolve(self, x, self.kernel_size, self.features, (1, 1), _pad(self.kernel_size[0]),
-                  kernel_init=torch_conv_init)
-    fan_in = self.kernel_size[0] * self.kernel_size[1] * x.shape[-1]
-    return y, self.param('bias', torch_conv_bias_init(fan_in), (self.features,), jnp.float32)
-
-
 class Conv4Backbone(nn.Module):
   """The few-shot standard Conv4: 4 x (conv3x3 with bias, BN, ReLU, max-pool 2), flattened.
 
-  The parameters are nn.Conv's and GroupedBatchNorm's under their usual names; the conv bias is
-  folded into the BN and BN + ReLU + pool run fused (`fused_batch_norm`)."""
+  Initialised as PyTorch's nn.Conv2d (`torch_conv_init`, `torch_conv_bias_init`), as the Conv4
+  of the reference. BN + ReLU + pool is one activation of the norm, which the kernel set fuses
+  (`kernels.fused_batch_norm`)."""
   width: int = 64
   bn_groups: int = 1
   dtype: Any = jnp.float32
@@ -274,13 +204,16 @@ class Conv4Backbone(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    kernels = _kernels(self.kernels)
     x = x.astype(self.dtype)
     for i in range(4):
-      y, conv_bias = ConvWithDeferredBias(self.width, (3, 3), dtype=self.dtype,
-                                          kernels=self.kernels, name=f'Conv_{i}')(x)
+      x = nn.Conv(self.width, (3, 3), padding=_pad(3), dtype=self.dtype,
+                  kernel_init=torch_conv_init,
+                  bias_init=torch_conv_bias_init(3 * 3 * x.shape[-1]),
+                  conv_general_dilated=kernels.conv, name=f'Conv_{i}')(x)
       x = GroupedBatchNorm(use_running_average=not train, num_groups=self.bn_groups,
-                           dtype=self.dtype, relu_max_pool=True,
-                           name=f'GroupedBatchNorm_{i}')(y, input_bias=conv_bias)
+                           dtype=self.dtype, activation=max_pool.relu_max_pool_2x2,
+                           kernels=kernels, name=f'GroupedBatchNorm_{i}')(x)
     return x.reshape((x.shape[0], -1))
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pcl_jax.kernels import fused_batch_norm
+from pcl_jax.kernels import max_pool
 from pcl_jax import models
-from pcl_jax.run import checkpoint
 
 EPS = 1e-5
 
@@ -115,49 +115,68 @@ def test_batch_not_divisible_by_groups_is_a_clear_error():
 
 
 class _UnfusedConv4Block(nn.Module):
-  """The textbook block: nn.Conv with bias, BN, relu, max-pool -- what Conv4 computed before."""
+  """The textbook block: nn.Conv with bias, BN, then relu and max-pool applied apart."""
 
   @nn.compact
   def __call__(self, x, train):
     x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), name='Conv_0')(x)
     x = models.GroupedBatchNorm(use_running_average=not train, num_groups=2,
                                 name='GroupedBatchNorm_0')(x)
-    return models.max_pool_2x2(nn.relu(x))
+    return max_pool.max_pool_2x2(nn.relu(x))
 
 
 class _FusedConv4Block(nn.Module):
+  """Conv4's block: the norm's activation, which XLA's kernel set runs as one fused op."""
+
   @nn.compact
   def __call__(self, x, train):
-    y, conv_bias = models.ConvWithDeferredBias(8, (3, 3), name='Conv_0')(x)
+    x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), name='Conv_0')(x)
     return models.GroupedBatchNorm(use_running_average=not train, num_groups=2,
-                                   relu_max_pool=True, name='GroupedBatchNorm_0')(
-                                       y, input_bias=conv_bias)
+                                   activation=max_pool.relu_max_pool_2x2,
+                                   name='GroupedBatchNorm_0')(x)
 
 
-def test_conv4_block_with_folded_bias_equals_the_unfused_block():
+def test_conv4_block_with_fused_activation_equals_the_unfused_block():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(4, 9, 9, 3)), jnp.float32)
   variables = _UnfusedConv4Block().init(jax.random.PRNGKey(0), x, train=True)
   params = jax.tree_util.tree_map(
       lambda p: p + jnp.asarray(rng.normal(size=p.shape) * 0.3, jnp.float32),
-      variables['params'])  # a nonzero conv bias, so folding it is tested
+      variables['params'])  # a nonzero conv bias, which the running mean must see
   variables = {'params': params, 'batch_stats': variables['batch_stats']}
   results = {}
-  # nn.Conv's kernel is HWIO, ConvWithDeferredBias's OHWI (models.CONV_KERNEL_LAYOUT).
-  for name, block, layout in [('unfused', _UnfusedConv4Block(), 'HWIO'),
-                              ('fused', _FusedConv4Block(), 'OHWI')]:
-    block_params = checkpoint.transpose_conv_kernels(params, 'HWIO', layout)
-    out, updates = block.apply({**variables, 'params': block_params}, x, train=True,
-                               mutable=['batch_stats'])
-    eval_out = block.apply({'params': block_params, 'batch_stats': updates['batch_stats']}, x,
+  for name, block in [('unfused', _UnfusedConv4Block()), ('fused', _FusedConv4Block())]:
+    out, updates = block.apply(variables, x, train=True, mutable=['batch_stats'])
+    eval_out = block.apply({'params': params, 'batch_stats': updates['batch_stats']}, x,
                            train=False)
     grads = jax.grad(lambda p, block=block: block.apply(
         {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True,
-        mutable=['batch_stats'])[0].sum())(block_params)
-    grads = checkpoint.transpose_conv_kernels(grads, layout, 'HWIO')
+        mutable=['batch_stats'])[0].sum())(params)
     results[name] = (out, updates['batch_stats'], eval_out, grads)
+  # The fused block runs the one custom_vjp op (batch_norm_relu_max_pool); the unfused has none.
+  jaxprs = {name: str(jax.make_jaxpr(lambda v, block=block: block.apply(
+      v, x, train=True, mutable=['batch_stats']))(variables))
+            for name, block in [('unfused', _UnfusedConv4Block()), ('fused', _FusedConv4Block())]}
+  assert 'custom_vjp_call' in jaxprs['fused'] and 'custom_vjp_call' not in jaxprs['unfused']
   for want, got in zip(results['unfused'], results['fused']):
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
                            got, want)
-  # BN cancels the conv bias in training: its gradient is zero (the unfused one is float noise).
-  assert np.abs(np.asarray(results['fused'][3]['Conv_0']['bias'])).max() == 0.0
+  # BN cancels the conv bias in training: its gradient is float noise.
+  assert np.abs(np.asarray(results['fused'][3]['Conv_0']['bias'])).max() < 1e-4
+
+
+@pytest.mark.parametrize('activation', [None, jax.nn.relu, jnp.tanh])
+def test_grouped_batch_norm_applies_the_activations_it_does_not_fuse(activation):
+  """`activation` follows BN (statistics per group), whatever the function."""
+  x = np.random.default_rng(4).normal(size=(4, 3, 3, 5)).astype(np.float32) * 2 + 1
+  scale = np.linspace(0.5, 1.5, 5).astype(np.float32)
+  bias = np.linspace(-0.2, 0.2, 5).astype(np.float32)
+  out, mean, var = fused_batch_norm.grouped_batch_norm(x, scale, bias, 2, EPS, activation)
+  for group in range(2):
+    part = x[2 * group:2 * group + 2]
+    normalised = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + EPS) * scale + bias
+    want = {None: normalised, jax.nn.relu: np.maximum(normalised, 0)}.get(
+        activation, np.tanh(normalised))
+    np.testing.assert_allclose(out[2 * group:2 * group + 2], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean[group], part.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var[group], part.var((0, 1, 2)), rtol=1e-5, atol=1e-6)

@@ -108,6 +108,20 @@ def test_bad_arguments_are_a_clear_error(window, stride, padding):
     max_pool.max_pool(jnp.zeros((1, 16, 16, 1)), window, stride, padding)
 
 
+@pytest.mark.parametrize('size', [8, 21])
+def test_max_pool_2x2_matches_flax_max_pool_and_torch_floor_mode(size):
+  """Conv4's pool (`max_pool_2x2`, and after a ReLU `relu_max_pool_2x2`, the norm's activation)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  pooled = max_pool.max_pool_2x2(x)
+  np.testing.assert_array_equal(pooled, nn.max_pool(x, (2, 2), (2, 2)))
+  reference = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
+  np.testing.assert_array_equal(pooled, reference.permute(0, 2, 3, 1).numpy())
+  reference = torch.nn.functional.max_pool2d(torch.relu(torch.from_numpy(x)).permute(0, 3, 1, 2), 2)
+  np.testing.assert_array_equal(max_pool.relu_max_pool_2x2(x),
+                                reference.permute(0, 2, 3, 1).numpy())
+
+
 @needs_onednn
 def test_onednn_pool_takes_what_floor_mode_allows():
   """`supported`: float32 NHWC whose last window starts inside the input; the rest (a 7-wide

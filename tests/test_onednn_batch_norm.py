@@ -102,7 +102,7 @@ def test_gradients_match_numpy(groups, relu, shape, statistics_too):
 
 
 def _module_run(impl, x, dtype=jnp.float32):
-  module = models.GroupedBatchNorm(use_running_average=False, num_groups=2, relu=True,
+  module = models.GroupedBatchNorm(use_running_average=False, num_groups=2, activation=jax.nn.relu,
                                    kernels=kernels.select(impl), dtype=dtype)
   variables = module.init(jax.random.PRNGKey(0), x)
   apply = jax.jit(lambda v, x: module.apply(v, x, mutable=['batch_stats']))

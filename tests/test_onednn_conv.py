@@ -18,7 +18,7 @@ needs_onednn = pytest.mark.skipif(not AVAILABLE, reason=f'onednn conv unavailabl
 
 def _xla(images, kernel, stride, padding):
   return jax.lax.conv_general_dilated(images, kernel, (stride, stride), [(padding, padding)] * 2,
-                                      dimension_numbers=('NHWC', 'OHWI', 'NHWC'),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                       precision='highest')
 
 
@@ -39,7 +39,7 @@ def _loss(conv, images, kernel):
 def test_forward_and_both_gradients_match_xla(shape, features, kernel, stride, padding):
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  weights = jnp.asarray(rng.normal(size=(features, kernel, kernel, shape[-1])), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], features)), jnp.float32)
   ours = lambda x, w: onednn_conv.onednn_conv(x, w, (stride, stride), (padding, padding))
   xla = lambda x, w: _xla(x, w, stride, padding)
   want = xla(images, weights)  # outputs grow with the channels: tolerance relative to them
@@ -53,15 +53,16 @@ def test_forward_and_both_gradients_match_xla(shape, features, kernel, stride, p
 
 def test_blocked_layout_only_for_wide_convolutions_on_small_maps():
   """The fixed rule (see `onednn_conv.blocked_layout`), and the custom calls carrying it."""
-  assert onednn_conv.blocked_layout((96, 3, 3, 512), (512, 3, 3, 512), (1, 1)) == (True, True)
-  assert onednn_conv.blocked_layout((64, 4, 4, 512), (512, 3, 3, 512), (1, 1)) == (False, True)
-  for images, kernel, stride in (((64, 8, 8, 512), (512, 3, 3, 512), (1, 1)),
-                                 ((64, 8, 8, 256), (512, 3, 3, 256), (2, 2)),
-                                 ((64, 4, 4, 256), (256, 3, 3, 256), (1, 1)),
-                                 ((64, 3, 3, 512), (2048, 1, 1, 512), (1, 1))):
+  assert onednn_conv.blocked_layout((96, 3, 3, 512), (3, 3, 512, 512), (1, 1)) == (True, True)
+  assert onednn_conv.blocked_layout((64, 4, 4, 512), (3, 3, 512, 512), (1, 1)) == (False, True)
+  for images, kernel, stride in (((64, 8, 8, 512), (3, 3, 512, 512), (1, 1)),
+                                 ((64, 8, 8, 256), (3, 3, 256, 512), (2, 2)),
+                                 ((64, 4, 4, 256), (3, 3, 256, 256), (1, 1)),
+                                 ((64, 3, 3, 512), (1, 1, 512, 2048), (1, 1)),
+                                 ((64, 3, 3, 512), (3, 3, 512, 256), (1, 1))):
     assert onednn_conv.blocked_layout(images, kernel, stride) == (False, False)
   if AVAILABLE:
-    images, weights = jnp.ones((2, 3, 3, 512)), jnp.ones((512, 3, 3, 512))
+    images, weights = jnp.ones((2, 3, 3, 512)), jnp.ones((3, 3, 512, 512))
     text = jax.jit(lambda x, w: onednn_conv.onednn_conv(x, w, (1, 1), (1, 1))).lower(
         images, weights).as_text()
     assert 'blocked_forward = true' in text
@@ -72,7 +73,7 @@ def test_kernel_gradient_alone_when_the_images_are_data():
   """jax.grad over the kernel only takes the d-kernel-only custom call; it equals XLA's."""
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.normal(size=(2, 12, 12, 4)), jnp.float32)
-  weights = jnp.asarray(rng.normal(size=(6, 3, 3, 4)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
   ours = lambda w: _loss(lambda x, k: onednn_conv.onednn_conv(x, k, (1, 1), (1, 1)), images, w)
   grad = jax.jit(jax.grad(ours))
   assert 'pcl_onednn_backward_kernel' in grad.lower(weights).as_text()
@@ -84,13 +85,34 @@ def test_kernel_gradient_alone_when_the_images_are_data():
 @needs_onednn
 def test_bfloat16_goes_to_the_torch_path():
   images = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
-  weights = jnp.ones((4, 3, 3, 4), jnp.bfloat16)
+  weights = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
   conv = lambda x, w: onednn_conv.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'OHWI', 'NHWC'))
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   text = jax.jit(conv).lower(images, weights).as_text()
   assert 'pcl_onednn' not in text
   np.testing.assert_allclose(np.asarray(jax.jit(conv)(images, weights), np.float32),
                              np.asarray(_xla(images, weights, 1, 1), np.float32))
+
+
+@needs_onednn
+def test_flax_conv_runs_on_onednn_and_other_kernel_layouts_fall_back():
+  """nn.Conv's call (HWIO, its dimension numbers) takes the custom call; an OHWI kernel, which
+  the custom calls do not take, goes to the torch path with the same result."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(2, 7, 7, 3)), jnp.float32)
+  layer = nn.Conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                  conv_general_dilated=onednn_conv.conv_general_dilated)
+  variables = layer.init(jax.random.PRNGKey(0), images)
+  apply = jax.jit(layer.apply)
+  assert 'pcl_onednn_forward' in apply.lower(variables, images).as_text()
+  want = _xla(images, variables['params']['kernel'], 1, 1)
+  np.testing.assert_allclose(apply(variables, images), want, rtol=1e-5, atol=1e-5)
+  ohwi = jnp.transpose(variables['params']['kernel'], (3, 0, 1, 2))
+  conv = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'OHWI', 'NHWC')))
+  assert 'pcl_onednn' not in conv.lower(images, ohwi).as_text()
+  np.testing.assert_allclose(conv(images, ohwi), want, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_onednn_is_a_clear_error(monkeypatch):

@@ -6,6 +6,9 @@ import logging
 import os
 import shutil
 
+import jax
+import numpy as np
+
 from configs import default as default_config
 from configs import test as test_config
 from pcl_jax import configuration
@@ -58,8 +61,62 @@ def test_a_run_directory_with_kernel_choices_under_model_still_resumes(tmp_path,
   assert len(changed) == 1 and 'runtime.conv_impl' in changed[0]
   assert 'model.conv_impl' not in changed[0] and 'xla_cpu_threads' not in changed[0]
   assert 'runtime' in json.load(open(os.path.join(workdir, 'config.json')))
+  # Its OHWI kernels were upgraded on restore; what the resumed run wrote is today's format.
+  assert 'conv_kernel_layout' not in checkpoint_lib.read_meta(workdir, 2)
   results = driver.evaluate_checkpoint(_config(2, 'auto'), workdir)
   assert results['checkpoint_step'] == 2
+
+
+def _saved_arrays(workdir: str, step: int) -> dict:
+  """Checkpoint `step`'s state as Orbax reads it from disk: no template, no upgrade."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(checkpoint_lib.step_dir(workdir, step), 'state'))
+
+
+def _leaves(tree) -> dict:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _as_saved(path: str, array):
+  """A restored leaf in the legacy run's format: conv kernels [out, kh, kw, in] (OHWI)."""
+  if path.endswith("['kernel']") and array.ndim == 4:
+    return np.transpose(array, (3, 0, 1, 2))
+  return array
+
+
+def test_the_legacy_runs_ohwi_kernels_restore_as_flax_hwio_for_resume_and_evaluation(tmp_path):
+  """checkpoint.UPGRADES: the legacy run's meta says conv_kernel_layout='OHWI'; both restores
+  give flax's HWIO kernels, the saved arrays transposed, and every other leaf as saved."""
+  workdir = str(tmp_path / 'legacy_run')
+  shutil.copytree(LEGACY_RUN, workdir)
+  assert checkpoint_lib.read_meta(workdir, 1)['conv_kernel_layout'] == 'OHWI'
+  raw = _leaves(_saved_arrays(workdir, 1))
+  evaluated, meta, _ = checkpoint_lib.restore_for_eval(workdir, 1)
+  assert 'conv_kernel_layout' not in meta
+  evaluated = _leaves(evaluated)
+  assert evaluated.keys() == raw.keys()
+  kernels = [path for path in raw if path.endswith("['kernel']") and raw[path].ndim == 4]
+  assert len(kernels) == 4 * 3  # Conv4's, in params, key_params and the momentum
+  for path, array in evaluated.items():
+    np.testing.assert_array_equal(_as_saved(path, array), raw[path], err_msg=path)
+  config = _config(2, 'xla')
+  template = train.Trainer(config, workdir, configuration.validate(config)).initial_state()
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  try:
+    state, meta = checkpointer.restore(template, 1)
+  finally:
+    checkpointer.close()
+  assert 'conv_kernel_layout' not in meta
+  for field in ('params', 'key_params', 'batch_stats', 'key_batch_stats'):
+    restored = _leaves({field: getattr(state, field)})
+    assert restored and restored.keys() <= raw.keys()
+    shapes = {path: leaf.shape for path, leaf in _leaves({field: getattr(template, field)}).items()}
+    assert {path: array.shape for path, array in restored.items()} == shapes
+    for path, array in restored.items():
+      np.testing.assert_array_equal(_as_saved(path, array), raw[path], err_msg=path)
+  assert state.params['backbone']['Conv_0']['kernel'].shape == (3, 3, 3, 8)  # HWIO
 
 
 def test_saved_configs_are_read_with_moved_fields_at_their_new_places():

@@ -65,7 +65,8 @@ def test_forward_and_gradients_match_xla(shape, kernel, stride, padding):
     ((2, 7, 7, 4), (3, 3, 4, 6), (2, 2), 'SAME'),
 ])
 def test_ohwi_kernels_match_xla_on_the_same_hwio_kernel(shape, kernel, stride, padding):
-  """models.CONV_KERNEL_LAYOUT: an OHWI kernel gives the HWIO kernel's outputs and gradients."""
+  """An OHWI kernel (a channels-last PyTorch weight's bytes) gives the HWIO kernel's outputs and
+  gradients."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   w = jnp.asarray(rng.normal(size=kernel), jnp.float32)

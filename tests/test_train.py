@@ -165,36 +165,39 @@ def test_zero_epochs_saves_the_initialisation_as_checkpoint_zero(tmp_path):
                                 jax.tree_util.tree_leaves(state.key_params)[0])
 
 
-def _write_hwio_checkpoint(source: str, target: str) -> None:
-  """`target`: `source`'s latest checkpoint as checkpoints were written before conv kernels were
-  stored OHWI (HWIO kernels, no 'conv_kernel_layout' in meta)."""
+def _write_ohwi_checkpoint(source: str, target: str) -> None:
+  """`target`: `source`'s latest checkpoint as checkpoints were written while conv kernels were
+  stored [out, kh, kw, in] (OHWI, meta['conv_kernel_layout'] = 'OHWI')."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   tree, meta, step = checkpoint_lib.restore_for_eval(source)
-  tree = checkpoint_lib.transpose_conv_kernels(tree, 'OHWI', 'HWIO')
-  del meta[checkpoint_lib.KERNEL_LAYOUT_KEY]
+  as_ohwi = lambda path, leaf: (np.transpose(leaf, (3, 0, 1, 2))
+                                if getattr(path[-1], 'key', None) == 'kernel' and leaf.ndim == 4
+                                else leaf)
+  tree = jax.tree_util.tree_map_with_path(as_ohwi, tree)
   manager = ocp.CheckpointManager(checkpoint_lib.checkpoint_dir(target),
                                   options=ocp.CheckpointManagerOptions(create=True),
                                   item_names=('state', 'meta'))
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                             meta=ocp.args.JsonSave(meta)))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(tree),
+      meta=ocp.args.JsonSave({**meta, 'conv_kernel_layout': 'OHWI'})))
   manager.wait_until_finished()
   manager.close()
 
 
-# Older run directories stay covered by tests/test_runtime_settings.py's legacy run.
+# The committed OHWI run (tests/test_runtime_settings.py's legacy run) covers this by default.
 @pytest.mark.slow
-def test_checkpoints_with_hwio_kernels_still_evaluate_and_resume(tmp_path):
-  """Checkpoints from before kernels were stored OHWI: both restores transpose them back."""
+def test_checkpoints_with_ohwi_kernels_still_evaluate_and_resume(tmp_path):
+  """Checkpoints from while kernels were stored OHWI: both restores upgrade them to HWIO, and
+  the resumed run trains as the run it was copied from."""
   from pcl_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.train.epochs = 1
   current, legacy = str(tmp_path / 'current'), str(tmp_path / 'legacy')
   train.train_and_evaluate(config, current)
-  _write_hwio_checkpoint(current, legacy)
-  kernel = ('key_params', 'backbone', 'Conv_0', 'kernel')
+  _write_ohwi_checkpoint(current, legacy)
   saved = checkpoint_lib.restore_for_eval(legacy)[0]
-  assert np.shape(saved[kernel[0]][kernel[1]][kernel[2]][kernel[3]])[0] == config.model.width
+  assert np.shape(saved['key_params']['backbone']['Conv_0']['kernel'])[-1] == config.model.width
   chex.assert_trees_all_equal(saved, checkpoint_lib.restore_for_eval(current)[0])
   config.train.epochs = 2
   train.train_and_evaluate(config, current)

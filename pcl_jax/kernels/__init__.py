@@ -2,7 +2,12 @@
 
 A model computes the same function whichever kernels run it; only the speed differs (results
 agree to float rounding). The choice is therefore a runtime setting (`runtime.conv_impl`), never
-part of a checkpoint's identity, and the model receives it as a `Kernels` value:
+part of a checkpoint's identity, and the model receives it as a `Kernels` value. The model's
+layers are flax's own, in flax's layouts (HWIO conv kernels), and each takes its op from the set
+at one seam: `nn.Conv(conv_general_dilated=kernels.conv)`, and `GroupedBatchNorm`'s training
+statistics from `kernels.batch_norm`, which is handed the norm's activation (a plain function)
+and fuses those it knows. A kernel that prefers another weight layout reorders inside itself, so
+no layout or fused-op option reaches the model or its checkpoints. The sets:
 
 - `xla`: XLA's convolutions, pure-JAX batch norm (`fused_batch_norm`) and max-pool (`max_pool`).
   Runs and shards everywhere (CPU, GPU, TPU, many devices).
@@ -32,8 +37,9 @@ class Kernels:
   Attributes:
     name: the resolved `runtime.conv_impl` ('xla', 'torch' or 'onednn').
     conv: `jax.lax.conv_general_dilated`'s signature.
-    batch_norm: `fused_batch_norm.grouped_batch_norm(x, scale, bias, num_groups, epsilon, relu)
-      -> (out, mean [G, C], var [G, C])`, training mode.
+    batch_norm: `fused_batch_norm.grouped_batch_norm(x, scale, bias, num_groups, epsilon,
+      activation) -> (activation(out), mean [G, C], var [G, C])`, training mode; fuses the
+      activations it knows (`jax.nn.relu`, `max_pool.relu_max_pool_2x2`) and applies any other.
     max_pool: `max_pool.max_pool(x, window, stride, padding)`.
     residual_join: `(y, shortcut) -> relu(y + shortcut)`.
   """

@@ -2,7 +2,8 @@
 
 This module owns the reading of a convolution call's arguments (strides, padding, dimension
 numbers, dtypes) into the few cases that `torch_conv` and `onednn.conv` run: plain 2-D NHWC
-convolutions without dilation or groups, with symmetric padding and an HWIO or OHWI kernel.
+convolutions without dilation or groups, with symmetric padding and an HWIO kernel (flax's, what
+`nn.Conv` passes) or an OHWI one (a channels-last PyTorch weight's bytes).
 Anything else is left to XLA by the callers. It imports neither torch nor oneDNN.
 """
 

@@ -17,10 +17,12 @@ common where an image is flat). The op is pure JAX, so it runs and shards wherev
 """
 
 import functools
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from pcl_jax.kernels import max_pool
 
 # Window elements in row-major order; index 4 marks a window whose maximum is <= 0, so the ReLU
 # passes no gradient to any of its elements.
@@ -48,15 +50,23 @@ def per_group(values: jax.Array, ndim: int = 5) -> jax.Array:
 
 
 def grouped_batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                       epsilon: float, relu: bool = False):
-  """Training BN (then ReLU if `relu`) in XLA's ops, statistics per group of samples:
-  (output [B, ...] float32, mean [G, C], biased variance [G, C]). `onednn.batch_norm` is the
-  same contract on oneDNN."""
+                       epsilon: float, activation: Optional[Callable] = None):
+  """Training BN, statistics per group of samples, then `activation` (None: none), in XLA's
+  ops: (output float32, mean [G, C], biased variance [G, C]). `max_pool.relu_max_pool_2x2` runs
+  fused (`batch_norm_relu_max_pool`), `jax.nn.relu` as a max in BN's own pass; any other
+  function is applied to the normalised output. `onednn.batch_norm` is the same contract on
+  oneDNN."""
+  if activation is max_pool.relu_max_pool_2x2:
+    return batch_norm_relu_max_pool(x, scale, bias, num_groups, epsilon)
   grouped, mean, var = group_statistics(x, num_groups)
   gain = jax.lax.rsqrt(var + epsilon) * scale
   ndim = grouped.ndim
   out = (grouped * per_group(gain, ndim) + per_group(bias - mean * gain, ndim)).reshape(x.shape)
-  return (jnp.maximum(out, 0.0) if relu else out), mean, var
+  if activation is jax.nn.relu:
+    out = jnp.maximum(out, 0.0)
+  elif activation is not None:
+    out = activation(out)
+  return out, mean, var
 
 
 def _windows(grouped: jax.Array):

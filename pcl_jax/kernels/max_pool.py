@@ -1,4 +1,5 @@
-"""Max-pooling with overlapping windows (ResNet's 3x3 stride-2 stem pool) and a fast gradient.
+"""Max-pooling: overlapping windows (ResNet's 3x3 stride-2 stem pool) with a fast gradient, and
+the 2x2 pool after a ReLU that ends each Conv4 block (`relu_max_pool_2x2`).
 
 Why this exists: `nn.max_pool`'s gradient is XLA's select-and-scatter, which is slow on CPU: the
 ResNet stem pool at 84 px, batch 96 (96x42x42x64) took 106 ms forward + backward against
@@ -10,6 +11,10 @@ which XLA fuses into a few elementwise loops.
 The winner of a tie is the window's first maximal element in row-major order, and NaN wins, as
 in PyTorch's CPU max_pool2d (jnp.max-based gradients would split a tie; ties are common after a
 ReLU). Floor mode and -inf padding, as `torch.nn.functional.max_pool2d(ceil_mode=False)`.
+
+`relu_max_pool_2x2` is an activation for `GroupedBatchNorm`: a kernel set's `batch_norm` that
+knows it runs BN + ReLU + pool as one op (`fused_batch_norm.batch_norm_relu_max_pool`); called
+as it is (evaluation), it is a ReLU and a reshape + max.
 """
 
 import functools
@@ -114,3 +119,20 @@ def _backward(window, stride, padding, residuals, out_grad):
 
 
 _max_pool.defvjp(_forward, _backward)
+
+
+def max_pool_2x2(x):
+  """2x2 stride-2 max-pool (floor mode, as PyTorch) as a reshape + max.
+
+  Same values as nn.max_pool(x, (2, 2), (2, 2)), but its gradient is an elementwise mask instead
+  of XLA's select-and-scatter, which is several times slower on CPU.
+  """
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2]
+  x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+  return x.max(axis=(2, 4))
+
+
+def relu_max_pool_2x2(x):
+  """max_pool_2x2(relu(x)): the activation that ends a Conv4 block."""
+  return max_pool_2x2(jax.nn.relu(x))

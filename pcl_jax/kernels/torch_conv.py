@@ -10,10 +10,12 @@ as `jax.experimental.buffer_callback`s on zero-copy torch views of XLA's own buf
 exactly PyTorch's channels-last layout -- and a `jax.custom_vjp` wires the gradients. Batch
 norm, losses, the optimizer and the momentum update stay in XLA.
 
-Kernels may be HWIO (lax's usual) or OHWI, which is the byte layout of a channels-last PyTorch
-model's weights. oneDNN reorders either into its own blocked format on every call, but from OHWI
-the forward and backward run ~4-6% faster, and the whole ResNet-18 step 6.7% faster (in-process
-A/B on the 2-core test machine). So `pcl_jax.models` stores its conv kernels as OHWI.
+Kernels are HWIO (flax's layout, what `nn.Conv` passes) or OHWI (the byte layout of a
+channels-last PyTorch weight), each seen by torch as an OIHW view without a copy. oneDNN
+reorders either into its own blocked format on every call; from OHWI its calls ran ~4-6% faster
+in isolation, but transposing flax's kernels to OHWI in the step costs as much as it saves
+(benchmarks/RESULTS.md), so HWIO is taken as it is. On CPU `runtime.conv_impl=auto` runs
+`onednn.conv` where it builds; this module is its fallback (bfloat16) and the `torch` set.
 
 Only for a single CPU device (`conv_args.single_cpu_device`); `pcl_jax.kernels.select` makes that
 choice for `runtime.conv_impl='auto'`. Cases the fast path does not cover (dilation, groups,
@@ -56,7 +58,7 @@ def _images(buffer) -> torch.Tensor:
 
 
 def _kernel(buffer, layout: str) -> torch.Tensor:
-  """An HWIO or OHWI buffer as an OIHW view (OHWI: channels-last memory, no reorder needed)."""
+  """An HWIO or OHWI buffer as an OIHW view (no copy; OHWI is channels-last memory)."""
   return torch.from_dlpack(buffer).permute(*(layout.index(axis) for axis in 'OIHW'))
 
 

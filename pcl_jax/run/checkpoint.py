@@ -11,17 +11,21 @@ restored, so a truncated, altered or missing file is found and named, whatever O
 TensorStore would make of it. A checkpoint without the file (written by an older version, or the
 newest one of a run killed before sealing it) can only be judged by restoring it.
 
-Conv kernels are saved in `models.CONV_KERNEL_LAYOUT` (OHWI), recorded in `meta` under
-'conv_kernel_layout'. Checkpoints written before that key existed hold flax's HWIO kernels; both
-restores transpose them, so those runs still resume and evaluate.
+The state is a plain Flax tree: parameters as flax.linen's layers name and shape them (HWIO conv
+kernels). A checkpoint written in an older format is brought to today's on restore by the steps
+of `UPGRADES`, each recognised from the checkpoint's `meta` (as `configuration.upgrade_saved_config`
+translates a saved config.json), so those runs still resume and evaluate; checkpoints are always
+written in today's format.
 """
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import re
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 from etils import epath
@@ -32,14 +36,7 @@ from pcl_jax.configuration import UserError
 from pcl_jax import models
 from pcl_jax.run import files as run_files
 
-KERNEL_LAYOUT_KEY = 'conv_kernel_layout'
 CHECKSUMS_FILE = 'checksums.json'
-_LAYOUT_BEFORE_THE_KEY = 'HWIO'
-
-
-def saved_kernel_layout(meta: dict) -> str:
-  """The layout of the conv kernels in a checkpoint with this `meta`."""
-  return meta.get(KERNEL_LAYOUT_KEY, _LAYOUT_BEFORE_THE_KEY)
 
 
 def _is_conv_kernel(path, leaf) -> bool:
@@ -50,13 +47,9 @@ def _is_conv_kernel(path, leaf) -> bool:
   return name == 'kernel' and len(np.shape(leaf)) == 4
 
 
-def transpose_conv_kernels(tree, source: str, target: str):
-  """`tree` with every conv kernel moved from layout `source` to `target` ('HWIO'/'OHWI').
-
-  Leaves may be arrays (kept on their sharding) or ShapeDtypeStructs (restore templates)."""
-  if source == target:
-    return tree
-  permutation = tuple(source.index(axis) for axis in target)
+def _permute_conv_kernels(tree, permutation: Tuple[int, ...]):
+  """`tree` with the axes of every conv kernel permuted. Leaves may be arrays (kept on their
+  sharding), numpy arrays or ShapeDtypeStructs (restore templates)."""
 
   def move(path, leaf):
     if not _is_conv_kernel(path, leaf):
@@ -69,6 +62,57 @@ def transpose_conv_kernels(tree, source: str, target: str):
     return np.transpose(leaf, permutation)
 
   return jax.tree_util.tree_map_with_path(move, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upgrade:
+  """One change of the checkpoint format, undone when an older checkpoint is restored.
+
+  Attributes:
+    name: what changed.
+    applies: (saved meta) -> whether the checkpoint predates the change.
+    to_saved: a state tree (or restore template) in today's form -> the old form's, for the
+      template a restore of the old checkpoint needs.
+    to_current: a state tree restored in the old form -> today's.
+    retired_meta: meta keys of the old format, dropped from the restored meta.
+  """
+  name: str
+  applies: Callable[[dict], bool]
+  to_saved: Callable[[Any], Any]
+  to_current: Callable[[Any], Any]
+  retired_meta: Tuple[str, ...] = ()
+
+
+# Oldest first. Checkpoints of the same format as today's (among them the HWIO ones written before
+# conv kernels were ever stored otherwise) need none.
+UPGRADES = (
+    # Conv kernels were stored [out, kh, kw, in] for a while, said by meta['conv_kernel_layout'].
+    Upgrade("conv kernels OHWI -> HWIO (flax's layout)",
+            applies=lambda meta: meta.get('conv_kernel_layout') == 'OHWI',
+            to_saved=functools.partial(_permute_conv_kernels, permutation=(3, 0, 1, 2)),
+            to_current=functools.partial(_permute_conv_kernels, permutation=(1, 2, 3, 0)),
+            retired_meta=('conv_kernel_layout',)),
+)
+
+
+def upgrades_for(meta: dict) -> Tuple[Upgrade, ...]:
+  """The steps of `UPGRADES` that a checkpoint with this saved `meta` needs, oldest first."""
+  return tuple(upgrade for upgrade in UPGRADES if upgrade.applies(meta))
+
+
+def _saved_form(tree, upgrades):
+  """Today's `tree` in the form of a checkpoint that needs `upgrades`."""
+  for upgrade in reversed(upgrades):
+    tree = upgrade.to_saved(tree)
+  return tree
+
+
+def _upgraded(tree, meta: dict, upgrades) -> Tuple[Any, dict]:
+  """(tree, meta) of a checkpoint that needs `upgrades`, in today's format."""
+  for upgrade in upgrades:
+    tree = upgrade.to_current(tree)
+    meta = {key: value for key, value in meta.items() if key not in upgrade.retired_meta}
+  return tree, meta
 
 
 def _as_template(tree):
@@ -170,7 +214,6 @@ def check_model_matches(config, meta: dict, path: str) -> None:
 
 
 def _composite_save(state, meta):
-  meta = {**meta, KERNEL_LAYOUT_KEY: models.CONV_KERNEL_LAYOUT}
   return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
@@ -241,16 +284,15 @@ class Checkpointer:
     _quiet_failed_reads()
     step = self.manager.latest_step() if epochs_done is None else epochs_done
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    layout = saved_kernel_layout(meta)
-    template = transpose_conv_kernels(_as_template(template_state), models.CONV_KERNEL_LAYOUT,
-                                      layout)
+    upgrades = upgrades_for(meta)
+    template = _saved_form(_as_template(template_state), upgrades)
     added = _fields_added_since(os.path.join(str(self.manager.directory), str(step), 'state'),
                                 template_state)
     if added:  # restore what was saved, then give the newer fields their initial values
       template = {name: value for name, value in vars(template).items() if name not in added}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template)))
-    state = transpose_conv_kernels(restored['state'], layout, models.CONV_KERNEL_LAYOUT)
+    state, meta = _upgraded(restored['state'], meta, upgrades)
     if added:
       state = template_state.replace(**state, **{name: getattr(template_state, name)
                                                  for name in added})
@@ -291,7 +333,8 @@ def _quiet_failed_reads() -> None:
 
 
 def _raw_restore(directory: str, step: int) -> Tuple[dict, dict]:
-  """(state tree, meta) of checkpoint `step` in `directory`, as saved (no template)."""
+  """(state tree, meta) of checkpoint `step` in `directory`, restored as saved (no template)
+  and brought to today's format (`UPGRADES`)."""
   _quiet_failed_reads()
   manager = ocp.CheckpointManager(directory, item_names=('state', 'meta'))
   try:
@@ -299,9 +342,7 @@ def _raw_restore(directory: str, step: int) -> Tuple[dict, dict]:
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  state = transpose_conv_kernels(restored['state'], saved_kernel_layout(restored['meta']),
-                                 models.CONV_KERNEL_LAYOUT)
-  return state, restored['meta']
+  return _upgraded(restored['state'], restored['meta'], upgrades_for(restored['meta']))
 
 
 class _Damaged(Exception):

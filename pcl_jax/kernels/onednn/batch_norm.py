@@ -17,7 +17,7 @@ for all, so a BN never runs beside a convolution). `grouped_batch_norm` is the k
 
 import ctypes
 import functools
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +113,10 @@ batch_norm.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 def grouped_batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                       epsilon: float, relu: bool = False):
-  """`fused_batch_norm.grouped_batch_norm`'s contract, on oneDNN for float32 NHWC `x`."""
-  if x.dtype == jnp.float32 and x.ndim == 4:
-    return batch_norm(x, scale, bias, num_groups, epsilon, relu)
-  return fused_batch_norm.grouped_batch_norm(x, scale, bias, num_groups, epsilon, relu)
+                       epsilon: float, activation: Optional[Callable] = None):
+  """`fused_batch_norm.grouped_batch_norm`'s contract: on oneDNN for float32 NHWC `x` and no
+  activation or `jax.nn.relu` (fused), XLA's for anything else (Conv4's fused BN + ReLU + pool
+  among them)."""
+  if x.dtype == jnp.float32 and x.ndim == 4 and activation in (None, jax.nn.relu):
+    return batch_norm(x, scale, bias, num_groups, epsilon, activation is jax.nn.relu)
+  return fused_batch_norm.grouped_batch_norm(x, scale, bias, num_groups, epsilon, activation)

@@ -1,5 +1,6 @@
 // XLA FFI custom calls for 2-D convolutions on oneDNN (`runtime.conv_impl=onednn`, built and
-// registered by conv.py): NHWC float32 images, OHWI float32 kernels, symmetric padding.
+// registered by conv.py): NHWC float32 images, HWIO float32 kernels (flax's layout), symmetric
+// padding.
 // Every result is written straight into XLA's output buffer, which torch_conv's torch calls cannot
 // do (torch allocates its own result, then torch_conv copies it).
 //
@@ -20,9 +21,10 @@ using dt = memory::data_type;
 namespace {
 
 // Primitives for one convolution shape. Weights go through the layout each primitive prefers
-// (a plain OHWI weight makes oneDNN 3.2 pick a reference kernel): the scratch memories hold
-// them there, and the reorders, made once here too, copy into or out of them. An empty reorder
-// means the preferred layout is plain OHWI and no copy is needed.
+// (a plain weight layout makes oneDNN 3.2 pick a reference kernel): the scratch memories hold
+// them there, and the reorders, made once here too, copy from XLA's plain HWIO kernel into
+// them, or out of them into an HWIO gradient. An empty reorder means the preferred layout is
+// plain HWIO and no copy is needed.
 //
 // With `blocked_forward` / `blocked_backward`, the forward / backward-data primitive takes the
 // activations in the layout oneDNN prefers (a channel-blocked one, where its jit kernels beat
@@ -41,8 +43,8 @@ struct Conv {
 
 using Dims = ffi::Buffer<ffi::F32>::Dimensions;
 
-// Sets `scratch` (memory in `layout`) and `copy` (the reorder from plain OHWI into `layout`, or
-// out of it); leaves both empty when `layout` is plain OHWI already.
+// Sets `scratch` (memory in `layout`) and `copy` (the reorder from the plain layout into
+// `layout`, or out of it); leaves both empty when `layout` is the plain one already.
 void stage(const memory::desc& layout, const memory::desc& plain, bool into_layout,
            memory& scratch, reorder& copy) {
   if (layout == plain) return;
@@ -62,12 +64,13 @@ Conv& conv_for(Dims x, Dims w, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
   auto& slot = cache[key];
   if (slot) return *slot;
   auto c = std::make_unique<Conv>();
-  const int64_t n = x[0], h = x[1], wd = x[2], ci = x[3], co = w[0], kh = w[1], kw = w[2];
+  // x is NHWC, w HWIO: [kh, kw, ci, co].
+  const int64_t n = x[0], h = x[1], wd = x[2], ci = x[3], kh = w[0], kw = w[1], co = w[3];
   const int64_t oh = (h + 2 * ph - kh) / sh + 1, ow = (wd + 2 * pw - kw) / sw + 1;
   memory::dims strides{sh, sw}, pads{ph, pw}, wdims{co, ci, kh, kw};
   c->src = memory::desc({n, ci, h, wd}, dt::f32, tag::nhwc);
   c->dst = memory::desc({n, co, oh, ow}, dt::f32, tag::nhwc);
-  c->plain_weights = memory::desc(wdims, dt::f32, tag::ohwi);
+  c->plain_weights = memory::desc(wdims, dt::f32, tag::hwio);
   auto any = memory::desc(wdims, dt::f32, tag::any);
   // Activations NHWC, or (blocked) in whatever layout oneDNN picks.
   auto layout = [](const memory::desc& nhwc, bool blocked) {

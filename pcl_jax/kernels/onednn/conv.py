@@ -8,9 +8,12 @@ machine (`benchmarks/onednn_direct/`): ResNet-18's convolutions at 32 px, batch 
 step against 1.39 s through torch with the copies, and the whole jitted step 1.11x the
 `torch_conv` step (44.5 against 40.3 img/s, 8 paired rounds in one process).
 
-Scope: float32, OHWI kernels (pcl_jax's layout), symmetric padding, no dilation or groups.
-Anything else (bfloat16, say) goes to `torch_conv`, and from there to XLA, so the function is
-always safe to call. Like `torch_conv`, one CPU device only. The library is `library`'s.
+Scope: float32, HWIO kernels (flax's layout, what `nn.Conv` passes), symmetric padding, no
+dilation or groups. oneDNN reorders the plain HWIO kernel into its preferred blocked layout on
+each call (and d kernel back out of it), as it did from OHWI: a plain weight layout of either
+kind would make it pick a reference kernel. Anything else (bfloat16, say) goes to
+`torch_conv`, and from there to XLA, so the function is always safe to call. Like
+`torch_conv`, one CPU device only. The library is `library`'s.
 """
 
 import functools
@@ -26,18 +29,18 @@ from pcl_jax.kernels import torch_conv
 
 
 def blocked_layout(images_shape, kernel_shape, stride) -> Tuple[bool, bool]:
-  """(forward, input gradient): whether that pass runs on oneDNN's channel-blocked activation
-  layout (copied in and out) instead of NHWC. For stride-1 3x3 convolutions of >= 512 channels
-  on small maps (ResNet's last stage; other kernel sizes were not measured), where oneDNN 3.2's
-  jit kernels beat its NHWC brgemm ones: both passes on maps of <= 9 pixels (84 px inputs), the
-  input gradient alone up to 16 (32 px).
+  """(forward, input gradient) for NHWC images and an HWIO kernel: whether that pass runs on
+  oneDNN's channel-blocked activation layout (copied in and out) instead of NHWC. For stride-1
+  3x3 convolutions of >= 512 channels on small maps (ResNet's last stage; other kernel sizes
+  were not measured), where oneDNN 3.2's jit kernels beat its NHWC brgemm ones: both passes on
+  maps of <= 9 pixels (84 px inputs), the input gradient alone up to 16 (32 px).
   Measured on the 2-core Zen 5 test machine, 512 channels alone: at 3x3, batch 96,
   forward 7.9 against 9.5 ms and input gradient 7.1 against 10.0 (the mini-ImageNet step
   x1.025-1.036, `ffi_step.py --layer layout`); at 4x4, batch 64, the forward even and the input
   gradient 7.9 against 9.6. Every larger map was as fast or faster in NHWC. A fixed rule, not a
   per-run timing, so runs stay bit-reproducible."""
-  wide = (kernel_shape[0] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
-          and tuple(kernel_shape[1:3]) == (3, 3))
+  wide = (kernel_shape[3] >= 512 and images_shape[3] >= 512 and tuple(stride) == (1, 1)
+          and tuple(kernel_shape[:2]) == (3, 3))
   pixels = images_shape[1] * images_shape[2]
   return wide and pixels <= 9, wide and pixels <= 16
 
@@ -54,8 +57,8 @@ def _call(name: str, results, *operands, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def onednn_conv(images, kernel, stride: Tuple[int, int], padding: Tuple[int, int]):
-  """NHWC float32 images * OHWI float32 kernel -> NHWC, symmetric (pad_h, pad_w)."""
-  shape = conv_args.output_shape(images.shape, kernel.shape, stride, padding, 'OHWI')
+  """NHWC float32 images * HWIO float32 kernel -> NHWC, symmetric (pad_h, pad_w)."""
+  shape = conv_args.output_shape(images.shape, kernel.shape, stride, padding, 'HWIO')
   return _call('forward', jax.ShapeDtypeStruct(shape, images.dtype), images, kernel,
                stride=stride, padding=padding)
 
@@ -84,11 +87,11 @@ onednn_conv.defvjp(_forward, _backward, symbolic_zeros=True)
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, precision=None,
                          preferred_element_type=None):
-  """`lax.conv_general_dilated` that runs float32 NHWC/OHWI convolutions as oneDNN custom calls,
+  """`lax.conv_general_dilated` that runs float32 NHWC/HWIO convolutions as oneDNN custom calls,
   anything else through `torch_conv` (torch, then XLA)."""
   plain = conv_args.plain_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                dimension_numbers, feature_group_count, preferred_element_type)
-  if plain is None or lhs.dtype != jnp.float32 or plain[2] != 'OHWI':
+  if plain is None or lhs.dtype != jnp.float32 or plain[2] != 'HWIO':
     return torch_conv.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, precision, preferred_element_type)
