@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.clustering.use_float16 = True  # faiss GPU index in float16
   config.clustering.max_points_factor = 5 / 3  # max_points_per_centroid = int(N * f / k)
   config.clustering.min_points_factor = 1 / 3  # min_points_per_centroid = int(N * f / k)
+  # The jax k-means's shapes: 'max' computes every k of the run with the largest k's centroid
+  # rows (one compiled program per run, results equal to exact k to float rounding), 'exact'
+  # with k rows, 'auto' pads on GPU and TPU (where a compilation costs 10-85 s), not on a CPU.
+  config.clustering.pad_k = 'auto'  # auto | max | exact
   # What each level clusters: flat (the samples, each level on its own: PCL as published) |
   # hierarchical (the finer level's centroids, so a coarse cluster is a union of fine ones) |
   # balanced (flat, then made equal-sized: SwAV's Sinkhorn-Knopp over k-means' centroids).

@@ -42,6 +42,7 @@ MASK_LEVELS = ('finest', 'coarsest')  # pcl.masked.level
 ATTRACT_LEVELS = ('finest', 'coarsest', 'graded')  # pcl.attract.level
 PROTO_COLUMNS = ('unique', 'reference')  # pcl.proto_columns
 CLUSTER_LEVELS = ('flat', 'hierarchical', 'balanced')  # clustering.levels
+PAD_K = ('auto', 'max', 'exact')  # clustering.pad_k
 # Per-epoch metrics the plateau detector can monitor (schedule.metric).
 SCHEDULE_METRICS = ('acc_inst', 'loss_inst', 'loss', 'acc_proto', 'loss_proto', 'val_knn_top1')
 
@@ -247,6 +248,7 @@ def validate(config) -> cluster_schedule.ClusterSchedule:
   _one_of(config.train.dtype, DTYPES, 'train.dtype')
   _one_of(config.clustering.backend, BACKENDS, 'clustering.backend')
   _one_of(config.clustering.levels, CLUSTER_LEVELS, 'clustering.levels')
+  _one_of(config.clustering.pad_k, PAD_K, 'clustering.pad_k')
   _one_of(config.pcl.instance_loss, INSTANCE_LOSSES, 'pcl.instance_loss')
   reference = _reference_config()
   if reference is not None:

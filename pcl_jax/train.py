@@ -63,6 +63,10 @@ class Trainer:
     configuration.validate_against_data(config, schedule, self.datasets.num_train)
     self.max_clusters = config.pcl.max_clusters or max(self.schedule.all_clusters)
     self.max_k = min(max(self.schedule.all_clusters), self.datasets.num_train)
+    # The jax k-means's centroid rows for every k of the run (None: exact k), and the k-means
+    # programs this process had compiled before the run (metrics' kmeans_compilations).
+    self.kmeans_rows = clustering.padded_rows(config.clustering.pad_k, self.max_k)
+    self.kmeans_compiled_before = clustering.kmeans_compilations()
 
     batch = config.train.batch_size
     parallel.check_batch_divides(batch)
@@ -110,7 +114,7 @@ class Trainer:
         max_points_factor=config.clustering.max_points_factor,
         min_points_factor=config.clustering.min_points_factor,
         sinkhorn_epsilon=config.clustering.sinkhorn_epsilon,
-        sinkhorn_iterations=config.clustering.sinkhorn_iterations)
+        sinkhorn_iterations=config.clustering.sinkhorn_iterations, pad_rows=self.kmeans_rows)
     if jax.process_count() == 1:
       return run(features)
     if clustering.resolve_backend(config.clustering.backend) == 'jax':
@@ -244,6 +248,7 @@ class Trainer:
         'epoch_time_s': epoch_time,
         'images_per_s': steps_done * config.train.batch_size / step_time,
         **timing,
+        'kmeans_compilations': clustering.kmeans_compilations() - self.kmeans_compiled_before,
     }
     if interrupted:
       record['interrupted'] = True

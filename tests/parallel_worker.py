@@ -57,12 +57,11 @@ sharded_centroids, sharded_im2cluster, _ = clustering.kmeans(
     sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
 np.testing.assert_allclose(parallel.to_host(sharded_centroids), np.asarray(centroids), atol=1e-5)
 assert np.mean(parallel.to_host(sharded_im2cluster) == np.asarray(im2cluster)) > 0.99
-# So does it with k padded as on an accelerator (`jax_kmeans.padded_k`): the padded centroids
+# So does it padded as a run pads on an accelerator (`clustering.pad_k`): the padded centroids
 # are cut off from the global array on every process.
-jax_kmeans._CPU_K_MULTIPLE = jax_kmeans._ACCELERATOR_K_MULTIPLE  # pylint: disable=protected-access
 padded_centroids, padded_im2cluster, _ = clustering.kmeans(
-    sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0)
-jax_kmeans._CPU_K_MULTIPLE = 1  # pylint: disable=protected-access
+    sharded_features, 10, backend='jax', niter=5, nredo=1, seed=0,
+    padding=jax_kmeans.Padding(centroids=64, points=features.shape[0]))
 assert padded_centroids.shape == (10, features.shape[1])
 np.testing.assert_allclose(parallel.to_host(padded_centroids), np.asarray(centroids), atol=1e-5)
 assert np.mean(parallel.to_host(padded_im2cluster) == np.asarray(im2cluster)) > 0.99

@@ -256,53 +256,78 @@ def test_duplicate_init_is_split_and_leaves_no_empty_cluster(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# Padded cluster counts (what the jax k-means does on an accelerator).
+# Padded cluster counts (clustering.pad_k: one k-means program for every k of a run).
 
 
-@pytest.fixture
-def pad_k(monkeypatch):
-  """pad_k(multiple): the jax k-means pads k on this CPU as it does on an accelerator."""
-  return lambda multiple: monkeypatch.setattr(jax_kmeans, '_CPU_K_MULTIPLE', multiple)
+def test_padded_rows_follow_pad_k_and_the_platform(monkeypatch):
+  assert jax_kmeans.padded_rows('exact', 3200) is None
+  assert jax_kmeans.padded_rows('max', 3200) == 3200
+  assert jax_kmeans.padded_rows('auto', 3200) is None  # this CPU: exact k
+  monkeypatch.setattr(jax_kmeans.jax, 'default_backend', lambda: 'gpu')
+  assert jax_kmeans.padded_rows('auto', 3200) == 3200
+  assert jax_kmeans.padded_rows('exact', 3200) is None
 
 
-def test_padded_k_rounds_up_to_the_multiple_but_never_past_n(pad_k):
-  counts = (3, 120, 128, 129, 200, 3200)
-  assert [jax_kmeans.padded_k(k, 10_000) for k in counts] == list(counts)  # the CPU: as is
-  pad_k(128)
-  assert [jax_kmeans.padded_k(k, 10_000) for k in counts] == [128, 128, 128, 256, 256, 3200]
-  assert jax_kmeans.padded_k(10, 50) == 50  # the initial draw takes k rows of the N points
+CASES = {
+    'separated': lambda: separated_blobs(num_per_blob=30, num_blobs=12, dim=16)[0],
+    'overlapping': lambda: overlapping_points(390),
+}
 
 
-@pytest.mark.parametrize('data', ['separated', 'overlapping'])
-def test_padding_k_gives_the_same_clustering_with_one_compilation(pad_k, data):
-  x = separated_blobs(num_per_blob=30, num_blobs=12, dim=16)[0] if data == 'separated' else (
-      overlapping_points(390))
+@pytest.mark.parametrize('case', CASES)
+def test_padding_gives_exact_ks_clustering_with_one_compilation(case):
+  x = CASES[case]()
   weights = np.random.default_rng(0).uniform(0.5, 2.0, x.shape[0]).astype(np.float32)
   ks = (5, 12, 40)
+  padding = jax_kmeans.Padding(centroids=64, points=x.shape[0] + 10)
 
-  def run(k):
+  def run(k, **options):
     return [np.asarray(a) for a in clustering.kmeans(x, k, backend='jax', niter=6, nredo=3,
-                                                     seed=7, weights=weights)]
-  unpadded = [run(k) for k in ks]
-  pad_k(128)
-  compiled = jax_kmeans._best_of_runs._cache_size()
-  for k, (centroids, im2cluster, sq_dist) in zip(ks, unpadded):
-    got_centroids, got_im2cluster, got_sq_dist = run(k)
+                                                     seed=7, weights=weights, **options)]
+  exact = [run(k) for k in ks]
+  compiled = jax_kmeans.compilations()
+  for k, (centroids, im2cluster, sq_dist) in zip(ks, exact):
+    got_centroids, got_im2cluster, got_sq_dist = run(k, padding=padding)
     assert got_centroids.shape == (k, x.shape[1])
     # The same random draws and assignments; matmuls of another width may round differently.
     np.testing.assert_array_equal(got_im2cluster, im2cluster)
     np.testing.assert_allclose(got_centroids, centroids, atol=1e-6)
     np.testing.assert_allclose(got_sq_dist, sq_dist, atol=1e-6)
-  assert jax_kmeans._best_of_runs._cache_size() - compiled == 1  # one k-means for 5, 12 and 40
+  assert jax_kmeans.compilations() - compiled == 1  # one k-means for 5, 12 and 40
 
 
-def test_padded_rows_never_win_and_are_never_split_into(pad_k):
-  pad_k(128)
+def test_padding_splits_empty_clusters_as_exact_k():
+  x, init = separated_blobs()
+  # Three starting centroids far from every point: empty after the first assignment, each is
+  # split from a donor drawn at random (faiss's split_clusters).
+  init = np.concatenate([init, np.full((3, init.shape[1]), 10.0, np.float32)])
+  k = init.shape[0]
+  run = lambda **options: [np.asarray(a) for a in clustering.kmeans(
+      x, k, backend='jax', niter=8, spherical=False, init_centroids=init, seed=5, **options)]
+  centroids, im2cluster, _ = run()
+  got_centroids, got_im2cluster, _ = run(padding=jax_kmeans.Padding(32, x.shape[0]))
+  assert np.bincount(im2cluster, minlength=k).min() > 0  # the splits filled them
+  np.testing.assert_array_equal(got_im2cluster, im2cluster)
+  np.testing.assert_allclose(got_centroids, centroids, atol=1e-6)
+
+
+def test_padding_keeps_the_initial_draw_and_the_subsample():
+  x = overlapping_points(300)
+  padding = jax_kmeans.Padding(centroids=50, points=400)
+  for options in (dict(niter=0), dict(niter=4, max_points_per_centroid=20)):
+    want = clustering.kmeans(x, 9, backend='jax', nredo=2, seed=3, **options)
+    got = clustering.kmeans(x, 9, backend='jax', nredo=2, seed=3, padding=padding, **options)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_padded_rows_never_win_and_are_never_split_into():
   x, init = separated_blobs()
   init[3] = init[2]  # cluster 3 starts empty and must be split into, not a padding row
   k = init.shape[0]
   _, im2cluster, _ = clustering.kmeans(x, k, backend='jax', niter=10, spherical=False,
-                                       init_centroids=init)
+                                       init_centroids=init,
+                                       padding=jax_kmeans.Padding(128, x.shape[0]))
   assert np.bincount(np.asarray(im2cluster), minlength=k).min() > 0
   assert int(np.asarray(im2cluster).max()) < k
 
@@ -321,17 +346,27 @@ def test_padded_concentration_equals_concentration():
                              reference_density(im2cluster, k, sq_dist, 0.2), rtol=1e-5)
 
 
-def test_levels_with_padding_match_the_numpy_concentration(pad_k):
-  pad_k(128)
+# Each case pads to its own rows, so that its k-means program is new to this process.
+@pytest.mark.parametrize('kind, rows', [('flat', 40), ('hierarchical', 48)])
+def test_padded_levels_equal_exact_levels_in_one_program(kind, rows):
   x = overlapping_points(600)
-  for level in clustering.cluster_levels(x, [30, 10], **level_options()):
-    k = level['k']
-    assert level['centroids'].shape == (k, x.shape[1]) and level['concentration'].shape == (k,)
-    _, sq_dist = numpy_assignment(x, np.asarray(level['centroids']))
-    im2cluster = np.asarray(level['im2cluster'])
-    assert im2cluster.max() < k
-    want = reference_density(im2cluster, k, sq_dist[np.arange(x.shape[0]), im2cluster], 0.2)
-    np.testing.assert_allclose(np.asarray(level['concentration']), want, rtol=1e-4)
+  exact = clustering.cluster_levels(x, [30, 10], **level_options(levels=kind))
+  compiled = jax_kmeans.compilations()
+  padded = clustering.cluster_levels(x, [30, 10], **level_options(levels=kind), pad_rows=rows)
+  # Both levels, the hierarchical one clustering 30 centroids, share one k-means program.
+  assert jax_kmeans.compilations() - compiled == 1
+  for want, got in zip(exact, padded):
+    k = want['k']
+    assert got['centroids'].shape == (k, x.shape[1]) and got['concentration'].shape == (k,)
+    np.testing.assert_array_equal(np.asarray(got['im2cluster']), np.asarray(want['im2cluster']))
+    np.testing.assert_allclose(np.asarray(got['centroids']), np.asarray(want['centroids']),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got['concentration']),
+                               np.asarray(want['concentration']), rtol=1e-5)
+    _, sq_dist = numpy_assignment(x, np.asarray(got['centroids']))
+    im2cluster = np.asarray(got['im2cluster'])
+    reference = reference_density(im2cluster, k, sq_dist[np.arange(x.shape[0]), im2cluster], 0.2)
+    np.testing.assert_allclose(np.asarray(got['concentration']), reference, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,6 +109,8 @@ def test_a_validation_split_inside_the_training_split_is_refused():
      "pcl.masked.level='coarsest' is read only with pcl.instance_loss='masked'"),
     ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
     ({'clustering.levels': 'agglomerative'}, "clustering.levels='agglomerative' is unknown"),
+    ({'clustering.pad_k': 'always'},
+     "clustering.pad_k='always' is unknown; use one of auto, max, exact"),
     ({'clustering.levels': 'balanced', 'clustering.sinkhorn_epsilon': 0.0},
      'clustering.sinkhorn_epsilon=0.0 must be > 0'),
     ({'clustering.levels': 'balanced', 'clustering.sinkhorn_iterations': 0},

@@ -15,6 +15,7 @@ import torch
 
 from configs import test as test_config
 from pcl_jax import configuration
+from pcl_jax.clustering import jax_kmeans
 from pcl_jax.run import files as run_files
 from pcl_jax import state as state_lib
 from pcl_jax import step as step_lib
@@ -72,6 +73,9 @@ def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path, m
   config.optim.schedule_per = 'step'  # lr changes every step
   config.schedule.mode = 'fixed'
   config.schedule.every = 1  # k changes every epoch after warm-up
+  # The jax k-means padded to the run's largest k: one program for k = 40, 20 and 10.
+  config.clustering.backend, config.clustering.pad_k = 'jax', 'max'
+  jax_kmeans._best_of_runs.clear_cache()  # pylint: disable=protected-access
   # The real jitted step (make_train_step), with a trace counter around the Python function.
   monkeypatch.setattr(step_lib, 'train_step', chex.assert_max_traces(step_lib.train_step, n=1))
   trainer = train.Trainer(config, str(tmp_path), configuration.validate(config))
@@ -86,6 +90,7 @@ def test_train_step_traces_once_across_epochs_lr_and_cluster_changes(tmp_path, m
   assert records[1]['num_clusters'] != records[2]['num_clusters']
   assert len({r['lr'] for r in records}) == 3
   assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+  assert [r['kmeans_compilations'] for r in records] == [0, 1, 1]
 
 
 def _leaves(state):
@@ -139,7 +144,7 @@ def test_cli_run_writes_run_files_and_compiles_the_step_once_as_k_changes(tmp_pa
   records = run_files.read_metrics(str(workdir / 'metrics.jsonl'))
   assert len(records) == 4
   for key in ('epoch', 'loss_inst', 'loss_proto', 'acc_inst', 'acc_proto', 'lr', 'smoothing',
-              'num_clusters', 'epoch_time_s', 'images_per_s'):
+              'num_clusters', 'epoch_time_s', 'images_per_s', 'kmeans_compilations'):
     assert all(key in record for record in records), key
   assert records[0]['loss_proto'] is None  # warm-up epoch: no prototypes yet
   assert json.load(open(workdir / 'config.json'))['model']['arch'] == 'conv4'

@@ -87,7 +87,7 @@ def _check_finite(x):
 
 def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
            max_points_per_centroid=None, min_points_per_centroid=None, use_float16=True,
-           weights=None, init_centroids=None):
+           weights=None, init_centroids=None, padding=None):
   """k-means of the rows of x; host-side driver (the jax backend's inner loop is jitted).
 
   Args:
@@ -105,6 +105,9 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
     weights: optional [N] non-negative point weights for the centroid means (the hierarchical
       mode weights centroids by their member counts).
     init_centroids: optional [k, D] starting centroids; then a single run (nredo is ignored).
+    padding: optional `jax_kmeans.Padding`, the shapes the jax backend computes with, so that
+      every k of a run shares one program (`clustering.pad_k`); the results are exact k's to
+      float rounding. Ignored by faiss.
   Returns:
     (centroids [k, D] float32, unit norm when spherical; im2cluster [N] int32, each sample's
     nearest returned centroid; sq_dist [N] float32, squared L2 distance to that centroid),
@@ -142,7 +145,7 @@ def kmeans(x, k, *, backend='auto', niter=20, nredo=5, seed=0, spherical=True,
                  weights=weights, init_centroids=init_centroids)
 
   if resolved == 'jax':
-    centroids = jax_kmeans.kmeans(x, k, **options)
+    centroids = jax_kmeans.kmeans(x, k, padding=padding, **options)
     im2cluster, sq_dist = jax_kmeans.assign_to_centroids(x, centroids, num_valid=k)
     return (centroids if centroids.shape[0] == k else centroids[:k]), im2cluster, sq_dist
   centroids, im2cluster = faiss_kmeans.kmeans(x, k, on_gpu=resolved == 'faiss-gpu',

@@ -9,17 +9,21 @@ objective (sum of squared L2 distances, also when spherical: faiss's assignment 
 index) is lowest. Assignment is chunked so memory is `chunk x k`. Its random streams are JAX's,
 not faiss's, so the two backends agree exactly only from the same `init_centroids`.
 
-Compilation: the k-means and the concentration compile once per cluster count (k fixes their
-shapes). On an accelerator that took 10-15 s per count (measured on an H200), so there they
-compute with k rounded up to a multiple of `_ACCELERATOR_K_MULTIPLE` rows (`padded_k`): the
-padding rows never win an assignment, are never split into, and are cut off before any result
-leaves; the random draws are JAX's counter-based ones, whose first k values do not depend on the
-padded length, so the result is the one unpadded k would give. Every count <= 128 of a schedule
-then shares one compilation. On the CPU k is not padded: a compilation costs ~2 s there and the
-padding's extra matmul work would cost more.
+Compilation: the k-means and the concentration compile once per shape, and k fixes their
+shapes. On an accelerator one compilation took 10-15 s, and over 85 s for the notes' first counts
+(3200, 2400, 1600; measured on an H200), so a run can compute every cluster count with one
+program: `clustering.pad_k` (`padded_rows`) gives every k-means of the run the run's largest k
+as its centroid rows and the run's N features as its point rows (`Padding`). Padding centroid
+rows never win an assignment, are never split into and are cut off before any result leaves;
+padding points weigh nothing, are never drawn as initial centroids and count in no objective.
+The random draws are JAX's counter-based ones, whose first k (or n) values do not depend on the
+padded length, so the result is the one exact k gives, to float rounding. On the CPU `auto`
+keeps exact k: a compilation costs ~2 s there and the padding's extra matmul work costs more
+(benchmarks/kmeans_padding.py).
 """
 
 import logging
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +37,6 @@ _SPLIT_EPS = 1.0 / 1024.0
 _CPU_BLOCK_ELEMENTS = 1 << 20
 _ACCELERATOR_BLOCK_ELEMENTS = 1 << 25
 _MAX_CHUNK_ROWS = 8192
-# Cluster counts the jax k-means computes with: k rounded up to a multiple of this (module
-# docstring, "Compilation"); 1 = no padding.
-_CPU_K_MULTIPLE = 1
-_ACCELERATOR_K_MULTIPLE = 128
 
 
 def _chunk_rows(num_points: int, k: int) -> int:
@@ -47,11 +47,21 @@ def _chunk_rows(num_points: int, k: int) -> int:
   return min(rows, -(-num_points // 8) * 8)
 
 
-def padded_k(k: int, num_points: int) -> int:
-  """Centroid rows the jax k-means computes with for k clusters (the first k are the real ones):
-  k rounded up to the platform's multiple, never above the N points the initial draw takes from."""
-  multiple = _CPU_K_MULTIPLE if jax.default_backend() == 'cpu' else _ACCELERATOR_K_MULTIPLE
-  return max(k, min(num_points, -(-k // multiple) * multiple))
+class Padding(NamedTuple):
+  """The shapes every k-means of a run computes with (module docstring, "Compilation")."""
+  centroids: int  # centroid rows: the run's largest k
+  points: int  # point rows: the run's N features
+
+
+def padded_rows(pad_k: str, max_k: int) -> Optional[int]:
+  """The centroid rows of every k-means of a run under `clustering.pad_k`, None for exact k.
+
+  'max' pads to the run's largest k (`max_k`); 'exact' never pads; 'auto' pads on accelerators
+  (GPU, TPU), where a compilation costs far more than the padding's arithmetic, not on the CPU.
+  """
+  if pad_k == 'max' or (pad_k == 'auto' and jax.default_backend() != 'cpu'):
+    return max_k
+  return None
 
 
 def _pad_to_chunks(x, chunk: int):
@@ -83,7 +93,7 @@ def _assign_block(x_block, centroids, centroid_sq_norm):
 def _assign_chunks(padded_x, centroids, chunk, centroid_valid):
   """Assignment of padded rows, `chunk` at a time so memory stays chunk x k. Returns flat [N].
 
-  Centroid rows where `centroid_valid` is False (padding up to `padded_k`) get an infinite
+  Centroid rows where `centroid_valid` is False (padding up to `Padding.centroids`) get an infinite
   norm, so their distance is infinite and they never win.
   """
   centroid_sq_norm = jnp.where(centroid_valid, jnp.sum(centroids * centroids, axis=1), jnp.inf)
@@ -114,7 +124,7 @@ def sq_dist_to_assigned(x, centroids, im2cluster):
 @jax.jit(static_argnames=('chunk',))
 def _assign(x, centroids, num_valid, *, chunk):
   """Nearest of the first `num_valid` centroids (int32) and the direct squared distance to it,
-  for every row of x. Jitted; num_valid is traced (padded centroids: `padded_k`)."""
+  for every row of x. Jitted; num_valid is traced (padded centroids: `Padding`)."""
   centroid_valid = jnp.arange(centroids.shape[0]) < num_valid
   im2cluster, _ = _assign_chunks(_pad_to_chunks(x, chunk), centroids, chunk, centroid_valid)
   im2cluster = im2cluster[:x.shape[0]]
@@ -127,7 +137,7 @@ def assign_to_centroids(x, centroids, num_valid=None):
   Args:
     x: [N, D] float32 samples.
     centroids: [k, D] float32.
-    num_valid: only the first num_valid centroids compete (padded centroids, `padded_k`);
+    num_valid: only the first num_valid centroids compete (padded centroids, `Padding`);
       default all k.
   Returns:
     (im2cluster [N] int32, sq_dist [N] float32).
@@ -153,7 +163,7 @@ def _split_empty_clusters(centroids, cluster_weight, uniform, centroid_valid=Non
     cluster_weight: [k] summed member weights (0 = empty).
     uniform: [k] uniform [0, 1) draws, one per possible split (drawn outside the loop: a PRNG
       inside the while_loop would double the compile time for nothing).
-    centroid_valid: optional [k] bool, False for padding rows (`padded_k`): never filled, and
+    centroid_valid: optional [k] bool, False for padding rows (`Padding`): never filled, and
       with weight 0 never a donor either.
   Returns:
     (centroids, cluster_weight, number of splits).
@@ -196,7 +206,7 @@ def _lloyd(padded_x, padded_weights, valid, centroids, centroid_valid, niter, ke
     padded_weights: [M] point weights, 0 for padding.
     valid: [M] bool, False for padding.
     centroids: [k, D] initial centroids (already normalised when spherical).
-    centroid_valid: [k] bool, False for padding rows (`padded_k`; zero, and kept so).
+    centroid_valid: [k] bool, False for padding rows (`Padding`; zero, and kept so).
     niter: number of iterations (traced).
     key: PRNG key for the empty-cluster splits.
     chunk: rows per assignment block.
@@ -231,33 +241,35 @@ def _lloyd(padded_x, padded_weights, valid, centroids, centroid_valid, niter, ke
 
 
 @jax.jit(static_argnames=('k', 'chunk', 'spherical'))
-def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, *, k, chunk,
-                  spherical):
+def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, num_points, *, k,
+                  chunk, spherical):
   """`num_runs` k-means runs; keeps the one with the lowest last-iteration objective.
 
   Run r initialises with `num_valid` distinct random points drawn from fold_in(key, r + 1) (or
-  with `init_centroids`). Jitted once per (N, D, k) shape, `spherical` and whether
-  `init_centroids` is given; `niter`, `num_runs`, the key and `num_valid` are traced, so no
-  recompiles across seeds, restarts or the cluster counts that share a padded k, and the whole
-  search stays on device.
+  with `init_centroids`). Jitted once per (M, D, k) shape, `spherical` and whether
+  `init_centroids` is given; `niter`, `num_runs`, the key, `num_valid` and `num_points` are
+  traced, so no recompiles across seeds, restarts or the cluster counts and point counts that
+  share a `Padding`, and the whole search stays on device.
 
   Args:
-    x: [N, D] training points.
-    weights: [N] point weights.
+    x: [M, D] training points, the first `num_points` real, the rest padding (`Padding`).
+    weights: [M] point weights (0 for padding).
     init_centroids: [k, D] or None.
     niter: Lloyd iterations per run.
     num_runs: number of runs.
     key: PRNG key.
-    num_valid: the real number of clusters; rows from it to k are padding (`padded_k`).
+    num_valid: the real number of clusters; rows from it to k are padding.
+    num_points: the real number of points.
     k: number of centroid rows (static).
     chunk: rows per assignment block.
     spherical: spherical k-means.
   Returns:
     [k, D] centroids of the best run, zero from row num_valid on.
   """
-  num_points, dim = x.shape
+  dim = x.shape[1]
+  point_valid = jnp.arange(x.shape[0]) < num_points
   padded_x = _pad_to_chunks(x, chunk)
-  padded_weights = _pad_to_chunks(weights, chunk)
+  padded_weights = _pad_to_chunks(jnp.where(point_valid, weights, 0.0), chunk)
   valid = jnp.arange(padded_x.shape[0]) < num_points
   centroid_valid = jnp.arange(k) < num_valid
 
@@ -267,8 +279,9 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, *
     if init_centroids is None:
       # k distinct points in random order: the first k of a random permutation (as faiss), drawn
       # as the top k of N uniforms, which compiles and runs faster than a full shuffle (and
-      # whose first num_valid are the top num_valid).
-      _, first_k = jax.lax.top_k(jax.random.uniform(init_key, (num_points,)), k)
+      # whose first num_valid are the top num_valid). Padding points are never drawn first.
+      uniform = jnp.where(point_valid, jax.random.uniform(init_key, (x.shape[0],)), -1.0)
+      _, first_k = jax.lax.top_k(uniform, k)
       start = jnp.where(centroid_valid[:, None], x[first_k], 0.0)
     else:
       start = init_centroids
@@ -285,10 +298,16 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, *
   return jax.lax.fori_loop(0, num_runs, one_run, best)[0]
 
 
+def compilations() -> int:
+  """How many k-means programs this process has compiled (one per distinct shape; with a
+  `Padding`, one for every cluster count of a run)."""
+  return _best_of_runs._cache_size()  # pylint: disable=protected-access
+
+
 def kmeans(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weights,
-                init_centroids):
-  """Pure-JAX k-means (see the module docstring); returns centroids [K, D], K = `padded_k`,
-  whose first k rows are the centroids and the rest zero padding."""
+           init_centroids, padding: Optional[Padding] = None):
+  """Pure-JAX k-means (see the module docstring); returns centroids [K, D], K = k, or
+  `padding.centroids` with a padding, whose first k rows are the centroids and the rest zero."""
   num_points = x.shape[0]
   base_key = jax.random.PRNGKey(seed)
   if weights is None:
@@ -300,16 +319,21 @@ def kmeans(x, k, *, niter, nredo, seed, spherical, max_points, min_points, weigh
   elif num_points < k * min_points:
     logging.warning('clustering %d points to %d centroids: please provide at least %d training '
                     'points', num_points, k, k * min_points)
-  if x.shape[0] == k and init_centroids is None:
+  num_points = x.shape[0]
+  if num_points == k and init_centroids is None:
     # faiss's corner case: every point is its own centroid, no iteration.
     return models.l2_normalize(x) if spherical else x
-  rows = padded_k(k, x.shape[0])
+  rows, length = k, num_points
+  if padding is not None:
+    length = max(num_points, padding.points)
+    rows = min(max(k, padding.centroids), length)
+    x = jnp.pad(x, ((0, length - num_points), (0, 0)))
+    weights = jnp.pad(weights, (0, length - num_points))
   if init_centroids is not None:
     init_centroids = jnp.asarray(init_centroids, jnp.float32)
     init_centroids = jnp.pad(init_centroids, ((0, rows - k), (0, 0)))
   # With given initial centroids there is one run: faiss starts every redo after the first from
   # the previous run's result, which is no restart at all.
   num_runs = 1 if init_centroids is not None else nredo
-  return _best_of_runs(x, weights, init_centroids, niter, num_runs, base_key, k,
-                       k=rows, chunk=_chunk_rows(x.shape[0], rows),
-                       spherical=spherical)
+  return _best_of_runs(x, weights, init_centroids, niter, num_runs, base_key, k, num_points,
+                       k=rows, chunk=_chunk_rows(length, rows), spherical=spherical)

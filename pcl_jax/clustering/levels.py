@@ -49,8 +49,8 @@ def concentration(sq_dist, im2cluster, k, temperature):
 
 @jax.jit(static_argnames=('num_segments',))
 def _padded_concentration(sq_dist, im2cluster, k, temperature, *, num_segments):
-  """`concentration` computed over `num_segments` >= k clusters (`_padded_k`), k traced, so
-  the cluster counts sharing a padded k share one compilation; returns [num_segments], the
+  """`concentration` computed over `num_segments` >= k clusters (`jax_kmeans.Padding`), k
+  traced, so the cluster counts of a padded run share one compilation; returns [num_segments], the
   first k entries the concentrations."""
   return _concentration(sq_dist, im2cluster, k, temperature, num_segments=num_segments)
 
@@ -107,17 +107,18 @@ def _check_hierarchy(num_clusters):
       warnings.warn(message, stacklevel=3)
 
 
-def _level_concentration(sq_dist, im2cluster, k: int, temperature):
-  """`concentration`, over `_padded_k` clusters where that pads (module docstring)."""
-  padded_k = jax_kmeans.padded_k(k, sq_dist.shape[0])
-  if padded_k == k:
+def _level_concentration(sq_dist, im2cluster, k: int, temperature, padding):
+  """`concentration`, over `padding.centroids` clusters when the run pads."""
+  if padding is None or padding.centroids <= k:
     return concentration(sq_dist, im2cluster, k, temperature)
-  return _padded_concentration(sq_dist, im2cluster, k, temperature, num_segments=padded_k)[:k]
+  return _padded_concentration(sq_dist, im2cluster, k, temperature,
+                               num_segments=padding.centroids)[:k]
 
 
 def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
                    temperature, use_float16, levels='flat', max_points_factor=5 / 3,
-                   min_points_factor=1 / 3, sinkhorn_epsilon=0.05, sinkhorn_iterations=3):
+                   min_points_factor=1 / 3, sinkhorn_epsilon=0.05, sinkhorn_iterations=3,
+                   pad_rows=None):
   """Runs the E-step clustering for every active level; host-side driver.
 
   'flat': each level clusters the samples independently, with seed `seed + level`.
@@ -148,6 +149,10 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
     min_points_factor: min_points_per_centroid = int(n * factor / k).
     sinkhorn_epsilon: the balanced assignments' entropy weight.
     sinkhorn_iterations: their Sinkhorn-Knopp iterations.
+    pad_rows: the jax backend's centroid rows for every level (`jax_kmeans.padded_rows`: the
+      run's largest k under `clustering.pad_k`), None for exact k. Points are padded to the N
+      features too (a hierarchical level clusters fewer centroids), so every level's k-means is
+      one program.
   Returns:
     One dict per level, in order: {'k', 'centroids' [k, D], 'im2cluster' [N] int32,
     'concentration' [k], 'timing_s'}.
@@ -166,6 +171,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
   hierarchical = levels == 'hierarchical'
   if hierarchical:
     _check_hierarchy(num_clusters)
+  padding = None if pad_rows is None else jax_kmeans.Padding(pad_rows, num_samples)
 
   def run_kmeans(points, k, level, weights=None):
     per_centroid = functools.partial(kmeans_backend.points_per_centroid, points.shape[0], k)
@@ -173,7 +179,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
         points, k, backend=backend, niter=niter, nredo=nredo, seed=seed + level,
         spherical=spherical, use_float16=use_float16, weights=weights,
         max_points_per_centroid=per_centroid(max_points_factor),
-        min_points_per_centroid=per_centroid(min_points_factor))
+        min_points_per_centroid=per_centroid(min_points_factor), padding=padding)
 
   results = []
   finer = None  # (centroids, im2cluster) of the previous level in hierarchical mode.
@@ -199,7 +205,7 @@ def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spher
       parent, _ = jax_kmeans.assign_to_centroids(fine_centroids, centroids)
       im2cluster = parent[fine_im2cluster]
       sq_dist = jax_kmeans.sq_dist_to_assigned(features, centroids, im2cluster)
-    phi = _level_concentration(sq_dist, im2cluster, k, temperature)
+    phi = _level_concentration(sq_dist, im2cluster, k, temperature, padding)
     if hierarchical:
       finer = (centroids, im2cluster)
     normalized = models.l2_normalize(centroids)
