@@ -4,7 +4,8 @@ r"""One full PCL epoch of configs/mini_imagenet.py: step, input pipeline, E-step
   python benchmarks/epoch.py --num-images 38400 --torch-reference   # the whole mini-ImageNet size
   python benchmarks/epoch.py --data-root /data/mini-imagenet        # the real data
   python benchmarks/epoch.py --batch 256 --dtype bfloat16 --torch-reference   # the GPU table
-  python benchmarks/epoch.py --batch 256 --augment-on-device  # augmentation in the jitted step
+  python benchmarks/epoch.py --batch 256 --input augment     # augmentation in the jitted step
+  python benchmarks/epoch.py --batch 256 --input resident    # no host loader at all
 
 Reports images/s of the jitted step alone (resident batch), of the input pipeline alone, of
 the feature pass's input and of the whole feature pass (uint8 cache rows + the on-device eval
@@ -19,7 +20,12 @@ as soon as it is measured, the step comparison first, so a run cut short keeps w
 With the pure-JAX k-means (`--backend jax`, or `auto` on a GPU without faiss-gpu) one E-step
 runs before the feature passes and the timed epoch and is reported apart: it compiles the
 k-means for each cluster count, which a training run pays once per count. --step-only stops
-after the step and its comparison.
+after the step and its comparison. `--input` picks how the M-steps get their batches: the host
+loader's PIL workers (`loader`), the loader's draws with the augmentation in the step
+(`augment`: data.augment_on_device), or nothing from the host (`resident`: data.device_resident,
+the set on the device). The last lines project `--project-epochs` epochs from the measured epoch
+(the E-step and the full set of M-steps at the measured rate) beside the step-bound limit (the
+M-steps alone at the resident-batch step rate).
 """
 
 import argparse
@@ -65,11 +71,16 @@ def _config(args):
   config.data.num_workers = args.workers
   config.clustering.backend = args.backend
   config.runtime.conv_impl = args.conv_impl
-  config.data.augment_on_device = args.augment_on_device
+  config.data.augment_on_device = args.input == 'augment'
+  config.data.device_resident = args.input == 'resident'
+  config.clustering.pad_k = args.pad_k
+  if args.image_size:
+    config.data.image_size = args.image_size
+  config.model.arch = args.arch
   num_images = args.num_images
-  # Keep the listed window but never ask for more clusters than images.
-  config.schedule.all_clusters = ','.join(str(k) for k in (3200, 2400, 1600, 800, 400, 200, 100)
-                                          if k <= num_images)
+  # The notes' list (3200, 2400, 1600, ...), never more clusters than images.
+  config.schedule.all_clusters = ','.join(
+      k for k in config.schedule.all_clusters.split(',') if int(k) <= num_images)
   return config
 
 
@@ -92,15 +103,16 @@ def _feature_input_images_per_s(trainer, batches, on_device):
   return batch_size * count / (time.perf_counter() - start)
 
 
-def _feature_pass_images_per_s(trainer, state, on_device):
-  """Images/s of the whole feature pass (input + key encoder) over the training split."""
+def _feature_pass_images_per_s(trainer, state, on_device, resident=None):
+  """Images/s of the whole feature pass (input + key encoder) over the training split (from the
+  resident copy when given)."""
   variables = {'params': state.key_params, 'batch_stats': state.key_batch_stats}
   dataset = trainer.datasets.train_eval
   start = time.perf_counter()
   features, _ = features_lib.extract_features(trainer.embed, variables, dataset,
                                               trainer.config.train.batch_size,
                                               trainer.config.data.num_workers, mesh=trainer.mesh,
-                                              transform_on_device=on_device)
+                                              transform_on_device=on_device, resident=resident)
   jax.block_until_ready(features)
   return len(dataset) / (time.perf_counter() - start)
 
@@ -141,14 +153,18 @@ def _resident_step(trainer, state):
   # uint8 views, as the loader delivers them: the step normalises on the device, and the timed
   # epoch below reuses this compilation. With data.augment_on_device, a loader batch: cached
   # images and the views' draws, which the step then applies.
-  if trainer.config.data.augment_on_device:
+  if trainer.config.data.device_resident:
+    views = None
+    resident = next(trainer._train_batches(0))  # pylint: disable=protected-access
+  elif trainer.config.data.augment_on_device:
     views = next(loaders.numpy_batches(loaders.train_loader(
         trainer.datasets.train, batch, seed=0, epoch=0, num_workers=0)))
   else:
     views = {'im_q': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
              'im_k': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
              'index': np.arange(batch)}
-  resident = parallel.global_batch(views, sharding)
+  if views is not None:
+    resident = parallel.global_batch(views, sharding)
   bank = bank_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
                                        trainer.config.model.dim, trainer.datasets.num_train)
   bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
@@ -203,9 +219,20 @@ def main():
   parser.add_argument('--conv-impl', default='auto', choices=list(configuration.CONV_IMPLS),
                       help='runtime.conv_impl (auto: oneDNN custom calls, else PyTorch kernels, on '
                       'one CPU device)')
-  parser.add_argument('--augment-on-device', action='store_true',
-                      help='data.augment_on_device: the augmentation in the jitted step, the '
-                      'loader only draws the random choices')
+  parser.add_argument('--input', default='loader', choices=['loader', 'augment', 'resident'],
+                      help="the M-steps' batches: the host loader's PIL workers; augment: "
+                      'data.augment_on_device (the loader draws, the step augments); resident: '
+                      'data.device_resident (the set on the device, no host loader)')
+  parser.add_argument('--augment-on-device', dest='input', action='store_const', const='augment',
+                      help='the same as --input augment (older commands in RESULTS.md)')
+  parser.add_argument('--pad-k', default='auto', choices=list(configuration.PAD_K),
+                      help='clustering.pad_k (the jax k-means: one program for every k)')
+  parser.add_argument('--arch', default='resnet18', choices=list(configuration.ARCHS),
+                      help='model.arch (mini-ImageNet: resnet18; conv4 for quick dry runs)')
+  parser.add_argument('--image-size', type=int, default=0,
+                      help='data.image_size (0: mini-ImageNet\'s 84; small for dry runs)')
+  parser.add_argument('--project-epochs', type=int, default=200,
+                      help='epochs to project a run\'s time for from the measured epoch')
   parser.add_argument('--torch-reference', action='store_true')
   parser.add_argument('--step-only', action='store_true',
                       help='stop after the step (and with --torch-reference its comparison)')
@@ -231,7 +258,8 @@ def main():
         f'{config.model.arch} {config.data.image_size}px batch {config.train.batch_size} '
         f'{config.train.dtype}; N={trainer.datasets.num_train} ({config.data.name}); '
         f'levels {trainer.schedule.active}; workers {config.data.num_workers}; conv '
-        f'{trainer.model.backbone.kernels.name}', flush=True)
+        f'{trainer.model.backbone.kernels.name}; input {args.input}; pad_k {config.clustering.pad_k}',
+        flush=True)
   jax_step = _resident_step(trainer, state)
   step_rate = jax_step(args.steps)
   _report('step (resident batch) img/s', step_rate)
@@ -241,7 +269,8 @@ def main():
   if args.step_only:
     return
   state = jax_step.state
-  _report('input pipeline img/s', _loader_images_per_s(trainer, args.steps))
+  if args.input != 'resident':
+    _report('input pipeline img/s', _loader_images_per_s(trainer, args.steps))
   # First, so that the feature passes timed below find everything compiled and the cache read
   # once, as every E-step after the first does.
   first_e_step = _first_e_step_s(trainer, state)
@@ -265,9 +294,12 @@ def main():
   _report('feature pass, on device img/s', feature_pass[0])
   _report('feature pass, loader img/s', feature_pass[1])
   _report('feature pass, device / loader', feature_pass[0] / feature_pass[1])
+  if trainer.resident_images is not None:
+    _report('feature pass, resident img/s',
+            _feature_pass_images_per_s(trainer, state, True, trainer.resident_images))
   state, record = trainer.run_epoch(state, 0)
   epoch_share = 100 * record['estep_s'] / record['epoch_time_s']
-  for name, value in (('epoch M-steps fed by loader img/s', record['images_per_s']),
+  for name, value in ((f'epoch M-steps ({args.input}) img/s', record['images_per_s']),
                       ('E-step features s', record['estep_features_s']),
                       ('E-step clustering s', record['estep_clustering_s']),
                       ('E-step total s', record['estep_s']),
@@ -279,6 +311,11 @@ def main():
                     / record['images_per_s'])
     _report('full epoch s (extrapolated)', full_epoch_s)
     _report('E-step share of full epoch %', 100 * record['estep_s'] / full_epoch_s)
+  full_epoch_s = record['estep_s'] + trainer.datasets.num_train / record['images_per_s']
+  _report(f'projected {args.project_epochs} epochs min', args.project_epochs * full_epoch_s / 60)
+  _report(f'step-bound limit {args.project_epochs} epochs min',
+          args.project_epochs * trainer.datasets.num_train / step_rate / 60)
+  _report('k-means programs compiled', record['kmeans_compilations'])
 
 
 def _compare_with_torch(config, jax_step, step_rate, args):

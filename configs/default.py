@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the loader only draws the random choices. For a GPU run that waits on its loader; costs
   # step time on a CPU.
   config.data.augment_on_device = False
+  # The decoded uint8 training set on the devices (replicated, or split over them when needed to
+  # fit): each step gathers its batch by index and draws and applies its augmentation there
+  # (jax.random, torchvision's distributions), and the E-step's feature pass reads the same copy.
+  # No host loader in the epoch; augment_on_device is then implied. For accelerators.
+  config.data.device_resident = False
   config.data.num_workers = 2  # torch DataLoader worker processes
   config.data.cache_dir = ''  # where decoded-image caches go ('' = next to the data)
   config.data.cache_size = 0  # side of the decoded-image cache (0: 84 for mini_imagenet, else the

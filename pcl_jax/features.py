@@ -15,6 +15,7 @@ import tqdm
 
 from pcl_jax.data import device_transforms
 from pcl_jax.data import loaders
+from pcl_jax.data import resident as resident_lib
 from pcl_jax import models
 from pcl_jax.run import parallel
 
@@ -39,17 +40,25 @@ def make_embed_fn(model, feature_layer: str = 'head', mesh=None):
 
 
 def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
-                         transform_on_device: bool = True):
+                         transform_on_device: bool = True, resident=None):
   """The network's input batches of a feature pass over an EvalDataset, in index order: global
   device arrays, batch-sharded over `mesh`, each process loading its own slice.
 
   With the standard eval transform (`dataset.image_size` and `dataset.eval_resize` set) and
   `transform_on_device`, the host only slices uint8 rows out of the cache and the transform runs
   on the device (`device_transforms`, equal to torchvision's); otherwise a torch loader with
-  `num_workers` workers applies `dataset.transform`. The last batch is padded to full size.
+  `num_workers` workers applies `dataset.transform`. `resident`, the dataset's images already
+  on the devices (`data.device_resident`), is read instead of the host's cache. The last batch
+  is padded to full size.
   """
   sharding = parallel.batch_sharding(mesh)
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if resident is not None:
+    transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
+                                                        mesh)
+    for images in resident_lib.eval_batches(resident, len(dataset), batch_size, mesh):
+      yield transform(images)
+    return
   if transform_on_device and dataset.image_size and dataset.eval_resize:
     transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
                                                         mesh)
@@ -63,18 +72,21 @@ def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
 
 
 def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,
-                     progress: bool = False, mesh=None, transform_on_device: bool = True):
+                     progress: bool = False, mesh=None, transform_on_device: bool = True,
+                     resident=None):
   """Embeds a whole EvalDataset in index order, sharded over `mesh` (default: all devices).
 
   Every batch is full (the last is padded), so `embed_fn` compiles once; padding rows are
   dropped at the end. Batches come from `feature_pass_batches` (the eval transform on the device
-  unless `transform_on_device` is False or the dataset has its own transform).
+  unless `transform_on_device` is False or the dataset has its own transform; from `resident`,
+  the images on the devices, when given).
 
   Returns:
     (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
   """
   mesh = mesh or parallel.data_mesh()
-  batches = feature_pass_batches(dataset, batch_size, num_workers, mesh, transform_on_device)
+  batches = feature_pass_batches(dataset, batch_size, num_workers, mesh, transform_on_device,
+                                 resident)
   chunks = [embed_fn(variables, images) for images in tqdm.tqdm(
       batches, total=loaders.num_eval_batches(len(dataset), batch_size),
       disable=not progress, desc='features', leave=False)]

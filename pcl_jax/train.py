@@ -25,6 +25,7 @@ from pcl_jax.clustering import bank as bank_lib
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
+from pcl_jax.data import resident as resident_lib
 from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import protocol
 from pcl_jax import features as features_lib
@@ -80,6 +81,12 @@ class Trainer:
     self.train_step = step_lib.make_train_step(config, self.model, self.tx, self.lr_schedule,
                                                self.mesh)
     self.embed = features_lib.make_embed_fn(self.model, mesh=self.mesh)
+    # data.device_resident: the training set on the devices, batches gathered and drawn there.
+    self.resident_images = self.resident_batch = None
+    if config.data.device_resident:
+      self.resident_images = resident_lib.place_images(self.datasets.train_eval.source.images,
+                                                       self.mesh)
+      self.resident_batch = resident_lib.make_batch_fn(self.mesh, config.data.aug_plus)
     self.val_dataset = None
     if config.eval.val_every:
       self.val_dataset = loaders.build_eval_dataset(config, config.data.val_split)
@@ -97,9 +104,11 @@ class Trainer:
         jax.random.PRNGKey(self.config.seed))
 
   def _embed_dataset(self, variables, dataset):
+    resident = self.resident_images if dataset is self.datasets.train_eval else None
     return features_lib.extract_features(self.embed, variables, dataset,
                                          self.config.train.batch_size,
-                                         self.config.data.num_workers, mesh=self.mesh)
+                                         self.config.data.num_workers, mesh=self.mesh,
+                                         resident=resident)
 
   def _cluster(self, features, epoch: int):
     """Clusters every active level. faiss runs on host memory: in a multi-host run process 0
@@ -167,6 +176,23 @@ class Trainer:
     return knn.validation_knn_top1(train_features, train_labels, val_features, val_labels,
                                         k=config.eval.knn_k, temperature=config.eval.knn_t)
 
+  def _train_batches(self, epoch: int):
+    """The epoch's global batches, in the (seed, epoch) shuffle: from the host loader, or with
+    `data.device_resident` gathered and drawn on the devices."""
+    config = self.config
+    if self.resident_images is not None:
+      order = loaders.epoch_order(self.datasets.num_train, config.seed, epoch)
+      return resident_lib.train_batches(self.resident_images, order, config.train.batch_size,
+                                        self.steps_per_epoch, self.resident_batch,
+                                        seed=config.seed, epoch=epoch)
+    loader = loaders.train_loader(self.datasets.train, config.train.batch_size, seed=config.seed,
+                                  epoch=epoch, num_workers=config.data.num_workers,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    batch_sharding = parallel.batch_sharding(self.mesh)
+    return (parallel.global_batch(batch, batch_sharding)
+            for batch in loaders.numpy_batches(loader))
+
   def run_epoch(self, state, epoch: int, should_stop: Optional[Callable[[], bool]] = None):
     """E-step (after warm-up) then one pass of M-steps.
 
@@ -200,23 +226,17 @@ class Trainer:
     # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
     bank, hparams = jax.device_put((bank, {'smoothing': jnp.asarray(smoothing, jnp.float32)}),
                                    parallel.replicated(self.mesh))
-    loader = loaders.train_loader(self.datasets.train, config.train.batch_size,
-                                         seed=config.seed, epoch=epoch,
-                                         num_workers=config.data.num_workers,
-                                         process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-    batch_sharding = parallel.batch_sharding(self.mesh)
+    batches = self._train_batches(epoch)
     sums, steps_done, interrupted = None, 0, False
     recent_losses = []  # device scalars since the last log: the first bad step without a sync
     step_start = time.perf_counter()
     progress = tqdm.tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch}', leave=False,
                          dynamic_ncols=True)
     try:
-      for step_in_epoch, batch in enumerate(loaders.numpy_batches(loader)):
+      for step_in_epoch, batch in enumerate(batches):
         if step_in_epoch >= self.steps_per_epoch:
           break
-        state, metrics = self.train_step(state, parallel.global_batch(batch, batch_sharding),
-                                         bank, hparams)
+        state, metrics = self.train_step(state, batch, bank, hparams)
         sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
         recent_losses.append(jnp.stack([metrics['loss_inst'], metrics['loss_proto']]))
         steps_done += 1

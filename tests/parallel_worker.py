@@ -25,6 +25,7 @@ from configs import test as test_config  # pylint: disable=g-import-not-at-top,w
 from pcl_jax import clustering  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax.clustering import jax_kmeans
 from pcl_jax import configuration  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pcl_jax.data import resident  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax.run import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pcl_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -75,6 +76,20 @@ for backend in ('jax', 'faiss', 'auto'):
       min_points_factor=1 / 3):
     for name in ('centroids', 'im2cluster', 'concentration'):
       levels[f'{backend}_k{level["k"]}_{name}'] = parallel.to_host(level[name])
+# data.device_resident split over every device when one copy per device would not fit: the
+# gathered batches and the feature pass's batches are the host's rows.
+if jax.device_count() > 1:
+  images = np.random.default_rng(0).integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)
+  resident.device_memory_bytes = lambda device: images.nbytes  # a copy takes over half of it
+  placed = resident.place_images(images, trainer.mesh)
+  assert placed.sharding == parallel.batch_sharding(trainer.mesh)
+  assert placed.shape[0] % jax.device_count() == 0
+  order = np.random.default_rng(1).permutation(50)
+  batch = resident.make_batch_fn(trainer.mesh, True)(placed, order[:16], 0, 1, 2)
+  np.testing.assert_array_equal(parallel.to_host(batch['image']), images[order[:16]])
+  eval_rows = np.concatenate([parallel.to_host(b) for b in resident.eval_batches(
+      placed, 50, 16, trainer.mesh)])
+  np.testing.assert_array_equal(eval_rows[:50], images)
 leaves = [parallel.to_host(x) for x in jax.tree_util.tree_leaves(
     (state.params, state.batch_stats, state.key_params, state.queue))]
 if parallel.is_main_process():

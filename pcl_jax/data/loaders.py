@@ -112,6 +112,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
 
 
+def epoch_order(num_images: int, seed: int, epoch: int) -> list:
+  """The epoch's shuffle of the training indices: a torch permutation seeded by `epoch_seed`
+  (`train_loader`'s batches, and `data.device_resident`'s)."""
+  generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+  return torch.randperm(num_images, generator=generator).tolist()
+
+
 def _prefetch_factor(num_workers: int) -> Optional[int]:
   # Keep ~_BATCHES_IN_FLIGHT batches ready in total: enough to hide a slow sample, bounded memory
   # (8 ResNet-50 batches of 256 pairs at 224 px are 2.5 GB).
@@ -167,9 +174,7 @@ def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers
   # With num_workers=0 the per-sample reseeding happens in this process: its global torch and
   # `random` RNG states are then set by the last sample drawn.
   base_seed = epoch_seed(seed, epoch)
-  generator = torch.Generator().manual_seed(base_seed)
-  order = torch.randperm(len(dataset), generator=generator).tolist()
-  batches = _ProcessSliceBatches(order, batch_size, process_index, process_count,
+  batches = _ProcessSliceBatches(epoch_order(len(dataset), seed, epoch), batch_size, process_index, process_count,
                                  pad_to_full=False)
   return torch_data.DataLoader(
       _SeededSamples(dataset, base_seed), batch_sampler=batches,

@@ -62,7 +62,20 @@ AUGMENT_PARAMS = ('top', 'left', 'height', 'width', 'flip', 'jitter', 'grayscale
                   'op_1', 'op_2', 'op_3', 'brightness', 'contrast', 'saturation', 'hue_shift',
                   'blur_radius', 'blur_inner', 'blur_far')
 BLUR_PASSES = 3  # Pillow's GaussianBlur: three box blurs a direction
+
+# The reference's two augmentation recipes (MoCo v1, and v2 under `data.aug_plus`), as numbers:
+# torchvision's ops take them on the host (`transforms.train_transform`), and the on-device draws
+# of `data.device_resident` (`device_draws`) draw from the same distributions.
+CROP_SCALE = (0.2, 1.0)  # RandomResizedCrop's area fraction
+CROP_RATIO = (3 / 4, 4 / 3)  # ... and aspect ratio (torchvision's default)
+CROP_ATTEMPTS = 10  # torchvision's tries before the central-crop fallback
+JITTER_V1 = (0.4, 0.4, 0.4, 0.4)  # ColorJitter(brightness, contrast, saturation, hue)
+JITTER_V2 = (0.4, 0.4, 0.4, 0.1)
+JITTER_P_V2 = 0.8  # v2 applies the jitter with this probability (v1 always)
+GRAYSCALE_P = 0.2
+BLUR_P_V2 = 0.5  # v2 only
 BLUR_SIGMA = (0.1, 2.0)  # MoCo v2's blur: sigma ~ U(0.1, 2.0)
+FLIP_P = 0.5
 
 
 def hue_shift(hue_factor: float) -> int:

@@ -110,21 +110,21 @@ def train_transform(image_size: int, aug_plus: bool) -> Callable:
   uint8 HWC; the jitted step normalises them (ToNormalizedHWC's arithmetic, on the device).
   `data.augment_on_device` replaces this with `AugmentationDraws` (the same draws).
   """
+  crop = transforms.RandomResizedCrop(image_size, scale=recipes.CROP_SCALE,
+                                      ratio=recipes.CROP_RATIO)
+  grayscale = transforms.RandomGrayscale(p=recipes.GRAYSCALE_P)
+  flip = transforms.RandomHorizontalFlip(p=recipes.FLIP_P)
   if aug_plus:
     augment = [
-        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([GaussianBlur(BLUR_SIGMA)], p=0.5),
-        transforms.RandomHorizontalFlip(),
+        crop,
+        transforms.RandomApply([transforms.ColorJitter(*recipes.JITTER_V2)],
+                               p=recipes.JITTER_P_V2),
+        grayscale,
+        transforms.RandomApply([GaussianBlur(BLUR_SIGMA)], p=recipes.BLUR_P_V2),
+        flip,
     ]
   else:
-    augment = [
-        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
-        transforms.RandomHorizontalFlip(),
-    ]
+    augment = [crop, grayscale, transforms.ColorJitter(*recipes.JITTER_V1), flip]
   return transforms.Compose(augment + [ToUint8HWC()])
 
 
