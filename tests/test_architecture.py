@@ -99,8 +99,8 @@ def test_the_top_level_is_the_algorithm():
                  'cluster_schedule', 'configuration', 'plot'}, sorted(top)
   subpackages = {name for name in os.listdir(package)
                  if os.path.isfile(os.path.join(package, name, '__init__.py'))}
-  assert subpackages == {'clustering', 'data', 'evaluation', 'kernels', 'losses', 'run',
-                         'study'}, sorted(subpackages)
+  assert subpackages == {'clustering', 'data', 'evaluation', 'export', 'kernels', 'losses',
+                         'run', 'study'}, sorted(subpackages)
 
 
 def test_the_algorithm_never_imports_the_study_tools():
