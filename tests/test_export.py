@@ -24,7 +24,6 @@ from pcl_jax.export import torch_names
 from pcl_jax import features as features_lib
 from pcl_jax import models
 from pcl_jax.run import checkpoint as checkpoint_lib
-from pcl_jax import train
 
 ARCHS = [
     # (arch, width, small_stem, mlp, image size)
@@ -91,13 +90,11 @@ def test_a_resnet_of_another_width_is_refused():
 # The command, on a trained run.
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  config = test_config.get_config()
-  config.train.epochs = 1
-  train.train_and_evaluate(config, workdir)
-  return workdir
+@pytest.fixture
+def run_dir(tiny_run):
+  """The suite's shared tiny run (tests/runs.py): checkpoint 1 of configs/test.py. An export
+  only reads it."""
+  return tiny_run
 
 
 def exported(run_dir, out, *flags):
