@@ -62,8 +62,10 @@ run() {
   local name=$1 limit=$2
   shift 2
   echo "== $name: $*" >> "$RESULTS"
+  local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local status=$?
+  echo "-- $name took $((SECONDS - start)) s" >> "$RESULTS"
   tr '\r' '\n' < "$OUT/$name.log" | grep -v -e '%|' -e cuda_timer -e '^INFO:' \
     | grep -E '[0-9]' | tail -40 >> "$RESULTS"
   if [ $status != 0 ]; then
