@@ -23,6 +23,7 @@ from pcl_jax.export import torch_models
 from pcl_jax.export import torch_names
 from pcl_jax import features as features_lib
 from pcl_jax import models
+from pcl_jax.run import cli
 from pcl_jax.run import checkpoint as checkpoint_lib
 
 ARCHS = [
@@ -95,6 +96,13 @@ def run_dir(tiny_run):
   """The suite's shared tiny run (tests/runs.py): checkpoint 1 of configs/test.py. An export
   only reads it."""
   return tiny_run
+
+
+@pytest.fixture(autouse=True)
+def _project_logging_left_alone(monkeypatch):
+  """The commands' main() sets up the process's logging for a command line; called in-process
+  here, it would take the pcl_jax logger from pytest's capture for the rest of the session."""
+  monkeypatch.setattr(cli, 'setup_logging', lambda verbose: None)
 
 
 def exported(run_dir, out, *flags):

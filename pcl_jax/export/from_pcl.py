@@ -45,13 +45,14 @@ def read_state_dict(path: str) -> Tuple[Dict[str, 'np.ndarray'], int]:
   Raises:
     UserError: not readable as tensors only (pickled objects), or holds no state dict.
   """
-  import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise UserError(f'--checkpoint={path} does not exist')
   try:
     saved = torch.load(path, map_location='cpu', weights_only=True)
-  except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+  except Exception as error:  # pylint: disable=broad-except
+    # weights_only refuses a pickled object (pickle.UnpicklingError); a file that is no torch
+    # file at all fails otherwise (RuntimeError, EOFError, ...): either way, not tensors alone.
     reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ''
     raise UserError(f'--checkpoint={path} cannot be read as tensors only (torch.load with '
                     f'weights_only=True: {type(error).__name__} {reason}); it holds pickled '
