@@ -54,7 +54,8 @@ else
   # 12,800 fake images a split: mini-ImageNet's 38,400 in the train+val+test pretraining split.
   EPOCH=(--num-images 12800 --batch 256 --steps 30 --epoch-steps 60 --workers "$WORKERS")
   KMEANS=(--sizes 38400 --ks 3200 --window 3200,2400,1600 --niter 20 --nredo 1)
-  LIMIT_TESTS=100 LIMIT_EPOCH=130 LIMIT_KMEANS=50
+  # Stage limits: 90 + 3 x 110 + 40 s = 7.7 minutes at the most.
+  LIMIT_TESTS=90 LIMIT_EPOCH=110 LIMIT_KMEANS=40
 fi
 FAILED=0
 # run NAME LIMIT COMMAND...: the command's output in $OUT/NAME.log, its figures in the results.
