@@ -1,6 +1,7 @@
 """Tests of pcl_jax.export: an encoder out to PyTorch (safetensors, salesforce/PCL's .pth.tar)
 and back in, PyTorch's outputs equal to pcl_jax's features, and the one-line errors."""
 
+import functools
 import json
 import os
 
@@ -39,8 +40,8 @@ def trained_like_variables(arch, width, small_stem, mlp, image_size, seed=0):
   """An encoder's variables with BN statistics moved off their initial values, as training
   leaves them, so a wrong running-stat mapping shows."""
   model = models.create_encoder(arch, dim=16, mlp=mlp, small_stem=small_stem, width=width)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)),
-                         train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(seed), jnp.zeros((1, image_size, image_size, 3)))
   rng = np.random.default_rng(seed)
   perturb = lambda path, x: (x + rng.uniform(0.1, 0.5, x.shape).astype(np.float32)
                              if path[-1].key == 'var' else
@@ -54,7 +55,7 @@ def test_pytorch_computes_pcl_jax_features_from_the_exported_weights(arch, width
                                                                      mlp, image_size):
   model, variables = trained_like_variables(arch, width, small_stem, mlp, image_size)
   images = np.random.default_rng(1).normal(size=(3, image_size, image_size, 3)).astype(np.float32)
-  want = np.asarray(model.apply(variables, images, train=False))
+  want = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, images))
   state = torch_names.to_torch(jax.tree_util.tree_map(np.asarray, variables), arch, mlp,
                                image_size)
   module = torch_models.build({'arch': arch, 'width': width, 'small_stem': small_stem,

@@ -1,6 +1,8 @@
 """Encoder shapes, parameter counts against torchvision, grouped BN against numpy, bf16 compute."""
 
 import flax
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,8 +87,10 @@ def test_conv4_parameter_count():
 def test_output_is_unit_norm_with_backbone_features(arch, size, small_stem):
   model = models.create_encoder(arch, dim=8, width=8, small_stem=small_stem)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, size, size, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  embedding, backbone = model.apply(variables, x, train=False, return_backbone=True)
+  # Jitted: one compilation each instead of one per op (half the time of a ResNet eagerly).
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  embedding, backbone = jax.jit(functools.partial(model.apply, train=False,
+                                                  return_backbone=True))(variables, x)
   assert embedding.shape == (4, 8) and embedding.dtype == jnp.float32
   np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, rtol=1e-5)
   assert backbone.shape[0] == 4
@@ -126,13 +130,11 @@ def test_grouped_batchnorm_groups_are_independent():
 def test_bfloat16_computes_in_bf16_with_float32_params():
   model = models.create_encoder('conv4', dim=8, width=8, dtype=jnp.bfloat16)
   x = jnp.ones((2, 16, 16, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
-  _, backbone = model.apply(variables, x, train=False, return_backbone=True)
-  hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
-  assert 'bf16' in hlo
-  out = model.apply(variables, x, train=False)
-  assert out.dtype == jnp.float32
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  assert 'bf16' in apply.lower(variables, x).as_text()
+  assert apply(variables, x).dtype == jnp.float32
 
 
 def test_unknown_arch_is_a_clear_error():
