@@ -12,6 +12,7 @@ from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
 from pcl_jax.data import recipes
 from pcl_jax.data import resident
+from pcl_jax.data import sources
 from pcl_jax import features as features_lib
 from pcl_jax.run import parallel
 from pcl_jax import train
@@ -89,6 +90,12 @@ def test_the_set_is_replicated_split_or_refused_by_its_size():
   message = str(error.value)
   assert 'data.device_resident=True' in message and '3.00 GiB' in message
   assert '4.00 GiB' in message and 'data.device_resident=False' in message
+
+
+def test_a_concatenation_of_split_caches_is_placed_whole():
+  parts = [np.full((3, 4, 4, 3), value, np.uint8) for value in (1, 2)]
+  placed = resident.place_images(sources.ConcatenatedImages(parts), parallel.data_mesh())
+  np.testing.assert_array_equal(np.asarray(placed), np.concatenate(parts))
 
 
 def test_a_set_too_large_for_the_device_stops_the_run_before_training(tmp_path, monkeypatch):

@@ -71,7 +71,10 @@ def resident_sharding(num_bytes: int, mesh, memory_bytes: int):
 
 def place_images(images: np.ndarray, mesh) -> jax.Array:
   """The uint8 images [N, H, W, 3] on the devices of `mesh` (`resident_sharding`); a sharded
-  copy has zero rows appended up to a multiple of the device count, which no index reaches."""
+  copy has zero rows appended up to a multiple of the device count, which no index reaches.
+  `images` may be a memory-mapped cache or a `sources.ConcatenatedImages` of several splits'
+  caches: it is read into host memory once, to be copied to the devices."""
+  images = np.asarray(images)
   sharding = resident_sharding(images.nbytes, mesh, device_memory_bytes(jax.local_devices()[0]))
   if sharding.spec:  # split over `data`: rows up to a multiple of the devices
     missing = -images.shape[0] % mesh.devices.size
