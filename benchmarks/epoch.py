@@ -258,8 +258,8 @@ def main():
         f'{config.model.arch} {config.data.image_size}px batch {config.train.batch_size} '
         f'{config.train.dtype}; N={trainer.datasets.num_train} ({config.data.name}); '
         f'levels {trainer.schedule.active}; workers {config.data.num_workers}; conv '
-        f'{trainer.model.backbone.kernels.name}; input {args.input}; pad_k {config.clustering.pad_k}',
-        flush=True)
+        f'{trainer.model.backbone.kernels.name}; input {args.input}; '
+        f'pad_k {config.clustering.pad_k}', flush=True)
   jax_step = _resident_step(trainer, state)
   step_rate = jax_step(args.steps)
   _report('step (resident batch) img/s', step_rate)

@@ -53,22 +53,23 @@ def feature_pass_batches(dataset, batch_size: int, num_workers: int, mesh,
   """
   sharding = parallel.batch_sharding(mesh)
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if resident is not None:
-    transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
-                                                        mesh)
-    for images in resident_lib.eval_batches(resident, len(dataset), batch_size, mesh):
-      yield transform(images)
-    return
-  if transform_on_device and dataset.image_size and dataset.eval_resize:
-    transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
-                                                        mesh)
-    batches = loaders.eval_image_batches(dataset.source, batch_size, **where)
+  on_device = bool(transform_on_device and dataset.image_size and dataset.eval_resize)
+  if resident is not None:  # global device arrays already
+    batches = resident_lib.eval_batches(resident, len(dataset), batch_size, mesh)
   else:
-    transform = lambda images: images
-    loader = loaders.eval_loader(dataset, batch_size, num_workers=num_workers, **where)
-    batches = (batch['image'] for batch in loaders.numpy_batches(loader))
+    if on_device:
+      host_batches = loaders.eval_image_batches(dataset.source, batch_size, **where)
+    else:
+      loader = loaders.eval_loader(dataset, batch_size, num_workers=num_workers, **where)
+      host_batches = (batch['image'] for batch in loaders.numpy_batches(loader))
+    batches = (parallel.global_batch({'image': images}, sharding)['image']
+               for images in host_batches)
+  transform = lambda images: images
+  if on_device or resident is not None:
+    transform = device_transforms.jitted_eval_transform(dataset.image_size, dataset.eval_resize,
+                                                        mesh)
   for images in batches:
-    yield transform(parallel.global_batch({'image': images}, sharding)['image'])
+    yield transform(images)
 
 
 def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers: int,

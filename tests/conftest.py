@@ -33,7 +33,7 @@ _OWN_CACHE = []  # the directory this test run made (removed at its end)
 
 
 def pytest_configure(config):
-  """The session's compilation cache, for this process and every child it starts."""
+  """The test run's compilation cache, for this process and every child it starts."""
   del config
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     directory = tempfile.mkdtemp(prefix='pcl_jax_tests_jax_cache_')

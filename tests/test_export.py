@@ -72,9 +72,8 @@ def test_pytorch_computes_pcl_jax_features_from_the_exported_weights(arch, width
 
 
 def test_resnet_names_are_torchvisions():
-  state = torch_names.to_torch(
-      jax.tree_util.tree_map(np.asarray, trained_like_variables('resnet18', 64, False, True, 32)[1]),
-      'resnet18', True, 32)
+  variables = trained_like_variables('resnet18', 64, False, True, 32)[1]
+  state = torch_names.to_torch(jax.tree_util.tree_map(np.asarray, variables), 'resnet18', True, 32)
   import torchvision  # pylint: disable=g-import-not-at-top
   reference = torchvision.models.resnet18(num_classes=16).state_dict()
   reference = {name.replace('fc.', 'fc.2.'): value for name, value in reference.items()}
@@ -102,7 +101,7 @@ def run_dir(tiny_run):
 @pytest.fixture(autouse=True)
 def _project_logging_left_alone(monkeypatch):
   """The commands' main() sets up the process's logging for a command line; called in-process
-  here, it would take the pcl_jax logger from pytest's capture for the rest of the session."""
+  here, it would take the pcl_jax logger from pytest's capture for the rest of the test run."""
   monkeypatch.setattr(cli, 'setup_logging', lambda verbose: None)
 
 

@@ -93,8 +93,8 @@ def _assign_block(x_block, centroids, centroid_sq_norm):
 def _assign_chunks(padded_x, centroids, chunk, centroid_valid):
   """Assignment of padded rows, `chunk` at a time so memory stays chunk x k. Returns flat [N].
 
-  Centroid rows where `centroid_valid` is False (padding up to `Padding.centroids`) get an infinite
-  norm, so their distance is infinite and they never win.
+  Centroid rows where `centroid_valid` is False (padding up to `Padding.centroids`) get an
+  infinite norm, so their distance is infinite and they never win.
   """
   centroid_sq_norm = jnp.where(centroid_valid, jnp.sum(centroids * centroids, axis=1), jnp.inf)
   x_chunks = padded_x.reshape(-1, chunk, padded_x.shape[1])
@@ -253,7 +253,7 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, n
 
   Args:
     x: [M, D] training points, the first `num_points` real, the rest padding (`Padding`).
-    weights: [M] point weights (0 for padding).
+    weights: [M] point weights, 0 for padding (`kmeans` pads them so).
     init_centroids: [k, D] or None.
     niter: Lloyd iterations per run.
     num_runs: number of runs.
@@ -267,9 +267,8 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, n
     [k, D] centroids of the best run, zero from row num_valid on.
   """
   dim = x.shape[1]
-  point_valid = jnp.arange(x.shape[0]) < num_points
   padded_x = _pad_to_chunks(x, chunk)
-  padded_weights = _pad_to_chunks(jnp.where(point_valid, weights, 0.0), chunk)
+  padded_weights = _pad_to_chunks(weights, chunk)
   valid = jnp.arange(padded_x.shape[0]) < num_points
   centroid_valid = jnp.arange(k) < num_valid
 
@@ -280,7 +279,7 @@ def _best_of_runs(x, weights, init_centroids, niter, num_runs, key, num_valid, n
       # k distinct points in random order: the first k of a random permutation (as faiss), drawn
       # as the top k of N uniforms, which compiles and runs faster than a full shuffle (and
       # whose first num_valid are the top num_valid). Padding points are never drawn first.
-      uniform = jnp.where(point_valid, jax.random.uniform(init_key, (x.shape[0],)), -1.0)
+      uniform = jnp.where(valid[:x.shape[0]], jax.random.uniform(init_key, (x.shape[0],)), -1.0)
       _, first_k = jax.lax.top_k(uniform, k)
       start = jnp.where(centroid_valid[:, None], x[first_k], 0.0)
     else:

@@ -174,8 +174,8 @@ def train_loader(dataset, batch_size: int, *, seed: int, epoch: int, num_workers
   # With num_workers=0 the per-sample reseeding happens in this process: its global torch and
   # `random` RNG states are then set by the last sample drawn.
   base_seed = epoch_seed(seed, epoch)
-  batches = _ProcessSliceBatches(epoch_order(len(dataset), seed, epoch), batch_size, process_index, process_count,
-                                 pad_to_full=False)
+  batches = _ProcessSliceBatches(epoch_order(len(dataset), seed, epoch), batch_size,
+                                 process_index, process_count, pad_to_full=False)
   return torch_data.DataLoader(
       _SeededSamples(dataset, base_seed), batch_sampler=batches,
       num_workers=num_workers, collate_fn=_collate_train, persistent_workers=False,

@@ -155,6 +155,7 @@ def from_torch(state: Dict[str, np.ndarray], arch: str, mlp: bool, image_size: i
         side = conv4_map_side(image_size)
         inverse = np.argsort(_flatten_order_permutation(side, weight.shape[1] // side**2))
         weight = weight[:, inverse]
-      _set(params, path, {'kernel': np.ascontiguousarray(weight.T), 'bias': tensor(f'{prefix}.bias')})
+      _set(params, path, {'kernel': np.ascontiguousarray(weight.T),
+                          'bias': tensor(f'{prefix}.bias')})
       first_dense = False
   return {'params': params, 'batch_stats': stats}
