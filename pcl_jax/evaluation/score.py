@@ -40,6 +40,7 @@ import numpy as np
 from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
+from pcl_jax.evaluation import assignments
 from pcl_jax.evaluation import driver
 from pcl_jax.run import cli
 from pcl_jax.run import files as run_files
@@ -62,10 +63,11 @@ def _split_of(path: str) -> str:
   return stem[len('features_'):] if stem.startswith('features_') else stem
 
 
-def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
-  """(features [N, D] float32, labels [N] int64, meta) of one npz file; UserError naming the file
-  and what is wrong with it. `meta` holds the file's `_META_FIELDS` arrays as Python values, and
-  `split` (from the file name when the file has none)."""
+def load_features(path: str, what: str) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
+  """(features [N, D] float32, labels [N] int64 or None, meta) of one npz file; UserError naming
+  the file and what is wrong with it. A file without `labels` holds unlabelled features. `meta`
+  holds the file's `_META_FIELDS` arrays as Python values, `split` (from the file name when the
+  file has none) and `paths` (a tuple of the image files, empty when the file has none)."""
   if not os.path.isfile(path):
     raise UserError(f'{what} {path}: no such file; pass features_<split>.npz files or the '
                     'directory holding them (eval.save_features=True writes them into '
@@ -76,18 +78,18 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
   except Exception as error:  # pylint: disable=broad-except
     raise UserError(f'{what} {path} is not a readable .npz file ({type(error).__name__}: '
                     f'{error})') from error
-  missing = [name for name in ('features', 'labels') if name not in arrays]
-  if missing:
-    raise UserError(f'{what} {path} has no array {" or ".join(repr(m) for m in missing)} (it '
-                    f'holds {", ".join(sorted(arrays)) or "nothing"}); a features file holds '
-                    '`features` [N, D] and `labels` [N]')
-  features, labels = arrays['features'], arrays['labels']
+  if 'features' not in arrays:
+    raise UserError(f"{what} {path} has no array 'features' (it holds "
+                    f'{", ".join(sorted(arrays)) or "nothing"}); a features file holds '
+                    '`features` [N, D] and, for labelled images, `labels` [N]')
+  features, labels = arrays['features'], arrays.get('labels')
   if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
     raise UserError(f'{what} {path}: `features` has shape {features.shape}, expected [N, D]')
-  if labels.shape != (features.shape[0],):
-    raise UserError(f'{what} {path}: `labels` has shape {labels.shape} but `features` has '
-                    f'{features.shape[0]} rows; expected labels [{features.shape[0]}]')
-  if not np.issubdtype(labels.dtype, np.integer):
+  for name in ('labels', 'paths'):
+    if name in arrays and arrays[name].shape != (features.shape[0],):
+      raise UserError(f'{what} {path}: `{name}` has shape {arrays[name].shape} but `features` '
+                      f'has {features.shape[0]} rows; expected {name} [{features.shape[0]}]')
+  if labels is not None and not np.issubdtype(labels.dtype, np.integer):
     raise UserError(f'{what} {path}: `labels` are {labels.dtype}, expected integer class ids')
   if not np.issubdtype(features.dtype, np.floating):
     raise UserError(f'{what} {path}: `features` are {features.dtype}, expected floats')
@@ -96,7 +98,9 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
   meta = {name: arrays[name].item() for name in _META_FIELDS
           if name in arrays and arrays[name].ndim == 0}
   meta.setdefault('split', _split_of(path))
-  return features.astype(np.float32), labels.astype(np.int64), meta
+  meta['paths'] = tuple(str(p) for p in arrays['paths']) if 'paths' in arrays else ()
+  labels = None if labels is None else labels.astype(np.int64)
+  return features.astype(np.float32), labels, meta
 
 
 def resolve_paths(features_arg: str, config) -> Tuple[Optional[str], str, Optional[bool]]:
@@ -142,8 +146,12 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
   if os.path.exists(out) and not overwrite:
     raise UserError(f'--out={out} exists; pass --overwrite to replace it, or another --out')
   train_features = train_labels = None
-  if train_path is not None:
+  if train_path is not None and eval_labels is not None:
     train_features, train_labels, train_meta = load_features(train_path, 'train features')
+    if train_labels is None:
+      raise UserError(f'train features {train_path} have no `labels` but eval features '
+                      f'{eval_path} have: kNN and the probe need labelled references; pass '
+                      'the eval file alone (within-eval halves) or a labelled train file')
     if train_features.shape[1] != eval_features.shape[1]:
       raise UserError(f'train features {train_path} have dimension {train_features.shape[1]} '
                       f'but eval features {eval_path} have {eval_features.shape[1]}; score '
@@ -153,15 +161,21 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
                     or configuration.splits_overlap(train_meta['split'], meta['split']))
   load_s = time.perf_counter() - start
 
+  columns = {}
   results = driver.evaluate_features(config, eval_features, eval_labels, train_features,
                                      train_labels, same_split=bool(same_split),
-                                     kmeans_fn=kmeans_fn)
+                                     kmeans_fn=kmeans_fn, assignments=columns)
   results['timing_s'] = {'load': load_s, **results['timing_s']}
   results['timing_s']['total'] += load_s
   results.update(split=meta['split'], feature_layer=meta.get('feature_layer'),
                  checkpoint_step=meta.get('checkpoint_step'), encoder=meta.get('encoder'),
                  features={'eval': os.path.abspath(eval_path),
                            'train': train_path and os.path.abspath(train_path)})
+  csv_path = assignments.csv_path(os.path.dirname(os.path.abspath(out)), meta['split'])
+  assignments.write_csv(csv_path, columns, meta['paths'], eval_labels,
+                        num_rows=eval_features.shape[0])
+  results['assignments'] = assignments.describe(
+      columns, {'assignments': os.path.basename(csv_path)})
   run_files.write_json_atomic(out, results)
   print(driver.format_table(results), flush=True)
   print(f'results written to {out}', flush=True)
