@@ -374,7 +374,8 @@ def save_features(directory: str, split: str, features, labels, paths=(), **meta
   """Writes features_<split>.npz: `features` [N, D] float32 and `labels` [N] (what the PyTorch
   reference script writes too; no `labels` for unlabelled images), `paths` [N] (the image files,
   when the images are files), plus `split` and `meta` (e.g. feature_layer, encoder,
-  checkpoint_step) as 0-d arrays that `score` reads back. Atomic. Returns the path."""
+  checkpoint_step, level_seed as 0-d arrays; levels, the run's final cluster counts, 1-d) that
+  `score` reads back. Atomic. Returns the path."""
   arrays = dict(features=np.asarray(features, np.float32), split=np.asarray(split))
   if labels is not None:
     arrays['labels'] = np.asarray(labels)
@@ -452,7 +453,8 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
     for name, (features, labels, source) in embedded.items():
       save_features(eval_dir, name, features, labels, source.paths,
                     feature_layer=config.eval.feature_layer, encoder=config.eval.encoder,
-                    checkpoint_step=int(step))
+                    checkpoint_step=int(step), levels=np.asarray(levels, np.int64),
+                    level_seed=level_seed)
   for path in (results_path(workdir, results['split']), results_path(workdir)):
     run_files.write_json_atomic(path, results)
   print(format_table(results), flush=True)

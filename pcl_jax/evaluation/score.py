@@ -45,7 +45,7 @@ from pcl_jax.evaluation import driver
 from pcl_jax.run import cli
 from pcl_jax.run import files as run_files
 
-_META_FIELDS = ('split', 'feature_layer', 'encoder', 'checkpoint_step')
+_META_FIELDS = ('split', 'feature_layer', 'encoder', 'checkpoint_step', 'level_seed')
 
 
 def _default_config_path() -> Optional[str]:
@@ -67,7 +67,8 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, Optional[np.ndarray
   """(features [N, D] float32, labels [N] int64 or None, meta) of one npz file; UserError naming
   the file and what is wrong with it. A file without `labels` holds unlabelled features. `meta`
   holds the file's `_META_FIELDS` arrays as Python values, `split` (from the file name when the
-  file has none) and `paths` (a tuple of the image files, empty when the file has none)."""
+  file has none), `paths` (a tuple of the image files, empty when the file has none) and
+  `levels` (the run's final cluster counts, empty when the file has none)."""
   if not os.path.isfile(path):
     raise UserError(f'{what} {path}: no such file; pass features_<split>.npz files or the '
                     'directory holding them (eval.save_features=True writes them into '
@@ -99,6 +100,8 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, Optional[np.ndarray
           if name in arrays and arrays[name].ndim == 0}
   meta.setdefault('split', _split_of(path))
   meta['paths'] = tuple(str(p) for p in arrays['paths']) if 'paths' in arrays else ()
+  levels = arrays.get('levels')
+  meta['levels'] = [int(k) for k in levels] if levels is not None and levels.ndim == 1 else []
   labels = None if labels is None else labels.astype(np.int64)
   return features.astype(np.float32), labels, meta
 
@@ -161,7 +164,12 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
                     or configuration.splits_overlap(train_meta['split'], meta['split']))
   load_s = time.perf_counter() - start
 
+  # The run's levels (pcl_jax's own files name them) first, as --mode=eval writes them.
+  level_seed = meta.get('level_seed')
   columns = {}
+  if meta['levels'] and level_seed is not None:
+    columns.update(assignments.level_assignments(config, eval_features, meta['levels'],
+                                                 int(level_seed)))
   results = driver.evaluate_features(config, eval_features, eval_labels, train_features,
                                      train_labels, same_split=bool(same_split),
                                      kmeans_fn=kmeans_fn, assignments=columns)
@@ -175,7 +183,7 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
   assignments.write_csv(csv_path, columns, meta['paths'], eval_labels,
                         num_rows=eval_features.shape[0])
   results['assignments'] = assignments.describe(
-      columns, {'assignments': os.path.basename(csv_path)})
+      columns, {'assignments': os.path.basename(csv_path)}, meta['levels'], level_seed)
   run_files.write_json_atomic(out, results)
   print(driver.format_table(results), flush=True)
   print(f'results written to {out}', flush=True)
