@@ -15,10 +15,11 @@ Data layout (data.root = DIR):
   split named `all`. Unlabelled images: a DIR that holds image files directly (no class
   folders), or with `data.labels=False` every image under DIR at any depth (folder names
   ignored), is one unlabelled split (`labels` None) that every split setting names (`train`,
-  `test`, `all`, ...): the run trains and evaluates on the same images. Images are cached at the eval resize size (short side resized, bilinear,
-  then center-cropped to a square), so training crops come from that central square: the crop
-  size itself under `data.eval_resize` 'whole', 8/7 of it under 'center'. With 'auto' a fixed
-  sample of the files' headers decides (`stored_image_size`, `recipes.resolve_eval_resize`).
+  `test`, `all`, ...): the run trains and evaluates on the same images. Images are cached at the
+  eval resize size (short side resized, bilinear, then center-cropped to a square), so training
+  crops come from that central square: the crop size itself under `data.eval_resize` 'whole',
+  8/7 of it under 'center'. With 'auto' a fixed sample of the files' headers decides
+  (`stored_image_size`, `recipes.resolve_eval_resize`).
 Splits join with '+' ('train+val+test'); labels are the indices of the sorted class names over
 the union of every split of DIR, so a class has the same label in every split.
 """

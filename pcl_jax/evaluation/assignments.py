@@ -1,4 +1,4 @@
-"""The clusters an evaluation computes, kept: the run's own levels and `eval/assignments_<split>.csv`.
+"""The clusters an evaluation keeps: the run's own levels, and `eval/assignments_<split>.csv`.
 
 This module owns which clusterings of the evaluated features are kept and how they are written:
 the run's final cluster-schedule levels (`final_levels`, from a checkpoint's meta), clustered

@@ -2,7 +2,8 @@ r"""Downstream evaluation of a checkpoint: kNN, linear probe, few-shot episodes,
 
 This module owns `--mode=eval` (restore an encoder from an Orbax checkpoint without building an
 optimizer, embed the data under the eval transform, score the features, write
-`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`; with
+`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`, the
+clusterings it kept (`assignments_<split>.csv`, a gallery per level); with
 `eval.save_features` also `features_<split>.npz`); the metrics
 themselves live beside it (`knn`, `linear_probe`, `fewshot`, `clustering_quality`, and
 `protocol` for reference/query sets). It never trains the encoder, never writes checkpoints and
@@ -70,9 +71,22 @@ entries that could not be computed are null with a `skipped` reason):
     "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
     "linear_probe": {"lr": float, "holdout_top1": {lr_string: float}, "steps": int},
     "num_images": int, "feature_dim": int, "feature_layer": str, "encoder": str,
+    "assignments": {"columns": [str], "levels": [int], "level_seed": int,
+                    "kmeans_seed": int | null, "files": {what: file name in eval/}},
     "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
-                 "clustering": float, "total": float}
+                 "clustering": float, "assignments": float, "total": float}
   }
+Without labels (an unlabelled image folder, or saved features without `labels`), `knn_top1`,
+`linear_top1`, the few-shot means and the clustering metrics are null, and `knn`,
+`linear_probe`, each few-shot entry and `clustering` carry `"skipped": "no labels"`;
+`protocol` is null.
+
+Clusterings kept (`assignments`, `gallery`): every evaluation writes
+`eval/assignments_<split>.csv`, its columns the run's final cluster-schedule levels
+(`level_<k>`: the E-step's clustering with the run's `clustering.*`, seeded `level_seed` =
+seed * 1000 + epochs done, on the evaluated features), then what `evaluate_features` computed
+(`kmeans_<k>`: the clustering-quality run of seed `EVAL_SEED`, with labels), and a gallery PNG
+per level, `eval/gallery_<split>_level_<k>.png`.
 """
 
 import json
@@ -447,8 +461,9 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
   results['assignments'] = assignments_lib.describe(
       columns, keep_clusters(eval_dir, split, columns, features, labels, source), levels,
       level_seed)
-  results['timing_s']['assignments'] = time.perf_counter() - start
-  results['timing_s']['total'] += results['timing_s']['assignments']
+  timing = results['timing_s']
+  timing['assignments'] = time.perf_counter() - start
+  timing['total'] = timing.pop('total') + timing['assignments']  # the total last
   if config.eval.save_features:
     for name, (features, labels, source) in embedded.items():
       save_features(eval_dir, name, features, labels, source.paths,

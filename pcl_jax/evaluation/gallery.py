@@ -133,5 +133,6 @@ def write_gallery(path: str, images, assignments, features, title: str) -> str:
   """Selects, composes and writes one clustering's gallery PNG atomically; returns the path."""
   shown, num_clusters = select_clusters(assignments, features)
   picture = Image.fromarray(compose(images, shown, num_clusters, title))
-  run_files.write_atomic(path, lambda handle: picture.save(handle, format='PNG'), binary=True)
+  run_files.write_atomic(path, lambda handle: picture.save(handle, format='PNG', optimize=True),
+                         binary=True)
   return path

@@ -24,8 +24,14 @@ use_float16); `--config.eval.knn_k=10` overrides a field. `--out` (default
 scores_<split>.json beside the eval file; an existing file needs `--overwrite`) gets
 results.json's layout, with `split`, `feature_layer`, `encoder` and `checkpoint_step` from the
 eval file's arrays of those names when it has them (pcl_jax writes them; else the split from the
-file name and null), and `features` naming the files scored. A missing file, a file without
-`features` / `labels`, or mismatched shapes is one line `error: ...` and exit status 2.
+file name and null), and `features` naming the files scored. `assignments_<split>.csv` goes in
+`--out`'s folder (`assignments.py`): the `path` column from the eval file's `paths` array when
+it has one, its `level_<k>` columns when it names the run's `levels` (and `level_seed`) as
+pcl_jax's files do (clustered with `--config`'s `clustering.*`: pass the run's config), and
+`kmeans_<k>` with labels. A file without `labels` holds unlabelled features: the label metrics
+are then null with `skipped: "no labels"` (driver). A missing file, a file without `features`,
+a train file without labels for a labelled eval file, or mismatched shapes is one line
+`error: ...` and exit status 2.
 """
 
 import os
