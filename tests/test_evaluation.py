@@ -485,6 +485,22 @@ def test_assignments_csv_keeps_the_runs_levels_and_the_evaluations_kmeans(traine
     assert os.path.getsize(os.path.join(eval_dir, name)) > 0
 
 
+def test_final_levels_are_the_checkpoints_whatever_the_schedule_config():
+  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+  from pcl_jax.evaluation import assignments  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()  # all_clusters 40,20,10,5, two levels
+  state = cluster_schedule.ClusterSchedule.from_config(config.schedule).state_dict()
+  state['start'] = 2  # the window moved twice: levels 10, 5
+  assert assignments.final_levels(config, {}) == [40, 20]  # no schedule saved: the first window
+  config.schedule.all_clusters = '8,4,2'
+  assert assignments.final_levels(config, {'schedule': state}) == [10, 5]
+  config.schedule.all_clusters = '5,10,20'
+  state['all_clusters'], state['start'] = [5, 10, 20], 1
+  assert assignments.final_levels(config, {'schedule': state}) == [10, 20]
+  config.clustering.levels = 'hierarchical'  # clustered fine -> coarse
+  assert assignments.final_levels(config, {'schedule': state}) == [20, 10]
+
+
 def _unlabelled_folder(root, count):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(root)

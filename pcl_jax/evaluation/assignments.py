@@ -38,13 +38,15 @@ def kmeans_column(k: int) -> str:
 
 def final_levels(config, meta: dict) -> list:
   """The cluster counts of the run's schedule as its checkpoint left it (the levels its next
-  E-step would cluster), in clustering order; the config's first levels when the meta holds no
-  schedule."""
-  schedule = cluster_schedule.ClusterSchedule.from_config(
-      config.schedule, hierarchical=config.clustering.levels == 'hierarchical')
+  E-step would cluster), in clustering order (descending under `clustering.levels=
+  hierarchical`); the config's first levels when the meta holds no schedule."""
   if meta.get('schedule') is not None:
-    schedule.load_state_dict(meta['schedule'])
-  return schedule.clustering_order()
+    active = cluster_schedule.ClusterSchedule.saved_active(meta['schedule'])
+  else:
+    active = cluster_schedule.ClusterSchedule.from_config(config.schedule).active
+  if config.clustering.levels == 'hierarchical':
+    return sorted(active, reverse=True)
+  return active
 
 
 def level_assignments(config, features, ks: Sequence[int], seed: int) -> Dict[str, np.ndarray]:
