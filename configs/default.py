@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.train_split = 'train'  # e.g. 'train', 'train+val+test'
   config.data.eval_split = 'test'  # split used by --mode=eval
   config.data.val_split = 'val'  # split of the over-fitting monitor (eval.val_every)
+  # image_folder: False reads every image under data.root at any depth, folder names ignored,
+  # as one unlabelled split (a root holding image files directly is one already).
+  config.data.labels = True
   config.data.aug_plus = True  # MoCo v2 augmentation (False: MoCo v1)
   # The augmentation (either recipe) inside the jitted step, Pillow-exact (pcl_jax/device_augment):
   # the loader only draws the random choices. For a GPU run that waits on its loader; costs

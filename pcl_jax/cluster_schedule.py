@@ -372,6 +372,13 @@ class ClusterSchedule:
         'window': self._window.state_dict(),
     }
 
+  @staticmethod
+  def saved_active(state: Mapping[str, Any]) -> List[int]:
+    """The active cluster counts of a `state_dict()`, read from the state alone (an evaluation
+    under another schedule config still finds the run's levels)."""
+    start = int(state['start'])
+    return [int(k) for k in state['all_clusters'][start:start + int(state['num_levels'])]]
+
   def load_state_dict(self, state: Mapping[str, Any]) -> None:
     """Restores `state_dict()` output; the schedule settings must match the saved ones."""
     if state.get('version') != _STATE_VERSION:

@@ -337,6 +337,9 @@ def validate(config) -> cluster_schedule.ClusterSchedule:
   if config.data.name in ('image_folder', 'mini_imagenet'):
     _require(bool(config.data.root), f'data.name={config.data.name} needs data.root=DIR '
              '(see README "Data layout")')
+  _require(config.data.labels or config.data.name == 'image_folder',
+           f'data.labels=False reads unlabelled image files, which data.name='
+           f'{config.data.name} has not; use data.name=image_folder with data.root=DIR')
   _check_loss(config.pcl)
   return _checked_schedule(config)
 

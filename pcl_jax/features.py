@@ -83,7 +83,8 @@ def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers:
   the images on the devices, when given).
 
   Returns:
-    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64).
+    (features [N, D] jax array on device, batch-sharded; labels [N] numpy int64, or None for
+    unlabelled images).
   """
   mesh = mesh or parallel.data_mesh()
   batches = feature_pass_batches(dataset, batch_size, num_workers, mesh, transform_on_device,
@@ -93,4 +94,5 @@ def extract_features(embed_fn, variables, dataset, batch_size: int, num_workers:
       disable=not progress, desc='features', leave=False)]
   num_images = len(dataset)
   features = jnp.concatenate(chunks)[:num_images]
-  return features, np.asarray(dataset.source.labels[:num_images])
+  labels = dataset.source.labels
+  return features, None if labels is None else np.asarray(labels[:num_images])

@@ -90,6 +90,10 @@ class Trainer:
     self.val_dataset = None
     if config.eval.val_every:
       self.val_dataset = loaders.build_eval_dataset(config, config.data.val_split)
+      if self.val_dataset.source.labels is None:
+        raise UserError(f'eval.val_every={config.eval.val_every} scores a kNN against labels, '
+                        f'and data.val_split={config.data.val_split!r} of data.root='
+                        f'{config.data.root} is unlabelled images; set eval.val_every=0')
 
   def step_compilations(self) -> int:
     """How many programs the jitted train step has compiled (1 unless shapes changed)."""

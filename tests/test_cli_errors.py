@@ -98,6 +98,28 @@ def _data(kind):
   return setup
 
 
+def _unlabelled(kind):
+  """A folder of image files without class folders: `empty`, `undecodable` (3 files, none an
+  image), `small` (3 images: fewer than a batch of 4), `mixed` (loose images beside a folder)
+  or `ok` (8 images, for the settings that refuse unlabelled images)."""
+  def setup(case_dir, trained):
+    del trained
+    root = os.path.join(case_dir, 'photos')
+    os.makedirs(root)
+    count = {'empty': 0, 'undecodable': 3, 'small': 3, 'mixed': 3, 'ok': 8}[kind]
+    for number in range(count):
+      path = os.path.join(root, f'photo_{number}.jpg')
+      if kind == 'undecodable':
+        with open(path, 'wb') as handle:
+          handle.write(b'this is not a JPEG')
+      else:
+        _write_jpeg(path, seed=number)
+    if kind == 'mixed':
+      os.makedirs(os.path.join(root, '2026-12-01'))
+    return ('--config.data.name=image_folder', f'--config.data.root={root}', *SMALL_DATA)
+  return setup
+
+
 def _copy_trained(extra=(), damage=False, results=False):
   """The shared trained run (`tiny_run`), copied (training reruns take the workdir's lock)."""
   def setup(case_dir, trained):
@@ -235,6 +257,18 @@ CASES = [
          'data.root=/nonexistent/pcl_data does not exist'),
     Case('csv_names_absent_files', (), 'absent from', setup=_data('csv')),
     Case('corrupt_jpeg', (), 'cannot decode 1 image(s)', setup=_data('folder'), quiet=False),
+    Case('unlabelled_empty_folder', (), 'is empty; put the dataset there',
+         setup=_unlabelled('empty')),
+    Case('unlabelled_no_decodable_image', (), 'cannot decode 3 image(s)',
+         setup=_unlabelled('undecodable'), quiet=False),
+    Case('unlabelled_fewer_than_a_batch', (), 'has 3 images, fewer than one batch',
+         setup=_unlabelled('small'), quiet=False),
+    Case('unlabelled_beside_folders', (), 'set data.labels=False to read every image',
+         setup=_unlabelled('mixed')),
+    Case('unlabelled_validation_knn', ('--config.eval.val_every=1',),
+         'eval.val_every=1 scores a kNN against labels', setup=_unlabelled('ok'), quiet=False),
+    Case('labels_false_on_digits', ('--config.data.labels=False',),
+         'data.labels=False reads unlabelled image files'),
     # --- Run directory and checkpoints.
     Case('workdir_is_a_file', (), 'is a file, not a directory', setup=_workdir_is_file),
     Case('workdir_not_writable', (f'--workdir={NOT_WRITABLE}',), 'is not writable',

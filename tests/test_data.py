@@ -165,6 +165,70 @@ def test_image_folder_tree_and_flat_root(tmp_path):
     sources.load_source(flat_data, 'train', setting='data.train_split')
 
 
+def _write_photos(directory, names):
+  os.makedirs(directory, exist_ok=True)
+  for name in names:
+    _write_jpeg(os.path.join(directory, name), seed=zlib.crc32(str(directory / name).encode()))
+
+
+def test_a_folder_of_image_files_is_one_unlabelled_split_every_setting_names(tmp_path):
+  root = tmp_path / 'photos'
+  _write_photos(root, ['b.jpg', 'a.png', 'c.JPEG'])
+  (root / 'notes.txt').write_text('not an image')
+  data = make_config(root, name='image_folder').data
+  train = sources.load_source(data, 'train', setting='data.train_split')
+  assert train.labels is None and train.class_names == ()
+  assert train.paths == tuple(str(root / name) for name in ('a.png', 'b.jpg', 'c.JPEG'))
+  for split in ('test', 'all', 'train+val'):  # the same images, once
+    other = sources.load_source(data, split)
+    assert other.paths == train.paths
+    np.testing.assert_array_equal(np.asarray(other.images), np.asarray(train.images))
+  for index, path in enumerate(train.paths):  # rows are the files, in path order
+    with Image.open(path) as image:
+      expected = transforms.CenterCrop(18)(transforms.Resize(18)(image.convert('RGB')))
+    np.testing.assert_array_equal(np.asarray(train.images[index]), np.asarray(expected))
+  # Its cache (root/.cache) is a hidden folder, not a class folder: still one split.
+  assert os.path.isdir(root / '.cache')
+  assert sources.load_source(data, 'train').labels is None
+  eval_view = loaders.build_eval_dataset(make_config(root, name='image_folder'))
+  assert eval_view[1][1:] == (-1, 1)  # (image, label -1: none, index)
+
+
+def test_labels_false_reads_every_image_at_any_depth_ignoring_folders(tmp_path):
+  root = tmp_path / 'camera'
+  _write_photos(root / '2026-12-01', ['x.jpg', 'y.jpg'])
+  _write_photos(root / '2026-12-02' / 'burst', ['a.jpg'])
+  _write_photos(root / '2026-12-02', ['z.jpg'])
+  _write_photos(root / '.hidden', ['skipped.jpg'])
+  data = make_config(root, name='image_folder').data
+  dated = sources.load_source(data, 'all')  # by default the dates are class folders
+  assert dated.class_names == ('2026-12-01', '2026-12-02') and dated.labels.tolist() == [
+      0, 0, 1, 1]
+  data.labels = False
+  flat = sources.load_source(data, 'train')
+  assert flat.labels is None
+  assert [os.path.relpath(path, root) for path in flat.paths] == [
+      '2026-12-01/x.jpg', '2026-12-01/y.jpg', '2026-12-02/z.jpg', '2026-12-02/burst/a.jpg']
+  os.makedirs(tmp_path / 'no_images' / 'empty_day')
+  with pytest.raises(UserError, match='holds no image files at any depth'):
+    sources.load_source(_unlabelled_data(tmp_path / 'no_images'), 'train')
+
+
+def _unlabelled_data(root):
+  data = make_config(root, name='image_folder').data
+  data.labels = False
+  return data
+
+
+def test_loose_images_beside_folders_name_data_labels(tmp_path):
+  root = tmp_path / 'mixed'
+  _write_photos(root, ['loose.jpg'])
+  _write_photos(root / 'cats', ['c.jpg'])
+  with pytest.raises(UserError, match='holds image files and folders.*data.labels=False'):
+    sources.load_source(make_config(root, name='image_folder').data, 'train')
+  assert len(sources.load_source(_unlabelled_data(root), 'train')) == 2
+
+
 def test_cache_dir_setting_and_joined_splits_stay_memory_mapped(csv_root, tmp_path):
   config = make_config(csv_root)
   config.data.cache_dir = str(tmp_path / 'caches')

@@ -319,9 +319,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, trained_workdir):
 
 
 def _comparable(results: dict) -> dict:
-  """A results dict without what differs between two scorings of the same features: the times
-  and the names of the files scored."""
-  return {key: value for key, value in results.items() if key not in ('timing_s', 'features')}
+  """A results dict without what differs between two scorings of the same features: the times,
+  the names of the files scored and of the files written (score draws no galleries)."""
+  kept = {key: value for key, value in results.items() if key not in ('timing_s', 'features')}
+  kept['assignments'] = {key: value for key, value in results['assignments'].items()
+                         if key != 'files'}
+  return kept
 
 
 def test_scoring_saved_features_equals_the_runs_own_eval(trained_workdir, tmp_path):
@@ -345,6 +348,12 @@ def test_scoring_saved_features_equals_the_runs_own_eval(trained_workdir, tmp_pa
     scored = json.load(handle)
   assert _comparable(scored) == _comparable(json.loads(json.dumps(evaluated)))
   assert scored['checkpoint_step'] == 1 and scored['encoder'] == 'key'
+  # The same clusterings, the run's levels included (the npz names them), row for row.
+  assert evaluated['assignments']['levels'] and scored['assignments']['columns'] == (
+      evaluated['assignments']['columns'])
+  with open(tmp_path / 'assignments_test.csv') as scored_csv, open(
+      os.path.join(eval_dir, 'assignments_test.csv')) as evaluated_csv:
+    assert scored_csv.read() == evaluated_csv.read()
   assert scored['features']['train'].endswith('features_train.npz')
   # The same files named explicitly (TRAIN.npz,EVAL.npz), in-process.
   from pcl_jax.evaluation import score  # pylint: disable=g-import-not-at-top
@@ -372,6 +381,9 @@ def test_scoring_features_of_any_model(tmp_path):
   pair = score.score_features(config, f'{train},{test}', str(tmp_path / 'pair.json'))
   assert pair['split'] == 'test' and pair['checkpoint_step'] is None
   assert pair['protocol'] == protocol.PROTOCOL_TRAIN_TO_EVAL and pair['knn_top1'] == 100.0
+  header, rows = _read_csv(tmp_path / 'assignments_test.csv')  # beside --out
+  assert header == ['index', 'label', 'kmeans_6'] and len(rows) == labels[1::2].size
+  assert [int(row[1]) for row in rows] == labels[1::2].tolist()
   alone = score.score_features(config, test, None)
   assert alone['protocol'] == protocol.PROTOCOL_EVAL_HALVES
   assert os.path.exists(tmp_path / 'scores_test.json')  # the default --out
@@ -394,7 +406,9 @@ def test_scoring_errors_are_one_line(tmp_path):
   os.makedirs(tmp_path / 'empty')
   cases = {
       'no such file': f'{tmp_path}/features_nothing.npz',
-      "has no array 'labels'": _write_npz(tmp_path / 'a.npz', features=np.zeros((3, 4))),
+      "has no array 'features'": _write_npz(tmp_path / 'a.npz', labels=np.arange(3)),
+      'have no `labels` but eval features': _write_npz(
+          tmp_path / 'd.npz', features=np.zeros((10, 4))) + ',' + good,
       'have dimension 8 but eval features': _write_npz(
           tmp_path / 'b.npz', features=np.zeros((10, 8)), labels=np.arange(10)) + ',' + good,
       r'expected labels \[10\]': _write_npz(tmp_path / 'c.npz', features=np.zeros((10, 4)),
@@ -423,6 +437,122 @@ def test_scoring_errors_are_one_line(tmp_path):
     assert result.returncode == 2, (expected, result.stderr)
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
     assert re.search(expected, lines[0]), lines[0]
+
+
+def _read_csv(path):
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(path, newline='') as handle:
+    rows = list(csv.reader(handle))
+  return rows[0], rows[1:]
+
+
+def test_assignments_csv_keeps_the_runs_levels_and_the_evaluations_kmeans(trained_workdir):
+  """assignments_<split>.csv: a row per image in feature order, the labels, then the run's final
+  levels (clustered as its E-step does, seeded as results.json says) and the clustering-quality
+  k-means run of seed EVAL_SEED; a gallery per level."""
+  from pcl_jax import clustering  # pylint: disable=g-import-not-at-top
+  config = _eval_config()
+  results = driver.evaluate_checkpoint(config, trained_workdir, overwrite=True)
+  eval_dir = os.path.join(trained_workdir, 'eval')
+  kept = results['assignments']
+  # tiny_run stopped after its first epoch: the schedule's first window, configs/test.py's.
+  assert kept['levels'] == [40, 20] and kept['level_seed'] == config.seed * 1000 + 1
+  assert kept['columns'] == ['level_40', 'level_20', 'kmeans_10']
+  header, rows = _read_csv(os.path.join(eval_dir, 'assignments_test.csv'))
+  assert header == ['index', 'label'] + kept['columns']  # digits: no files, no path column
+  with np.load(os.path.join(eval_dir, 'features_test.npz')) as saved:
+    features, labels = saved['features'], saved['labels']
+    assert 'paths' not in saved.files and saved['levels'].tolist() == [40, 20]
+  table = np.asarray(rows, np.int64)
+  assert table.shape == (features.shape[0], 5)
+  np.testing.assert_array_equal(table[:, 0], np.arange(features.shape[0]))
+  np.testing.assert_array_equal(table[:, 1], labels)
+  _, kmeans_run, _ = clustering.kmeans(
+      features, 10, backend=config.clustering.backend, niter=clustering_quality.KMEANS_NITER,
+      nredo=clustering_quality.KMEANS_NREDO, seed=protocol.EVAL_SEED, spherical=False)
+  np.testing.assert_array_equal(table[:, 4], np.asarray(kmeans_run))
+  levels = clustering.cluster_levels(
+      features, [40, 20], backend=config.clustering.backend, niter=config.clustering.niter,
+      nredo=config.clustering.nredo, seed=kept['level_seed'],
+      spherical=config.clustering.spherical, temperature=config.pcl.temperature,
+      use_float16=config.clustering.use_float16)
+  for column, level in zip((2, 3), levels):
+    np.testing.assert_array_equal(table[:, column], np.asarray(level['im2cluster']))
+  assert kept['files'] == {'assignments': 'assignments_test.csv',
+                           'gallery level_40': 'gallery_test_level_40.png',
+                           'gallery level_20': 'gallery_test_level_20.png'}
+  for name in kept['files'].values():
+    assert os.path.getsize(os.path.join(eval_dir, name)) > 0
+
+
+def test_final_levels_are_the_checkpoints_whatever_the_schedule_config():
+  from pcl_jax import cluster_schedule  # pylint: disable=g-import-not-at-top
+  from pcl_jax.evaluation import assignments  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()  # all_clusters 40,20,10,5, two levels
+  state = cluster_schedule.ClusterSchedule.from_config(config.schedule).state_dict()
+  state['start'] = 2  # the window moved twice: levels 10, 5
+  assert assignments.final_levels(config, {}) == [40, 20]  # no schedule saved: the first window
+  config.schedule.all_clusters = '8,4,2'
+  assert assignments.final_levels(config, {'schedule': state}) == [10, 5]
+  config.schedule.all_clusters = '5,10,20'
+  state['all_clusters'], state['start'] = [5, 10, 20], 1
+  assert assignments.final_levels(config, {'schedule': state}) == [10, 20]
+  config.clustering.levels = 'hierarchical'  # clustered fine -> coarse
+  assert assignments.final_levels(config, {'schedule': state}) == [20, 10]
+
+
+def _unlabelled_folder(root, count):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(root)
+  rng = np.random.default_rng(0)
+  for number in range(count):
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(root, f'photo_{number:03d}.png'))
+  return str(root)
+
+
+def test_an_unlabelled_folder_trains_and_evaluates(tmp_path):
+  """A folder of image files, no class folders: it trains (the E-step included) as one split,
+  and --mode=eval writes the label-free results (label metrics null, `skipped: "no labels"`),
+  the assignments with paths, the galleries and the features with paths, which
+  `evaluation.score` reads back into the same CSV."""
+  from pcl_jax.evaluation import score  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.name = 'image_folder'
+  config.data.root = _unlabelled_folder(tmp_path / 'photos', 48)
+  config.train.steps_per_epoch = 1
+  workdir = str(tmp_path / 'run')
+  runs.train_run(workdir, config)  # 2 epochs: the second clusters the 48 unlabelled images
+  with open(os.path.join(workdir, 'metrics.jsonl')) as handle:
+    records = [json.loads(line) for line in handle]
+  assert records[-1]['loss_proto'] is not None
+  config.eval.save_features = True
+  results = driver.evaluate_checkpoint(config, workdir)
+  assert results['split'] == 'test' and results['num_images'] == 48
+  assert results['knn_top1'] is None and results['linear_top1'] is None
+  for entry in (results['knn'], results['linear_probe'], results['clustering'],
+                *results['fewshot'].values()):
+    assert entry['skipped'] == 'no labels'
+  assert results['clustering']['nmi'] is None and results['fewshot']['5way1shot']['mean'] is None
+  kept = results['assignments']
+  assert kept['columns'] == [f'level_{k}' for k in kept['levels']] and kept['levels']
+  assert kept['kmeans_seed'] is None
+  eval_dir = os.path.join(workdir, 'eval')
+  header, rows = _read_csv(os.path.join(eval_dir, 'assignments_test.csv'))
+  assert header == ['index', 'path'] + kept['columns']
+  expected_paths = sorted(os.path.join(config.data.root, name)
+                          for name in os.listdir(config.data.root) if name.endswith('.png'))
+  assert [row[1] for row in rows] == expected_paths
+  for name in kept['files'].values():
+    assert os.path.isfile(os.path.join(eval_dir, name))
+  npz = os.path.join(eval_dir, 'features_test.npz')
+  with np.load(npz) as saved:
+    assert 'labels' not in saved.files and saved['paths'].tolist() == expected_paths
+    assert saved['features'].shape[0] == 48
+  scored = score.score_features(config, npz, str(tmp_path / 'scored' / 'scores.json'))
+  assert scored['clustering']['skipped'] == 'no labels'
+  assert _read_csv(tmp_path / 'scored' / 'assignments_test.csv') == (header, rows)
+  assert 'no labels' in driver.format_table(results)
 
 
 def test_the_query_encoder_can_be_evaluated(trained_workdir, tmp_path):

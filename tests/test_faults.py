@@ -344,12 +344,13 @@ def test_disk_full_or_read_only_while_writing_results(small_disk, trained):
   config.eval.fewshot_episodes = 10
   driver.evaluate_checkpoint(config, workdir)
   written = {name: open(os.path.join(workdir, 'eval', name)).read()
-             for name in ('results.json', 'results_test.json')}
+             for name in ('results.json', 'results_test.json', 'assignments_test.csv')}
   _fill(small_disk, 0)
   with pytest.raises(OSError) as full:
     driver.evaluate_checkpoint(config, workdir, overwrite=True)
   assert run_files.storage_failure(full.value)[0] == errno.ENOSPC
-  assert full.value.filename.startswith(os.path.join(workdir, 'eval', 'results'))
+  # The first file written (the assignments; results.json comes last) is named.
+  assert full.value.filename == os.path.join(workdir, 'eval', 'assignments_test.csv')
   os.remove(small_disk / 'filler')
   subprocess.run(['mount', '-o', 'remount,ro', str(small_disk)], check=True)
   with pytest.raises(OSError) as read_only:

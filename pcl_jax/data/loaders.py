@@ -64,7 +64,9 @@ class EvalDataset(torch_data.Dataset):
     return len(self.source)
 
   def __getitem__(self, index):
-    return self.transform(self.source.image(index)), int(self.source.labels[index]), index
+    labels = self.source.labels  # None: unlabelled images, given label -1 (never scored)
+    label = -1 if labels is None else int(labels[index])
+    return self.transform(self.source.image(index)), label, index
 
 
 class _SeededSamples(torch_data.Dataset):
@@ -269,6 +271,11 @@ def check_split_fits_batch(num_images: int, batch_size: int, split: str,
 
 def _log_pretraining_split(config, source: ArraySource) -> None:
   data = config.data
+  if source.labels is None:
+    logging.info('pretraining on %s: %d unlabelled images (one split, which data.train_split=%r '
+                 'and data.eval_split=%r both name)', source.name, len(source), data.train_split,
+                 data.eval_split)
+    return
   logging.info('pretraining on %s (data.train_split=%r): %d images, %d classes', source.name,
                data.train_split, len(source), len(np.unique(source.labels)))
   if data.name != 'mini_imagenet':

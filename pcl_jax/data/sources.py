@@ -12,10 +12,14 @@ Data layout (data.root = DIR):
   cached at 84x84 (each image squashed to 84x84 with Lanczos, the standard mini-ImageNet
   preprocessing; a no-op for the usual 84x84 release).
 - `image_folder`: `DIR/<split>/<class>/**/<image>`; a DIR that holds class folders directly is one
-  split named `all`. Images are cached at the eval resize size (short side resized, bilinear,
-  then center-cropped to a square), so training crops come from that central square: the crop
-  size itself under `data.eval_resize` 'whole', 8/7 of it under 'center'. With 'auto' a fixed
-  sample of the files' headers decides (`stored_image_size`, `recipes.resolve_eval_resize`).
+  split named `all`. Unlabelled images: a DIR that holds image files directly (no class
+  folders), or with `data.labels=False` every image under DIR at any depth (folder names
+  ignored), is one unlabelled split (`labels` None) that every split setting names (`train`,
+  `test`, `all`, ...): the run trains and evaluates on the same images. Images are cached at the
+  eval resize size (short side resized, bilinear, then center-cropped to a square), so training
+  crops come from that central square: the crop size itself under `data.eval_resize` 'whole',
+  8/7 of it under 'center'. With 'auto' a fixed sample of the files' headers decides
+  (`stored_image_size`, `recipes.resolve_eval_resize`).
 Splits join with '+' ('train+val+test'); labels are the indices of the sorted class names over
 the union of every split of DIR, so a class has the same label in every split.
 """
@@ -24,7 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -37,6 +41,8 @@ from pcl_jax.data import recipes
 DATASETS = configuration.DATASETS
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+# The name of the one split of unlabelled images (whatever the split settings call it).
+UNLABELLED_SPLIT = 'all'
 # (classes, images) of the standard Ravi & Larochelle split.
 MINI_IMAGENET_SPLITS = {'train': (64, 38400), 'val': (16, 9600), 'test': (20, 12000)}
 
@@ -45,16 +51,19 @@ MINI_IMAGENET_SPLITS = {'train': (64, 38400), 'val': (16, 9600), 'test': (20, 12
 class ArraySource:
   """Decoded images held in one uint8 array [N, H, W, 3] (in memory or memory-mapped).
 
-  `images` may also be a `ConcatenatedImages` view (splits joined with '+'); `class_names[l]` is
-  the name of label l when the source has named classes.
+  `images` may also be a `ConcatenatedImages` view (splits joined with '+'); `labels` is None
+  for unlabelled images; `class_names[l]` is the name of label l when the source has named
+  classes; `paths[i]` is image i's file (absolute) when the images are files, else `paths` is
+  empty.
   """
   images: np.ndarray
-  labels: np.ndarray
+  labels: Optional[np.ndarray]
   name: str = ''
   class_names: Tuple[str, ...] = ()
+  paths: Tuple[str, ...] = ()
 
   def __len__(self):
-    return len(self.labels)
+    return len(self.images)
 
   def image(self, index: int) -> Image.Image:
     return Image.fromarray(np.asarray(self.images[index]))
@@ -127,8 +136,10 @@ def _concat(sources: Sequence[ArraySource], name: str) -> ArraySource:
     joined = ConcatenatedImages(images)  # keep the caches on disk, shared by every worker
   else:
     joined = np.concatenate([np.asarray(part) for part in images])
-  return ArraySource(joined, np.concatenate([s.labels for s in sources]), name,
-                     sources[0].class_names)
+  labelled = all(s.labels is not None for s in sources)
+  labels = np.concatenate([s.labels for s in sources]) if labelled else None
+  paths = sum((s.paths for s in sources), ()) if all(s.paths for s in sources) else ()
+  return ArraySource(joined, labels, name, sources[0].class_names, paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,10 +197,10 @@ class SplitFiles:
   """The image files of one split, in dataset-index order."""
   split: str
   paths: Tuple[str, ...]  # absolute paths
-  labels: np.ndarray  # [N] int64, indices into `class_names`
+  labels: Optional[np.ndarray]  # [N] int64, indices into `class_names`; None: unlabelled
   class_names: Tuple[str, ...]  # sorted over the union of every split of the dataset
-  # (path relative to data.root, class, byte size, modification time in ns) of every file, in
-  # order: what the decoded-image cache is checked against.
+  # (path relative to data.root, class ('' unlabelled), byte size, modification time in ns) of
+  # every file, in order: what the decoded-image cache is checked against.
   entries: Tuple[Tuple[str, str, int, int], ...]
   where: str  # the directory or CSV the files come from (for messages)
 
@@ -278,7 +289,7 @@ def _read_csv(path: str) -> List[Tuple[str, str]]:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  kind: str  # 'csv' | 'folder'
+  kind: str  # 'csv' | 'folder' | 'flat' (image files in DIR) | 'tree' (data.labels=False)
   root: str
   splits: Dict[str, str]  # split -> CSV path or directory
   class_names: Tuple[str, ...]
@@ -288,6 +299,15 @@ def _layout(data_config) -> _Layout:
   """Finds the dataset's splits and its class names (sorted over the union of all splits)."""
   root = _check_root(data_config)
   name = data_config.name
+  if name == 'image_folder' and not data_config.labels:
+    return _Layout('tree', root, {UNLABELLED_SPLIT: root}, ())
+  if name == 'image_folder' and _holds_images(root):
+    if _subdirs(root):
+      raise UserError(f'data.root={data_config.root} holds image files and folders, so it is '
+                      'neither unlabelled images nor class folders: set data.labels=False to read '
+                      'every image under it, folders ignored, or move the loose images into '
+                      'class folders')
+    return _Layout('flat', root, {UNLABELLED_SPLIT: root}, ())
   csv_splits = _csv_splits(root) if name == 'mini_imagenet' else {}
   if csv_splits:
     classes = set()
@@ -305,9 +325,10 @@ def _layout(data_config) -> _Layout:
         'DIR/images/*.jpg with DIR/train.csv, val.csv, test.csv (Ravi & Larochelle split) or '
         'DIR/train/<wnid>/*.jpg, DIR/val/..., DIR/test/... (see README "Data layout")')
   if not splits:
-    raise UserError(f'data.root={data_config.root} holds no class folders; expected '
-                    'DIR/<split>/<class>/<image> or DIR/<class>/<image> (see README "Data '
-                    'layout")')
+    raise UserError(f'data.root={data_config.root} holds no class folders and no image files; '
+                    'expected DIR/<split>/<class>/<image>, DIR/<class>/<image> or DIR/<image> '
+                    '(unlabelled; data.labels=False reads images at any depth) (see README '
+                    '"Data layout")')
   classes = set()
   for directory in splits.values():
     classes.update(_subdirs(directory))
@@ -364,11 +385,44 @@ def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
                     tuple(entries), directory)
 
 
+def _image_files(directory: str, recursive: bool) -> List[str]:
+  """The image files directly in `directory`, or at any depth below it (sorted walk, hidden
+  folders such as our own .cache skipped), in a fixed order."""
+  if not recursive:
+    with os.scandir(directory) as entries:
+      return sorted(os.path.join(directory, e.name) for e in entries
+                    if _is_image(e.name) and e.is_file())
+  paths = []
+  for walk_root, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames[:] = sorted(name for name in dirnames if not name.startswith('.'))
+    paths += [os.path.join(walk_root, name) for name in sorted(filenames) if _is_image(name)]
+  return paths
+
+
+def _unlabelled_split_files(layout: _Layout) -> SplitFiles:
+  """The one unlabelled split: the image files in data.root ('flat') or under it ('tree')."""
+  paths = _image_files(layout.root, recursive=layout.kind == 'tree')
+  if not paths:
+    raise UserError(f'data.root={layout.root} holds no image files at any depth (looked for '
+                    f'*{{{",".join(IMAGE_EXTENSIONS)}}}); put the images there or fix data.root')
+  entries = []
+  for path in paths:
+    stat = os.stat(path)
+    entries.append((os.path.relpath(path, layout.root), '', stat.st_size, stat.st_mtime_ns))
+  return SplitFiles(UNLABELLED_SPLIT, tuple(paths), None, (), tuple(entries), layout.root)
+
+
 def list_split_files(data_config, split: str, setting: str = 'data split') -> List[SplitFiles]:
-  """The image files of every split named in `split` ('+'-joined), validated; no decoding."""
+  """The image files of every split named in `split` ('+'-joined), validated; no decoding.
+
+  Unlabelled images are one split, which every name names: it is returned once.
+  """
   layout = _layout(data_config)
   logging.info('%s: %s layout in %s, splits %s', data_config.name, layout.kind, layout.root,
                ', '.join(sorted(layout.splits)))
+  if layout.kind in ('flat', 'tree'):
+    split_names(split, setting)
+    return [_unlabelled_split_files(layout)]
   result = []
   for name in split_names(split, setting):
     if name not in layout.splits:
@@ -413,7 +467,7 @@ def folder_source(data_config, split: str, setting: str = 'data split') -> Array
     _warn_if_not_standard(data_config, files)
     sources.append(ArraySource(cache.cached_images(data_config, files, eval_resize),
                                files.labels, f'{data_config.name}/{files.split}',
-                               files.class_names))
+                               files.class_names, files.paths))
   return _concat(sources, f'{data_config.name}/{split}')
 
 
@@ -429,6 +483,9 @@ def _sample_image_paths(layout: _Layout) -> List[str]:
   """A few image files of every split of an ImageFolder tree, always the same ones: the first
   `SAMPLE_FILES_PER_CLASS` (in ImageFolder order) of up to `SAMPLE_CLASSES` class folders spread
   evenly over each split's sorted classes."""
+  if layout.kind in ('flat', 'tree'):
+    return _image_files(layout.root, layout.kind == 'tree')[:SAMPLE_CLASSES *
+                                                              SAMPLE_FILES_PER_CLASS]
   paths = []
   for split in sorted(layout.splits):
     directory = layout.splits[split]

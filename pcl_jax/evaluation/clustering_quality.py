@@ -50,7 +50,7 @@ KMEANS_NREDO = 5
 def clustering_quality(features, labels, *, runs: int = 1, spherical: bool = False,
                        backend: str = 'auto', use_float16: bool = True,
                        seed: int = protocol.EVAL_SEED,
-                       kmeans_fn: Optional[Callable] = None) -> Dict[str, float]:
+                       kmeans_fn: Optional[Callable] = None, return_assignments: bool = False):
   """k-means with k = number of classes, scored against the labels, averaged over `runs` runs.
 
   One k-means run's NMI on a few hundred images moves by about 0.01 with its seed alone (the
@@ -67,23 +67,28 @@ def clustering_quality(features, labels, *, runs: int = 1, spherical: bool = Fal
       default point-count rule applies: subsample above int(N * 5 / 3 / k) points per centroid).
     seed: the first run's seed.
     kmeans_fn: the k-means to use (default: `pcl_jax.clustering.kmeans`); tests inject fakes.
+    return_assignments: also return the first run's assignments (the one kept in
+      assignments_<split>.csv).
   Returns:
     {'k', 'nmi', 'ami', 'ari', 'acc' (means over the runs), 'runs', 'spherical', 'nmi_sd',
-     'nmi_runs'}.
+     'nmi_runs'}; with `return_assignments`, (that dict, the first run's im2cluster [N] int64).
   """
   if runs < 1:
     raise ValueError(f'clustering_quality needs runs >= 1, got {runs}')
   labels = np.asarray(labels)
   k = int(np.unique(labels).size)
   kmeans_fn = kmeans_fn or clustering.kmeans
-  per_run = []
+  per_run, first_run = [], None
   for run in range(runs):
     _, im2cluster, _ = kmeans_fn(features, k, backend=backend, niter=KMEANS_NITER,
                                  nredo=KMEANS_NREDO, seed=seed + run, spherical=spherical,
                                  use_float16=use_float16)
-    per_run.append(clustering_metrics(labels, np.asarray(im2cluster)))
+    im2cluster = np.asarray(im2cluster, np.int64)
+    first_run = im2cluster if first_run is None else first_run
+    per_run.append(clustering_metrics(labels, im2cluster))
   means = {name: float(np.mean([metrics[name] for metrics in per_run])) for name in per_run[0]}
   nmi_runs = [metrics['nmi'] for metrics in per_run]
-  return {'k': k, **means, 'runs': runs, 'spherical': bool(spherical),
-          'nmi_sd': float(np.std(nmi_runs, ddof=1)) if runs > 1 else 0.0,
-          'nmi_runs': nmi_runs}
+  result = {'k': k, **means, 'runs': runs, 'spherical': bool(spherical),
+            'nmi_sd': float(np.std(nmi_runs, ddof=1)) if runs > 1 else 0.0,
+            'nmi_runs': nmi_runs}
+  return (result, first_run) if return_assignments else result

@@ -2,7 +2,8 @@ r"""Downstream evaluation of a checkpoint: kNN, linear probe, few-shot episodes,
 
 This module owns `--mode=eval` (restore an encoder from an Orbax checkpoint without building an
 optimizer, embed the data under the eval transform, score the features, write
-`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`; with
+`WORKDIR/eval/results_<split>.json` and, as the last evaluation, `results.json`, the
+clusterings it kept (`assignments_<split>.csv`, a gallery per level); with
 `eval.save_features` also `features_<split>.npz`); the metrics
 themselves live beside it (`knn`, `linear_probe`, `fewshot`, `clustering_quality`, and
 `protocol` for reference/query sets). It never trains the encoder, never writes checkpoints and
@@ -70,9 +71,22 @@ entries that could not be computed are null with a `skipped` reason):
     "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
     "linear_probe": {"lr": float, "holdout_top1": {lr_string: float}, "steps": int},
     "num_images": int, "feature_dim": int, "feature_layer": str, "encoder": str,
+    "assignments": {"columns": [str], "levels": [int], "level_seed": int,
+                    "kmeans_seed": int | null, "files": {what: file name in eval/}},
     "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
-                 "clustering": float, "total": float}
+                 "clustering": float, "assignments": float, "total": float}
   }
+Without labels (an unlabelled image folder, or saved features without `labels`), `knn_top1`,
+`linear_top1`, the few-shot means and the clustering metrics are null, and `knn`,
+`linear_probe`, each few-shot entry and `clustering` carry `"skipped": "no labels"`;
+`protocol` is null.
+
+Clusterings kept (`assignments`, `gallery`): every evaluation writes
+`eval/assignments_<split>.csv`, its columns the run's final cluster-schedule levels
+(`level_<k>`: the E-step's clustering with the run's `clustering.*`, seeded `level_seed` =
+seed * 1000 + epochs done, on the evaluated features), then what `evaluate_features` computed
+(`kmeans_<k>`: the clustering-quality run of seed `EVAL_SEED`, with labels), and a gallery PNG
+per level, `eval/gallery_<split>_level_<k>.png`.
 """
 
 import json
@@ -90,8 +104,10 @@ from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
+from pcl_jax.evaluation import assignments as assignments_lib
 from pcl_jax.evaluation import clustering_quality
 from pcl_jax.evaluation import fewshot
+from pcl_jax.evaluation import gallery
 from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import linear_probe
 from pcl_jax.evaluation import protocol
@@ -109,24 +125,58 @@ def _timed(timing: dict, name: str, fn, *args, **kwargs):
   return result
 
 
+NO_LABELS = 'no labels'
+
+
+def _fewshot_skipped(config, ways: int, shots: int, reason: str) -> dict:
+  return {'mean': None, 'ci95': None, 'episodes': 0, 'ways': ways, 'shots': shots,
+          'queries': config.eval.fewshot_queries, 'logreg': {'mean': None, 'ci95': None},
+          'skipped': reason}
+
+
+def _unlabelled_results(config, eval_features) -> dict:
+  """results.json for features without labels: every label metric null, `skipped: "no labels"`."""
+  return {
+      'protocol': None, 'num_images': int(eval_features.shape[0]),
+      'feature_dim': int(eval_features.shape[1]),
+      'knn_top1': None, 'linear_top1': None,
+      'knn': {'k': int(config.eval.knn_k), 'temperature': float(config.eval.knn_t),
+              'num_reference': 0, 'num_query': 0, 'skipped': NO_LABELS},
+      'linear_probe': {'lr': None, 'skipped': NO_LABELS},
+      'fewshot': {f'{ways}way{shots}shot': _fewshot_skipped(config, ways, shots, NO_LABELS)
+                  for ways, shots in fewshot.FEWSHOT_SETTINGS},
+      'clustering': {'k': None, 'nmi': None, 'ami': None, 'ari': None, 'acc': None,
+                     'skipped': NO_LABELS},
+      'timing_s': {}}
+
+
 def evaluate_features(config, eval_features, eval_labels, train_features=None,
                       train_labels=None, *, same_split: bool = False,
-                      kmeans_fn: Optional[Callable] = None) -> dict:
+                      kmeans_fn: Optional[Callable] = None,
+                      assignments: Optional[dict] = None) -> dict:
   """Every metric of results.json from features (no checkpoint, no files).
 
   Args:
     config: the run config (sections `eval` and `clustering` are read).
-    eval_features: [N, D] features of the eval split; eval_labels: [N].
+    eval_features: [N, D] features of the eval split; eval_labels: [N], or None for unlabelled
+      features (every label metric is then null with `skipped: "no labels"`).
     train_features, train_labels: the train split, or None (then within-eval halves).
     same_split: the two splits are the same images (forces within-eval halves).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+    assignments: a dict to receive the clusterings computed, `{column name: int array [N]}` in
+      the order computed (`assignments.py`'s columns): with labels `kmeans_<k>`, the first of
+      the clustering-quality k-means runs (seed `protocol.EVAL_SEED`).
   Returns:
     The results dict of the module docstring without `split` and `checkpoint_step`.
   """
   timing = {}
   start = time.perf_counter()
-  eval_labels = np.asarray(eval_labels)
   eval_features = jnp.asarray(eval_features, jnp.float32)
+  if eval_labels is None:
+    results = _unlabelled_results(config, eval_features)
+    results['timing_s'] = {'total': time.perf_counter() - start}
+    return results
+  eval_labels = np.asarray(eval_labels)
   protocol_name, ref_f, ref_l, query_f, query_l = protocol.reference_and_queries(
       eval_features, eval_labels, train_features, train_labels, same_split=same_split)
   _, ref_y, query_y = protocol.dense_labels(ref_l, query_l)
@@ -152,18 +202,18 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
                                             episodes=config.eval.fewshot_episodes)
       except ValueError as error:
         logging.warning('few-shot %s skipped: %s', name, error)
-        scores[name] = {'mean': None, 'ci95': None, 'episodes': 0, 'ways': ways,
-                         'shots': shots, 'queries': config.eval.fewshot_queries,
-                         'logreg': {'mean': None, 'ci95': None}, 'skipped': str(error)}
+        scores[name] = _fewshot_skipped(config, ways, shots, str(error))
     return scores
 
   results['fewshot'] = _timed(timing, 'fewshot', all_fewshot)
-  results['clustering'] = _timed(
+  results['clustering'], first_run = _timed(
       timing, 'clustering', clustering_quality.clustering_quality, eval_features, eval_labels,
       runs=config.eval.kmeans_runs, spherical=config.eval.kmeans_spherical,
       backend=config.clustering.backend, use_float16=config.clustering.use_float16,
-      kmeans_fn=kmeans_fn)
+      kmeans_fn=kmeans_fn, return_assignments=True)
   results['clustering']['backend'] = config.clustering.backend
+  if assignments is not None:
+    assignments[assignments_lib.kmeans_column(results['clustering']['k'])] = first_run
   timing['total'] = time.perf_counter() - start
   results['timing_s'] = timing
   return results
@@ -179,6 +229,29 @@ def _fmt(value, digits: int = 2, suffix: str = '') -> str:
 
 def format_table(results: dict) -> str:
   """A readable summary of a results dict (printed by `evaluate_checkpoint`)."""
+  knn, clusters = results['knn'], results['clustering']
+  if clusters.get('skipped') == NO_LABELS:
+    rows = [('kNN, linear probe, few-shot, clustering quality', f'skipped: {NO_LABELS}')]
+  else:
+    rows = _labelled_rows(results)
+  for name, path in results.get('assignments', {}).get('files', {}).items():
+    rows.append((name, path))
+  step = results.get('checkpoint_step')
+  reference = (f", kNN/probe {results['protocol']} ({knn['num_reference']} reference, "
+               f"{knn['num_query']} queries)" if results['protocol'] else ', no labels')
+  header = (f"eval of {'saved features' if step is None else f'checkpoint {step}'} on split "
+            f"{results.get('split')!r}: {results['num_images']} images, D={results['feature_dim']}"
+            f"{reference}")
+  width = max(len(name) for name, _ in rows)
+  lines = [header, '-' * len(header)] + [f'{name:<{width}}  {value}' for name, value in rows]
+  timing = results.get('timing_s', {})
+  if timing:
+    lines.append('time: ' + ', '.join(f'{name} {seconds:.1f}s' for name, seconds in
+                                      timing.items()))
+  return '\n'.join(lines)
+
+
+def _labelled_rows(results: dict) -> list:
   knn, probe, clusters = results['knn'], results['linear_probe'], results['clustering']
   rows = [
       (f"kNN top-1 (k={knn['k']}, T={knn['temperature']:g})", _fmt(results['knn_top1'],
@@ -196,18 +269,7 @@ def format_table(results: dict) -> str:
   rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI (mean of {clusters.get('runs', 1)})",
             f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
            (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
-  step = results.get('checkpoint_step')
-  header = (f"eval of {'saved features' if step is None else f'checkpoint {step}'} on split "
-            f"{results.get('split')!r}: {results['num_images']} images, D={results['feature_dim']}"
-            f", kNN/probe {results['protocol']} ({knn['num_reference']} reference, "
-            f"{knn['num_query']} queries)")
-  width = max(len(name) for name, _ in rows)
-  lines = [header, '-' * len(header)] + [f'{name:<{width}}  {value}' for name, value in rows]
-  timing = results.get('timing_s', {})
-  if timing:
-    lines.append('time: ' + ', '.join(f'{name} {seconds:.1f}s' for name, seconds in
-                                      timing.items()))
-  return '\n'.join(lines)
+  return rows
 
 
 def results_path(workdir: str, split: Optional[str] = None) -> str:
@@ -254,7 +316,8 @@ def eval_split_in_training(config, split: Optional[str] = None) -> bool:
   return configuration.splits_overlap(config.data.train_split, split or config.data.eval_split)
 
 
-def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None):
+def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None,
+                       assignments: Optional[dict] = None):
   """Embeds the eval (and, for shared classes, train) split with `variables` and scores them.
 
   Args:
@@ -262,9 +325,10 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
     variables: {'params', 'batch_stats'} of the encoder (the key or query encoder of a
       checkpoint, `eval.encoder`, or a fresh initialisation for a baseline).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+    assignments: a dict to receive the clusterings of the eval split (`evaluate_features`).
   Returns:
-    (results without `checkpoint_step`, {split: (features [N, D] device array, labels [N])} of
-    the eval split and, when it was embedded, the train split).
+    (results without `checkpoint_step`, {split: (features [N, D] device array, labels [N] or
+    None, its ArraySource)} of the eval split and, when it was embedded, the train split).
   """
   start = time.perf_counter()
   model = models.encoder_from_config(config)
@@ -276,8 +340,8 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
                                                              batch_size, workers)
   # Embed the train split only when kNN / the probe go train -> eval (shared classes).
   same_split = eval_split_in_training(config, split)
-  train_features = train_labels = None
-  if not same_split:
+  train_features = train_labels = train_dataset = None
+  if not same_split and eval_labels is not None:
     train_dataset = loaders.build_eval_dataset(config, config.data.train_split)
     source_labels = getattr(getattr(train_dataset, 'source', None), 'labels', None)
     if source_labels is None or protocol.shares_classes(source_labels, eval_labels):
@@ -287,14 +351,32 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   feature_s = time.perf_counter() - start
 
   results = evaluate_features(config, eval_features, eval_labels, train_features, train_labels,
-                              same_split=same_split, kmeans_fn=kmeans_fn)
+                              same_split=same_split, kmeans_fn=kmeans_fn, assignments=assignments)
   results['timing_s'] = {'features': feature_s, **results['timing_s']}
   results['timing_s']['total'] += feature_s
   results.update(split=split, feature_layer=config.eval.feature_layer)
-  embedded = {split: (eval_features, eval_labels)}
+  embedded = {split: (eval_features, eval_labels, eval_dataset.source)}
   if train_features is not None:
-    embedded[config.data.train_split] = (train_features, train_labels)
+    embedded[config.data.train_split] = (train_features, train_labels, train_dataset.source)
   return results, embedded
+
+
+def keep_clusters(directory: str, split: str, assignments: dict, features, labels,
+                  source) -> dict:
+  """Writes what the evaluation keeps of its clusterings of `split`: `assignments_<split>.csv`
+  (every column of `assignments`, with the images' paths and labels) and a gallery PNG per
+  `level_<k>` column. Returns {what: file name in `directory`}."""
+  written = {'assignments': os.path.basename(assignments_lib.write_csv(
+      assignments_lib.csv_path(directory, split), assignments, source.paths, labels,
+      num_rows=int(features.shape[0])))}
+  host_features = np.asarray(features)
+  for column, im2cluster in assignments.items():
+    if column.startswith('level_'):
+      title = f'split {split!r}, {column}: each cluster, by size, its images nearest its centroid'
+      path = gallery.write_gallery(gallery.gallery_path(directory, split, column), source.images,
+                                   im2cluster, host_features, title)
+      written[f'gallery {column}'] = os.path.basename(path)
+  return written
 
 
 def features_path(directory: str, split: str) -> str:
@@ -302,12 +384,17 @@ def features_path(directory: str, split: str) -> str:
   return os.path.join(directory, f"features_{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}.npz")
 
 
-def save_features(directory: str, split: str, features, labels, **meta) -> str:
+def save_features(directory: str, split: str, features, labels, paths=(), **meta) -> str:
   """Writes features_<split>.npz: `features` [N, D] float32 and `labels` [N] (what the PyTorch
-  reference script writes too), plus `split` and `meta` (e.g. feature_layer, encoder,
-  checkpoint_step) as 0-d arrays that `score` reads back. Atomic. Returns the path."""
-  arrays = dict(features=np.asarray(features, np.float32), labels=np.asarray(labels),
-                split=np.asarray(split))
+  reference script writes too; no `labels` for unlabelled images), `paths` [N] (the image files,
+  when the images are files), plus `split` and `meta` (e.g. feature_layer, encoder,
+  checkpoint_step, level_seed as 0-d arrays; levels, the run's final cluster counts, 1-d) that
+  `score` reads back. Atomic. Returns the path."""
+  arrays = dict(features=np.asarray(features, np.float32), split=np.asarray(split))
+  if labels is not None:
+    arrays['labels'] = np.asarray(labels)
+  if len(paths):
+    arrays['paths'] = np.asarray(paths, dtype=str)
   arrays.update({name: np.asarray(value) for name, value in meta.items()})
   path = features_path(directory, split)
   run_files.write_atomic(path, lambda tmp: np.savez(tmp, **arrays), binary=True)
@@ -357,14 +444,32 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
                     config.data.image_size, meta['image_size'])
 
   variables = encoder_variables(tree, config.eval.encoder)
-  results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn)
+  computed = {}
+  results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn,
+                                         assignments=computed)
   results['checkpoint_step'] = int(step)
   results['encoder'] = config.eval.encoder
+  eval_dir = os.path.join(workdir, 'eval')
+  split = results['split']
+  features, labels, source = embedded[split]
+  # The run's own levels first, then what evaluate_features computed (kmeans_<k>, head).
+  start = time.perf_counter()
+  level_seed = config.seed * 1000 + int(meta.get('epochs_done', step))
+  levels = assignments_lib.final_levels(config, meta)
+  columns = {**assignments_lib.level_assignments(config, features, levels, level_seed),
+             **computed}
+  results['assignments'] = assignments_lib.describe(
+      columns, keep_clusters(eval_dir, split, columns, features, labels, source), levels,
+      level_seed)
+  timing = results['timing_s']
+  timing['assignments'] = time.perf_counter() - start
+  timing['total'] = timing.pop('total') + timing['assignments']  # the total last
   if config.eval.save_features:
-    for split, (features, labels) in embedded.items():
-      save_features(os.path.join(workdir, 'eval'), split, features, labels,
+    for name, (features, labels, source) in embedded.items():
+      save_features(eval_dir, name, features, labels, source.paths,
                     feature_layer=config.eval.feature_layer, encoder=config.eval.encoder,
-                    checkpoint_step=int(step))
+                    checkpoint_step=int(step), levels=np.asarray(levels, np.int64),
+                    level_seed=level_seed)
   for path in (results_path(workdir, results['split']), results_path(workdir)):
     run_files.write_json_atomic(path, results)
   print(format_table(results), flush=True)

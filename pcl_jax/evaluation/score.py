@@ -24,8 +24,14 @@ use_float16); `--config.eval.knn_k=10` overrides a field. `--out` (default
 scores_<split>.json beside the eval file; an existing file needs `--overwrite`) gets
 results.json's layout, with `split`, `feature_layer`, `encoder` and `checkpoint_step` from the
 eval file's arrays of those names when it has them (pcl_jax writes them; else the split from the
-file name and null), and `features` naming the files scored. A missing file, a file without
-`features` / `labels`, or mismatched shapes is one line `error: ...` and exit status 2.
+file name and null), and `features` naming the files scored. `assignments_<split>.csv` goes in
+`--out`'s folder (`assignments.py`): the `path` column from the eval file's `paths` array when
+it has one, its `level_<k>` columns when it names the run's `levels` (and `level_seed`) as
+pcl_jax's files do (clustered with `--config`'s `clustering.*`: pass the run's config), and
+`kmeans_<k>` with labels. A file without `labels` holds unlabelled features: the label metrics
+are then null with `skipped: "no labels"` (driver). A missing file, a file without `features`,
+a train file without labels for a labelled eval file, or mismatched shapes is one line
+`error: ...` and exit status 2.
 """
 
 import os
@@ -40,11 +46,12 @@ import numpy as np
 from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
+from pcl_jax.evaluation import assignments
 from pcl_jax.evaluation import driver
 from pcl_jax.run import cli
 from pcl_jax.run import files as run_files
 
-_META_FIELDS = ('split', 'feature_layer', 'encoder', 'checkpoint_step')
+_META_FIELDS = ('split', 'feature_layer', 'encoder', 'checkpoint_step', 'level_seed')
 
 
 def _default_config_path() -> Optional[str]:
@@ -62,10 +69,12 @@ def _split_of(path: str) -> str:
   return stem[len('features_'):] if stem.startswith('features_') else stem
 
 
-def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
-  """(features [N, D] float32, labels [N] int64, meta) of one npz file; UserError naming the file
-  and what is wrong with it. `meta` holds the file's `_META_FIELDS` arrays as Python values, and
-  `split` (from the file name when the file has none)."""
+def load_features(path: str, what: str) -> Tuple[np.ndarray, Optional[np.ndarray], dict]:
+  """(features [N, D] float32, labels [N] int64 or None, meta) of one npz file; UserError naming
+  the file and what is wrong with it. A file without `labels` holds unlabelled features. `meta`
+  holds the file's `_META_FIELDS` arrays as Python values, `split` (from the file name when the
+  file has none), `paths` (a tuple of the image files, empty when the file has none) and
+  `levels` (the run's final cluster counts, empty when the file has none)."""
   if not os.path.isfile(path):
     raise UserError(f'{what} {path}: no such file; pass features_<split>.npz files or the '
                     'directory holding them (eval.save_features=True writes them into '
@@ -76,18 +85,18 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
   except Exception as error:  # pylint: disable=broad-except
     raise UserError(f'{what} {path} is not a readable .npz file ({type(error).__name__}: '
                     f'{error})') from error
-  missing = [name for name in ('features', 'labels') if name not in arrays]
-  if missing:
-    raise UserError(f'{what} {path} has no array {" or ".join(repr(m) for m in missing)} (it '
-                    f'holds {", ".join(sorted(arrays)) or "nothing"}); a features file holds '
-                    '`features` [N, D] and `labels` [N]')
-  features, labels = arrays['features'], arrays['labels']
+  if 'features' not in arrays:
+    raise UserError(f"{what} {path} has no array 'features' (it holds "
+                    f'{", ".join(sorted(arrays)) or "nothing"}); a features file holds '
+                    '`features` [N, D] and, for labelled images, `labels` [N]')
+  features, labels = arrays['features'], arrays.get('labels')
   if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
     raise UserError(f'{what} {path}: `features` has shape {features.shape}, expected [N, D]')
-  if labels.shape != (features.shape[0],):
-    raise UserError(f'{what} {path}: `labels` has shape {labels.shape} but `features` has '
-                    f'{features.shape[0]} rows; expected labels [{features.shape[0]}]')
-  if not np.issubdtype(labels.dtype, np.integer):
+  for name in ('labels', 'paths'):
+    if name in arrays and arrays[name].shape != (features.shape[0],):
+      raise UserError(f'{what} {path}: `{name}` has shape {arrays[name].shape} but `features` '
+                      f'has {features.shape[0]} rows; expected {name} [{features.shape[0]}]')
+  if labels is not None and not np.issubdtype(labels.dtype, np.integer):
     raise UserError(f'{what} {path}: `labels` are {labels.dtype}, expected integer class ids')
   if not np.issubdtype(features.dtype, np.floating):
     raise UserError(f'{what} {path}: `features` are {features.dtype}, expected floats')
@@ -96,7 +105,11 @@ def load_features(path: str, what: str) -> Tuple[np.ndarray, np.ndarray, dict]:
   meta = {name: arrays[name].item() for name in _META_FIELDS
           if name in arrays and arrays[name].ndim == 0}
   meta.setdefault('split', _split_of(path))
-  return features.astype(np.float32), labels.astype(np.int64), meta
+  meta['paths'] = tuple(str(p) for p in arrays['paths']) if 'paths' in arrays else ()
+  levels = arrays.get('levels')
+  meta['levels'] = [int(k) for k in levels] if levels is not None and levels.ndim == 1 else []
+  labels = None if labels is None else labels.astype(np.int64)
+  return features.astype(np.float32), labels, meta
 
 
 def resolve_paths(features_arg: str, config) -> Tuple[Optional[str], str, Optional[bool]]:
@@ -142,8 +155,12 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
   if os.path.exists(out) and not overwrite:
     raise UserError(f'--out={out} exists; pass --overwrite to replace it, or another --out')
   train_features = train_labels = None
-  if train_path is not None:
+  if train_path is not None and eval_labels is not None:
     train_features, train_labels, train_meta = load_features(train_path, 'train features')
+    if train_labels is None:
+      raise UserError(f'train features {train_path} have no `labels` but eval features '
+                      f'{eval_path} have: kNN and the probe need labelled references; pass '
+                      'the eval file alone (within-eval halves) or a labelled train file')
     if train_features.shape[1] != eval_features.shape[1]:
       raise UserError(f'train features {train_path} have dimension {train_features.shape[1]} '
                       f'but eval features {eval_path} have {eval_features.shape[1]}; score '
@@ -153,15 +170,26 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
                     or configuration.splits_overlap(train_meta['split'], meta['split']))
   load_s = time.perf_counter() - start
 
+  # The run's levels (pcl_jax's own files name them) first, as --mode=eval writes them.
+  level_seed = meta.get('level_seed')
+  columns = {}
+  if meta['levels'] and level_seed is not None:
+    columns.update(assignments.level_assignments(config, eval_features, meta['levels'],
+                                                 int(level_seed)))
   results = driver.evaluate_features(config, eval_features, eval_labels, train_features,
                                      train_labels, same_split=bool(same_split),
-                                     kmeans_fn=kmeans_fn)
+                                     kmeans_fn=kmeans_fn, assignments=columns)
   results['timing_s'] = {'load': load_s, **results['timing_s']}
   results['timing_s']['total'] += load_s
   results.update(split=meta['split'], feature_layer=meta.get('feature_layer'),
                  checkpoint_step=meta.get('checkpoint_step'), encoder=meta.get('encoder'),
                  features={'eval': os.path.abspath(eval_path),
                            'train': train_path and os.path.abspath(train_path)})
+  csv_path = assignments.csv_path(os.path.dirname(os.path.abspath(out)), meta['split'])
+  assignments.write_csv(csv_path, columns, meta['paths'], eval_labels,
+                        num_rows=eval_features.shape[0])
+  results['assignments'] = assignments.describe(
+      columns, {'assignments': os.path.basename(csv_path)}, meta['levels'], level_seed)
   run_files.write_json_atomic(out, results)
   print(driver.format_table(results), flush=True)
   print(f'results written to {out}', flush=True)
