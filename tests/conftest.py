@@ -56,8 +56,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE.pop(), ignore_errors=True)
 
 
+# The files that take a minute or more on 2 cores (a whole program each: docs/testing.md), run
+# first, so that neither of pytest.ini's two workers is left running one of them alone at the end.
+LONG_FILES = ('test_gpu_checks.py', 'test_study.py', 'test_cli_errors.py', 'test_parallel.py')
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: file order kept
   if jax.default_backend() == 'gpu':
     return
   skip_gpu = pytest.mark.skip(reason='needs a GPU (jax.default_backend() != "gpu")')
