@@ -7,10 +7,12 @@ running them ~2 s, and every `train.Trainer` (every test that trains, every `pyt
 pcl_jax.main` a test starts) compiles them again. A persistent cache in a fresh directory per
 test run, handed to child processes through JAX_COMPILATION_CACHE_DIR, compiles each program
 once. A cache the developer set (JAX_COMPILATION_CACHE_DIR) is used as it is. Programs with host
-callbacks (`runtime.conv_impl=torch`) are never cached and compile as before.
+callbacks (`runtime.conv_impl=torch`) are never cached and compile as before. Under pytest-xdist
+(pytest.ini's `-n 2`) the controller's pytest_configure makes the directory before the workers
+start; they inherit the variable, so all of them share one cache, and the controller removes it.
 
 The shared runs (tests/runs.py; read-only: a test that writes into one works on
-`runs.copy_run(...)`):
+`runs.copy_run(...)`), trained once per worker that asks for them:
   tiny_run       1 epoch of 2 steps: checkpoint 1 (evaluation, CLI errors).
   two_epoch_run  configs/test.py as it is: checkpoints 1 and 2, sealed (damaged checkpoints,
                  results files).
@@ -54,8 +56,14 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE.pop(), ignore_errors=True)
 
 
+# The files that take a minute or more on 2 cores (a whole program each: docs/testing.md), run
+# first, so that neither of pytest.ini's two workers is left running one of them alone at the end.
+LONG_FILES = ('test_gpu_checks.py', 'test_study.py', 'test_cli_errors.py', 'test_parallel.py')
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: file order kept
   if jax.default_backend() == 'gpu':
     return
   skip_gpu = pytest.mark.skip(reason='needs a GPU (jax.default_backend() != "gpu")')

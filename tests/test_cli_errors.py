@@ -10,7 +10,6 @@ start from a copy of the shared short training run (`tiny_run`, tests/conftest.p
 
 import dataclasses
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -23,6 +22,8 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
+
+from tests import cli_forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CONFIG = '--config=configs/test.py'
@@ -318,31 +319,6 @@ def _run(command, env):
   return result
 
 
-def _run_forked(named_args, base, env, jobs=2):
-  """{name: CompletedProcess} of `python -m pcl_jax.main ARGS` per case, each run in a child
-  forked from one process that imported the program's dependencies once
-  (tests/cli_forkserver.py)."""
-  cases = [{'args': args, 'stdout': str(base / f'{name}.out'), 'stderr': str(base / f'{name}.err')}
-           for name, args in named_args.items()]
-  cases_path, results_path = base / f'cases_{len(cases)}.json', base / f'results_{len(cases)}.json'
-  with open(cases_path, 'w') as handle:
-    json.dump(cases, handle)
-  server = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'cli_forkserver.py'),
-                           str(cases_path), str(results_path), str(jobs)],
-                          cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=TIMEOUT_S * 2)
-  assert server.returncode == 0, server.stderr[-3000:]
-  with open(results_path) as handle:
-    statuses = json.load(handle)
-  results = {}
-  for (name, args), case, status in zip(named_args.items(), cases, statuses):
-    with open(case['stdout']) as out, open(case['stderr']) as err:
-      result = subprocess.CompletedProcess(args, status['status'], out.read(), err.read())
-    result.seconds = status['seconds']
-    results[name] = result
-  return results
-
-
 @pytest.fixture(scope='module')
 def outcomes(tmp_path_factory, tiny_run):
   """Runs every case once; {case name: CompletedProcess}.
@@ -353,7 +329,6 @@ def outcomes(tmp_path_factory, tiny_run):
   run's compilation cache (JAX_COMPILATION_CACHE_DIR, tests/conftest.py).
   """
   base = tmp_path_factory.mktemp('cli_errors')
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
 
   named_args = {}
   for case in CASES:
@@ -362,7 +337,7 @@ def outcomes(tmp_path_factory, tiny_run):
       os.makedirs(case_dir)
       named_args[case.name] = _args(case, case_dir, tiny_run)
   try:
-    results = _run_forked(named_args, base, env)
+    results = cli_forkserver.run_commands(named_args, base)
     print('seconds per case:', {name: round(r.seconds, 1) for name, r in results.items()})
   finally:
     while _LOCKS:

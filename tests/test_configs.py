@@ -5,14 +5,13 @@ import importlib
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from pcl_jax import cluster_schedule
 from pcl_jax import clustering
 from pcl_jax import configuration
+from tests import cli_forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -174,12 +173,20 @@ def test_an_old_switch_in_a_config_file_or_a_study_file_names_the_new_setting(ol
     study_cells.cell_configs(study)
 
 
+@pytest.fixture(scope='module')
+def old_switch_runs(tmp_path_factory):
+  """`python -m pcl_jax.main --config.OLD=VALUE` for every old switch, each in a child of
+  tests/cli_forkserver.py (the program as `python -m` runs it; JAX imported once for all)."""
+  base = tmp_path_factory.mktemp('old_switches')
+  return cli_forkserver.run_commands(
+      {old: ['--config=configs/test.py', f'--workdir={base / old}',
+             f'--config.{old}={_old_switch_value(old)}']
+       for old in sorted(configuration.REPLACED_SWITCHES)}, base)
+
+
 @pytest.mark.parametrize('old', sorted(configuration.REPLACED_SWITCHES))
-def test_an_old_switch_on_the_command_line_names_the_new_setting(old, tmp_path):
-  result = subprocess.run(
-      [sys.executable, '-m', 'pcl_jax.main', '--config=configs/test.py',
-       f'--workdir={tmp_path}', f'--config.{old}={_old_switch_value(old)}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_an_old_switch_on_the_command_line_names_the_new_setting(old, old_switch_runs):
+  result = old_switch_runs[old]
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f'error: --config.{old}: '), result.stderr

@@ -19,6 +19,7 @@ from pcl_jax.evaluation import knn
 from pcl_jax.evaluation import linear_probe
 from pcl_jax.evaluation import protocol
 from pcl_jax import models
+from tests import cli_forkserver
 from tests import runs
 
 
@@ -397,9 +398,6 @@ def test_scoring_features_of_any_model(tmp_path):
 
 def test_scoring_errors_are_one_line(tmp_path):
   """One clear error per bad input; through the real command line: one `error:` line, status 2."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   good = _write_npz(tmp_path / 'features_test.npz', features=rng.normal(size=(10, 4)),
                     labels=np.arange(10) % 2)
@@ -415,13 +413,6 @@ def test_scoring_errors_are_one_line(tmp_path):
                                             labels=np.arange(9)),
       'no features_test.npz': str(tmp_path / 'empty'),
   }
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-  def run(features):
-    return subprocess.run([sys.executable, '-m', 'pcl_jax.evaluation.score',
-                           f'--features={features}', f'--out={tmp_path}/out.json'],
-                          cwd=root, capture_output=True, text=True, timeout=300, check=False)
-
   # Two through the command line (the one-line output), the rest as the UserError it prints.
   through_cli = ('no such file', 'have dimension 8 but eval features')
   from configs import default as default_config  # pylint: disable=g-import-not-at-top
@@ -430,8 +421,10 @@ def test_scoring_errors_are_one_line(tmp_path):
   for expected in sorted(set(cases) - set(through_cli)):
     with pytest.raises(configuration.UserError, match=expected):
       score.score_features(config, cases[expected], f'{tmp_path}/out.json')
-  with concurrent.futures.ThreadPoolExecutor(len(through_cli)) as pool:
-    results = dict(zip(through_cli, pool.map(run, [cases[name] for name in through_cli])))
+  # `python -m pcl_jax.evaluation.score`, each in a child of tests/cli_forkserver.py.
+  results = cli_forkserver.run_commands(
+      {expected: [f'--features={cases[expected]}', f'--out={tmp_path}/out.json']
+       for expected in through_cli}, tmp_path, module='pcl_jax.evaluation.score')
   for expected, result in results.items():
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (expected, result.stderr)

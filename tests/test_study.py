@@ -20,6 +20,7 @@ from pcl_jax.study import cells as study_cells
 from pcl_jax.study import report as study_report
 from pcl_jax.study import runner as study_runner
 from pcl_jax.study import spec as study_spec
+from tests import cli_forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -376,24 +377,44 @@ def _error_lines(result):
   return [line for line in result.stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize('args,expected', [
-    (['--study=nope/study.py'], '--study=nope/study.py: no such file'),
-    (['--config=configs/test.py'], '--config is not a flag of a study'),
-    (['--config.seed=3'], "--config.seed: each cell's seed comes from the study file"),
-    (['--config.optim.lrr=3'], '--config.optim.lrr: the config has no field'),
-    (['--cells=2/2'], '--cells=2/2 must be i/n'),
-    (['--config.pcl.num_negatives=4'], 'cell base/seed0: pcl.num_negatives=4 is smaller'),
-], ids=['missing', 'config', 'seed', 'unknown_field', 'cells', 'bad_value'])
-def test_cli_user_errors_are_one_line_and_status_2(tmp_path, args, expected):
-  study = _write(tmp_path / 'study.py', _study_text())
-  if not any(arg.startswith('--study=') for arg in args):
-    args = [f'--study={study}', *args]
-  result = _run_cli([*args, f'--workdir={tmp_path / "run"}'], timeout=120)
+CLI_ERRORS = {
+    'missing': (['--study=nope/study.py'], '--study=nope/study.py: no such file'),
+    'config': (['--config=configs/test.py'], '--config is not a flag of a study'),
+    'seed': (['--config.seed=3'], "--config.seed: each cell's seed comes from the study file"),
+    'unknown_field': (['--config.optim.lrr=3'], '--config.optim.lrr: the config has no field'),
+    'cells': (['--cells=2/2'], '--cells=2/2 must be i/n'),
+    'bad_value': (['--config.pcl.num_negatives=4'],
+                  'cell base/seed0: pcl.num_negatives=4 is smaller'),
+}
+
+
+@pytest.fixture(scope='module')
+def cli_errors(tmp_path_factory):
+  """{name: (CompletedProcess, its directory)}: each CLI_ERRORS command line as `python -m
+  pcl_jax.study ARGS` runs it, in a child of tests/cli_forkserver.py (JAX imported once)."""
+  base = tmp_path_factory.mktemp('study_errors')
+  named_args = {}
+  for name, (args, _) in CLI_ERRORS.items():
+    directory = base / name
+    directory.mkdir()
+    study = _write(directory / 'study.py', _study_text())
+    if not any(arg.startswith('--study=') for arg in args):
+      args = [f'--study={study}', *args]
+    named_args[name] = [*args, f'--workdir={directory / "run"}']
+  env = {key: value for key, value in os.environ.items() if not key.startswith('SLURM_')}
+  results = cli_forkserver.run_commands(named_args, base, env, module='pcl_jax.study')
+  return {name: (results[name], base / name) for name in CLI_ERRORS}
+
+
+@pytest.mark.parametrize('name', list(CLI_ERRORS))
+def test_cli_user_errors_are_one_line_and_status_2(cli_errors, name):
+  result, directory = cli_errors[name]
+  expected = CLI_ERRORS[name][1]
   assert result.returncode == 2, result.stderr[-2000:]
   lines = _error_lines(result)
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
   assert expected in lines[0]
-  assert not os.path.exists(tmp_path / 'run' / 'base')
+  assert not os.path.exists(directory / 'run' / 'base')
 
 
 @pytest.fixture(scope='module')
