@@ -1,7 +1,7 @@
 r"""pcl_jax step for step against the official salesforce/PCL code, on one CPU, under float32.
 
   python benchmarks/reference_equivalence.py --ref /tmp/pcl_ref [--arch conv4|resnet18|all]
-      [--save-fixture tests/data/reference_equivalence.npz]
+      [--official-dtype auto|float32|float64] [--save-fixture tests/data/reference_equivalence.npz]
 
 DIR (--ref) is an extracted snapshot of github:salesforce/PCL (../shared/reference/README.md);
 its `pcl/builder.py` and `main_pcl.py` are imported from there, never copied. The official
@@ -28,7 +28,10 @@ last epoch's batches hold no such pair, so there the default columns are compare
 
 Each quantity prints as `<arch>/<epoch>/<quantity> max rel diff <x>`, x the largest over the
 epoch's steps of max|pcl_jax - official| / max|official| (per tensor, then the largest tensor;
-the queue pointer and the learning rate alike). The exit status is 1 when any x reaches 1e-4.
+per layer for SGD's momentum buffers; the key encoder's change since the start as one vector).
+The exit status is 1 when any x reaches 1e-4. pcl_jax runs in float32; the official code in
+float32 for Conv4 and in float64 for ResNet-18 (`OFFICIAL_DTYPE`). docs/fidelity.md has the
+figures and what they prove.
 `--save-fixture` also writes what the official side computed, for tests/test_reference_
 equivalence.py, which replays it against pcl_jax without the official code or torch.
 """
@@ -526,8 +529,8 @@ class OfficialCode:
                torch.as_tensor(index))
         records.append(self._step_record(len(levels)))
 
-    self.main.train(_SizedLoader(loader(), num_steps), self.model, self.criterion, self.optimizer, epoch, self.args,
-                    cluster_result)
+    self.main.train(_SizedLoader(loader(), num_steps), self.model, self.criterion,
+                    self.optimizer, epoch, self.args, cluster_result)
     return records
 
   def _step_record(self, num_levels: int) -> dict:
