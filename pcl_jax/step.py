@@ -48,6 +48,13 @@ def _network_view(batch: Dict[str, jnp.ndarray], name: str, view_size: int,
   return device_transforms.network_input(batch[f'im_{name}'])
 
 
+def step_rngs(state: state_lib.PCLState):
+  """The step's two PRNG keys, (shuffle-BN's permutation, the negative-prototype sample): the
+  state's key folded with its step. Public so that a peer implementation can be handed this
+  step's draws (benchmarks/reference_equivalence.py)."""
+  return jax.random.split(jax.random.fold_in(state.rng, state.step))
+
+
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
                hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
                moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False,
@@ -70,8 +77,7 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   Returns:
     (new_state, metrics) with scalar metrics loss, loss_inst, acc_inst, loss_proto, acc_proto, lr.
   """
-  rng = jax.random.fold_in(state.rng, state.step)
-  shuffle_rng, proto_rng = jax.random.split(rng)
+  shuffle_rng, proto_rng = step_rngs(state)
 
   # Step 1: momentum update of the key encoder from the pre-step query encoder (reference order),
   # then the keys. They are targets: no gradient flows into the key encoder.
