@@ -167,8 +167,8 @@ def _resident_step(trainer, state):
     resident = parallel.global_batch(views, sharding)
   bank = bank_lib.empty_prototype_bank(trainer.config.schedule.num_levels, trainer.max_k,
                                        trainer.config.model.dim, trainer.datasets.num_train)
-  bank, hparams = jax.device_put((bank, {'smoothing': np.float32(0.1)}),
-                                 parallel.replicated(trainer.mesh))
+  hparams = step_lib.step_hparams(0.1, trainer.config.train.epochs, trainer.steps_per_epoch)
+  bank, hparams = jax.device_put((bank, hparams), parallel.replicated(trainer.mesh))
 
   def run(steps):
     start = time.perf_counter()

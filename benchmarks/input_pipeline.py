@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
-import jax.numpy as jnp
 from PIL import Image
 from torchvision import transforms
 
@@ -192,10 +191,10 @@ def main():
     model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
     lr_schedule = state_lib.make_lr_schedule(config.optim, config.train.epochs, steps + 1)
     tx = state_lib.make_optimizer(config.optim, lr_schedule)
-    step_fn = step_lib.make_train_step(config, model, tx, lr_schedule)
+    step_fn = step_lib.make_train_step(config, model)
     bank = bank_lib.empty_prototype_bank(config.schedule.num_levels, 64, config.model.dim,
                                          datasets.num_train)
-    hparams = {'smoothing': jnp.float32(0.0)}
+    hparams = step_lib.step_hparams(0.0, config.train.epochs, steps + 1)
     state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, args.image_size,
                                    config.pcl.num_negatives)
     first = next(loaders.numpy_batches(loaders.train_loader(

@@ -212,11 +212,11 @@ class PclJax:
         queue_index=jnp.asarray(np.full(len(queue.T), -1, np.int32)),
         rng=jax.random.PRNGKey(config.seed)), parallel.replicated(mesh))
     self._steps = {}
+    self._hparams = step_lib.step_hparams(0.0, config.train.epochs, settings['steps_per_epoch'])
     for columns in ('reference', 'unique'):  # compiled at a first call
       column_config = config.copy_and_resolve_references()
       column_config.pcl.proto_columns = columns
-      self._steps[columns] = step_lib.make_train_step(column_config, self.model, tx,
-                                                      lr_schedule)
+      self._steps[columns] = step_lib.make_train_step(column_config, self.model)
     self._draws = jax.jit(functools.partial(_draws, num_negatives=config.pcl.num_negatives))
     self._eval_transform = device_transforms.jitted_eval_transform(
         config.data.image_size, config.data.eval_resize, mesh)
@@ -240,8 +240,7 @@ class PclJax:
     import jax.numpy as jnp
     batch = {'im_q': jnp.asarray(im_q), 'im_k': jnp.asarray(im_k),
              'index': jnp.asarray(np.asarray(index, np.int32))}
-    self.state, metrics = self._steps[columns](self.state, batch, bank,
-                                               {'smoothing': jnp.asarray(np.float32(0))})
+    self.state, metrics = self._steps[columns](self.state, batch, bank, self._hparams)
     return {name: float(metrics[name]) for name in METRICS}
 
   def snapshot(self) -> dict:

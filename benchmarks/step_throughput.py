@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pcl_jax.kernels import host_memory  # pylint: disable=g-import-not-at-top
 host_memory.tune_malloc()
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -62,9 +61,9 @@ def _jax_step_runner(arch, image_size, batch, width, small_stem, num_negatives, 
   tx = state_lib.make_optimizer(config.optim, schedule)
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, image_size, num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))  # as Trainer places it
-  step = step_lib.make_train_step(config, model, tx, schedule)
+  step = step_lib.make_train_step(config, model)
   bank = bank_lib.empty_prototype_bank(1, 8, config.model.dim, 1024)
-  hparams = {'smoothing': jnp.float32(0.0)}
+  hparams = step_lib.step_hparams(0.0, 10, 100)
   rng = np.random.default_rng(0)
   batch_np = {'im_q': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),
               'im_k': rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32),

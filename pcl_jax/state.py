@@ -103,14 +103,17 @@ def lr_at_epoch(optim_config, epochs: int, epoch):
   """The reference's `adjust_learning_rate` as a jnp function of a (possibly fractional) epoch."""
   lr = optim_config.lr
   if optim_config.cos:
-    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1)))
+    return lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / jnp.maximum(epochs, 1)))
   milestones = jnp.asarray(configuration.parse_int_list(optim_config.schedule, 'optim.schedule')
                            or [10**9], jnp.float32)
   return lr * 0.1 ** jnp.sum(epoch >= milestones)
 
 
-def make_lr_schedule(optim_config, epochs: int, steps_per_epoch: int) -> optax.Schedule:
-  """An optax schedule of the step count: constant within an epoch, or smooth per step."""
+def make_lr_schedule(optim_config, epochs, steps_per_epoch) -> optax.Schedule:
+  """An optax schedule of the step count: constant within an epoch, or smooth per step.
+
+  `epochs` and `steps_per_epoch` are ints or int arrays: the train step takes them as arrays
+  (`step.step_hparams`), so that runs which differ only in length share one compiled step."""
   per_epoch = optim_config.schedule_per == 'epoch'
 
   def schedule(step):

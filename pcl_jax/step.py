@@ -2,7 +2,8 @@
 
 This module owns one step of training (DESIGN.md section 1, M-step): the key encoder's momentum
 update and shuffle-BN keys, the loss on the query encoder, SGD, the enqueue. It is pure and
-jitted once: lr, smoothing and the cluster count enter as arrays, never as Python constants, and
+jitted once: lr, smoothing, the cluster count and the run's length enter as arrays, never as
+Python constants (so runs that differ only in epochs or steps share one program), and
 clustering results arrive as a padded prototype bank with static shapes. The loss, its forms
 and their settings live in `losses` (`losses.pcl_loss`, `losses.LossSettings`); the state, its
 optimizer and lr schedule in `state`; the prototype bank in `clustering.bank`; the loop that
@@ -55,8 +56,16 @@ def step_rngs(state: state_lib.PCLState):
   return jax.random.split(jax.random.fold_in(state.rng, state.step))
 
 
+def step_hparams(smoothing: float, epochs: int, steps_per_epoch: int) -> Dict[str, jnp.ndarray]:
+  """`train_step`'s `hparams`: the label smoothing (it changes between epochs) and the run's
+  length, which the lr schedule reads, as arrays."""
+  return {'smoothing': jnp.asarray(smoothing, jnp.float32),
+          'epochs': jnp.asarray(epochs, jnp.int32),
+          'steps_per_epoch': jnp.asarray(steps_per_epoch, jnp.int32)}
+
+
 def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: dict,
-               hparams: Dict[str, jnp.ndarray], *, model, tx, lr_schedule, temperature: float,
+               hparams: Dict[str, jnp.ndarray], *, model, optim_config, temperature: float,
                moco_m: float, num_negatives: int, view_size: int = 0, aug_plus: bool = False,
                loss_settings: losses.LossSettings = losses.LossSettings()):
   """One PCL M-step. Pure; jit it with the keyword arguments bound (see `make_train_step`).
@@ -67,9 +76,10 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
       normalised) and 'index' [B]; or with `data.augment_on_device` 'image' [B, H, W, 3] uint8
       and the views' draws 'augment_q', 'augment_k' [B, P] (`device_augment`) instead of views.
     bank: the prototype bank (`clustering.bank`); all levels inactive during warm-up.
-    hparams: {'smoothing': scalar} -- values that change between epochs, as arrays.
+    hparams: `step_hparams` -- values that change between epochs or runs, as arrays.
     model: the encoder (with grouped BN); used for both query and key networks.
-    tx: the optimizer. lr_schedule: the optax schedule (for the logged lr).
+    optim_config: the config's `optim` section; the optimizer and its lr schedule
+      (`state.make_optimizer`, `state.make_lr_schedule`) are built from it and `hparams`.
     temperature, moco_m, num_negatives: PCL constants.
     view_size, aug_plus: for batches of draws, the side of a view (`data.image_size`) and the
       recipe (`data.aug_plus`).
@@ -99,6 +109,9 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
     return loss, dict(terms, batch_stats=new_vars['batch_stats'])
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  lr_schedule = state_lib.make_lr_schedule(optim_config, hparams['epochs'],
+                                           hparams['steps_per_epoch'])
+  tx = state_lib.make_optimizer(optim_config, lr_schedule)
 
   # Step 3: SGD on the query encoder; enqueue this batch's keys.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -115,7 +128,7 @@ def train_step(state: state_lib.PCLState, batch: Dict[str, jnp.ndarray], bank: d
   return new_state, metrics
 
 
-def make_train_step(config, model, tx, lr_schedule, mesh=None):
+def make_train_step(config, model, mesh=None):
   """`train_step` with the run's constants bound, jitted once with the state donated.
 
   Data-parallel over `mesh` (default: every device of every process): the batch is split over
@@ -124,7 +137,7 @@ def make_train_step(config, model, tx, lr_schedule, mesh=None):
   """
   mesh = mesh or parallel.data_mesh()
   replicated, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step = functools.partial(train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+  step = functools.partial(train_step, model=model, optim_config=config.optim,
                            temperature=config.pcl.temperature, moco_m=config.pcl.moco_m,
                            num_negatives=config.pcl.num_negatives,
                            view_size=config.data.image_size, aug_plus=config.data.aug_plus,

@@ -74,12 +74,10 @@ class Trainer:
     self.mesh = parallel.data_mesh()
     full_steps = self.datasets.num_train // batch
     self.steps_per_epoch = min(full_steps, config.train.steps_per_epoch or full_steps)
-    self.lr_schedule = state_lib.make_lr_schedule(config.optim, config.train.epochs,
-                                                 self.steps_per_epoch)
-    self.tx = state_lib.make_optimizer(config.optim, self.lr_schedule)
+    self.tx = state_lib.make_optimizer(config.optim, state_lib.make_lr_schedule(
+        config.optim, config.train.epochs, self.steps_per_epoch))
     self.model = models.encoder_from_config(config, bn_groups=config.train.shuffle_bn_groups)
-    self.train_step = step_lib.make_train_step(config, self.model, self.tx, self.lr_schedule,
-                                               self.mesh)
+    self.train_step = step_lib.make_train_step(config, self.model, self.mesh)
     self.embed = features_lib.make_embed_fn(self.model, mesh=self.mesh)
     # data.device_resident: the training set on the devices, batches gathered and drawn there.
     self.resident_images = self.resident_batch = None
@@ -228,8 +226,9 @@ class Trainer:
                                            self.datasets.num_train)
       smoothing = 0.0
     # Replicated like the step's in_shardings, so the jitted step sees one input layout always.
-    bank, hparams = jax.device_put((bank, {'smoothing': jnp.asarray(smoothing, jnp.float32)}),
-                                   parallel.replicated(self.mesh))
+    bank, hparams = jax.device_put(
+        (bank, step_lib.step_hparams(smoothing, config.train.epochs, self.steps_per_epoch)),
+        parallel.replicated(self.mesh))
     batches = self._train_batches(epoch)
     sums, steps_done, interrupted = None, 0, False
     recent_losses = []  # device scalars since the last log: the first bad step without a sync

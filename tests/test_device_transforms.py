@@ -152,9 +152,9 @@ def test_train_step_on_uint8_views_equals_the_step_on_host_normalised_views():
   state = state_lib.create_state(jax.random.PRNGKey(0), model, tx, 16,
                                  config.pcl.num_negatives)
   state = jax.device_put(state, parallel.replicated(parallel.data_mesh()))
-  step = step_lib.make_train_step(config, model, tx, schedule)
+  step = step_lib.make_train_step(config, model)
   bank = bank_lib.empty_prototype_bank(config.schedule.num_levels, 8, config.model.dim, 64)
-  hparams = {'smoothing': jnp.float32(0.0)}
+  hparams = step_lib.step_hparams(0.0, 2, 4)
   pixels = {view: _random_images(8, 16, seed) for seed, view in enumerate(('im_q', 'im_k'))}
   normalise = transforms.Compose([Image.fromarray, data_transforms.ToNormalizedHWC()])
   host_normalised = {view: np.stack([normalise(image).numpy() for image in images])

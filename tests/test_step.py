@@ -206,8 +206,8 @@ def test_the_recipe_s_step_computes_what_it_did_and_records_the_queue_s_dataset_
   state = state.replace(queue_index=jnp.asarray(initial_queue_index))
   bank = dict(_pinned_bank(),
               im2cluster=jnp.asarray(np.random.default_rng(10).integers(0, 3, (3, 1797))))
-  step = step_lib.make_train_step(config, model, tx, schedule)
-  new_state, metrics = step(state, batch, bank, {'smoothing': jnp.float32(0.1)})
+  step = step_lib.make_train_step(config, model)
+  new_state, metrics = step(state, batch, bank, step_lib.step_hparams(0.1, 2, 4))
   got = {name: float(value) for name, value in metrics.items()}
   got['params_sum'] = float(sum(jnp.sum(leaf) for leaf in jax.tree.leaves(new_state.params)))
   want = PINNED['step']['metrics']
