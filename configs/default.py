@@ -161,6 +161,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The encoder evaluated: key (the momentum encoder, as the reference's feature pass and
   # clustering) | query (as salesforce/PCL's eval_svm_voc.py and eval_cls_imagenet.py).
   config.eval.encoder = 'key'
+  # The clustering stage on frozen features (pcl_jax/evaluation/cluster_head.py: SCAN heads
+  # trained so that nearest neighbours agree), scored beside k-means as results' cluster_head.
+  config.eval.cluster_head = False
+  # Its number of clusters: the eval split's class count when it has labels; without labels
+  # this setting, 0 meaning the run's coarsest cluster level.
+  config.eval.cluster_head_k = 0
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1

@@ -52,6 +52,11 @@ every checkpoint is scored on the same episodes and splits):
   normalisation), AMI and ARI as sklearn.metrics compute them (fractions in [0, 1]) and the
   accuracy of the best one-to-one cluster-to-class matching (Hungarian, in percent), each the
   mean over the runs, with the NMI's standard deviation over the runs (`nmi_sd`).
+- Cluster head (`eval.cluster_head`): `cluster_head.cluster_head_results`, SCAN's clustering
+  step on the frozen features, fitted on the eval split's features together with the train
+  split's when those are other images of the same classes, scored on the eval split like
+  k-means; k = the eval split's classes, or without labels `eval.cluster_head_k` (0: the run's
+  coarsest final cluster level).
 
 results.json (DESIGN.md section 3 keys first; accuracies in percent, NMI/AMI/ARI in [0, 1];
 entries that could not be computed are null with a `skipped` reason):
@@ -65,13 +70,16 @@ entries that could not be computed are null with a `skipped` reason):
     "clustering": {"k": int, "nmi": float, "ami": float, "ari": float, "acc": float,  # means
                    "runs": int, "spherical": bool, "nmi_sd": float, "nmi_runs": [float],
                    "backend": str},
+    "cluster_head": {"k": int, "nmi", "ami", "ari", "acc": float or null, "method": "scan",
+                     "num_fit": int, "neighbours": int, "entropy_weight": float,
+                     "heads": int, "loss": float},     # with eval.cluster_head only
     "split": str, "checkpoint_step": int,
     "protocol": "train_to_eval" | "eval_halves",
     "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
     "linear_probe": {"lr": float, "holdout_top1": {lr_string: float}, "steps": int},
     "num_images": int, "feature_dim": int, "feature_layer": str, "encoder": str,
     "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
-                 "clustering": float, "total": float}
+                 "clustering": float, "cluster_head": float, "total": float}
   }
 """
 
@@ -80,16 +88,18 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pcl_jax import cluster_schedule
 from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
+from pcl_jax.evaluation import cluster_head
 from pcl_jax.evaluation import clustering_quality
 from pcl_jax.evaluation import fewshot
 from pcl_jax.evaluation import knn
@@ -111,7 +121,9 @@ def _timed(timing: dict, name: str, fn, *args, **kwargs):
 
 def evaluate_features(config, eval_features, eval_labels, train_features=None,
                       train_labels=None, *, same_split: bool = False,
-                      kmeans_fn: Optional[Callable] = None) -> dict:
+                      kmeans_fn: Optional[Callable] = None,
+                      assignments: Optional[dict] = None,
+                      cluster_levels: Optional[Sequence[int]] = None) -> dict:
   """Every metric of results.json from features (no checkpoint, no files).
 
   Args:
@@ -120,6 +132,11 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
     train_features, train_labels: the train split, or None (then within-eval halves).
     same_split: the two splits are the same images (forces within-eval halves).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+    assignments: a dict that receives the eval split's clusterings, int arrays [N] by column
+      name (`head`: the clustering stage's), or None.
+    cluster_levels: the run's final cluster levels (the checkpoint's schedule), or None (the
+      config schedule's first levels); the cluster head's k without labels defaults to their
+      coarsest.
   Returns:
     The results dict of the module docstring without `split` and `checkpoint_step`.
   """
@@ -164,9 +181,49 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
       backend=config.clustering.backend, use_float16=config.clustering.use_float16,
       kmeans_fn=kmeans_fn)
   results['clustering']['backend'] = config.clustering.backend
+  if config.eval.cluster_head:
+    k = cluster_head_k(config, eval_labels, eval_features.shape[0], cluster_levels)
+    extra = head_extra_features(train_features, train_labels, eval_labels, same_split)
+    results['cluster_head'], head_assignments = _timed(
+        timing, 'cluster_head', cluster_head.cluster_head_results, eval_features, eval_labels, k,
+        extra)
+    if assignments is not None:
+      assignments['head'] = head_assignments
   timing['total'] = time.perf_counter() - start
   results['timing_s'] = timing
   return results
+
+
+def cluster_head_k(config, eval_labels, num_images: int,
+                   cluster_levels: Optional[Sequence[int]] = None) -> int:
+  """The cluster head's k: the eval split's class count when it has labels, else
+  `eval.cluster_head_k`, 0 meaning the coarsest of `cluster_levels` (default the config
+  schedule's first levels). UserError when the split has fewer images than k."""
+  if eval_labels is not None:
+    k = int(np.unique(np.asarray(eval_labels)).size)
+  elif config.eval.cluster_head_k:
+    k = int(config.eval.cluster_head_k)
+  else:
+    if cluster_levels is None:
+      cluster_levels = cluster_schedule.ClusterSchedule.from_config(config.schedule).active
+    k = int(min(cluster_levels))
+  if num_images < k:
+    raise UserError(f'eval.cluster_head: the eval split has {num_images} images, fewer than its '
+                    f'k={k} clusters; set --config.eval.cluster_head_k to at most {num_images}, '
+                    'or --config.eval.cluster_head=False')
+  return k
+
+
+def head_extra_features(train_features, train_labels, eval_labels, same_split: bool):
+  """The train split's features when the cluster head may fit on them beside the eval split's
+  (other images, of the same classes when both have labels: more neighbours per class), else
+  None."""
+  if train_features is None or same_split:
+    return None
+  if (train_labels is not None and eval_labels is not None
+      and not protocol.shares_classes(train_labels, eval_labels)):
+    return None
+  return train_features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +253,15 @@ def format_table(results: dict) -> str:
   rows += [(f"k-means k={clusters['k']} NMI / AMI / ARI (mean of {clusters.get('runs', 1)})",
             f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
            (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
+  head = results.get('cluster_head')
+  if head is not None:
+    name = f"cluster head ({head['method']}) k={head['k']}"
+    if head['nmi'] is None:
+      rows.append((name, f"skipped: {head.get('skipped', '')}"))
+    else:
+      rows += [(f'{name} NMI / AMI / ARI',
+                f"{head['nmi']:.3f} / {head['ami']:.3f} / {head['ari']:.3f}"),
+               (f'{name} Hungarian acc', _fmt(head['acc'], suffix=' %'))]
   step = results.get('checkpoint_step')
   header = (f"eval of {'saved features' if step is None else f'checkpoint {step}'} on split "
             f"{results.get('split')!r}: {results['num_images']} images, D={results['feature_dim']}"
@@ -254,7 +320,9 @@ def eval_split_in_training(config, split: Optional[str] = None) -> bool:
   return configuration.splits_overlap(config.data.train_split, split or config.data.eval_split)
 
 
-def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None):
+def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None,
+                       assignments: Optional[dict] = None,
+                       cluster_levels: Optional[Sequence[int]] = None):
   """Embeds the eval (and, for shared classes, train) split with `variables` and scores them.
 
   Args:
@@ -262,6 +330,7 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
     variables: {'params', 'batch_stats'} of the encoder (the key or query encoder of a
       checkpoint, `eval.encoder`, or a fresh initialisation for a baseline).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
+    assignments, cluster_levels: passed to `evaluate_features`.
   Returns:
     (results without `checkpoint_step`, {split: (features [N, D] device array, labels [N])} of
     the eval split and, when it was embedded, the train split).
@@ -287,7 +356,8 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   feature_s = time.perf_counter() - start
 
   results = evaluate_features(config, eval_features, eval_labels, train_features, train_labels,
-                              same_split=same_split, kmeans_fn=kmeans_fn)
+                              same_split=same_split, kmeans_fn=kmeans_fn,
+                              assignments=assignments, cluster_levels=cluster_levels)
   results['timing_s'] = {'features': feature_s, **results['timing_s']}
   results['timing_s']['total'] += feature_s
   results.update(split=split, feature_layer=config.eval.feature_layer)
@@ -320,6 +390,16 @@ def encoder_variables(tree: dict, encoder: str) -> dict:
   if encoder == 'query':
     return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
   return {'params': tree['key_params'], 'batch_stats': tree['key_batch_stats']}
+
+
+def final_cluster_levels(config, meta: dict) -> Optional[list]:
+  """The cluster levels active when the checkpoint was written (its schedule state), or None
+  when the checkpoint holds no schedule."""
+  if 'schedule' not in meta:
+    return None
+  schedule = cluster_schedule.ClusterSchedule.from_config(config.schedule)
+  schedule.load_state_dict(meta['schedule'])
+  return schedule.active
 
 
 def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None, *,
@@ -357,7 +437,8 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
                     config.data.image_size, meta['image_size'])
 
   variables = encoder_variables(tree, config.eval.encoder)
-  results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn)
+  results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn,
+                                         cluster_levels=final_cluster_levels(config, meta))
   results['checkpoint_step'] = int(step)
   results['encoder'] = config.eval.encoder
   if config.eval.save_features:
