@@ -10,7 +10,7 @@ Each `--set NAME=DIR` names a directory pattern (`{seed}` is replaced by each se
 script write): one pretraining run per seed. For each run, on the test split, k = its classes:
 - k-means: the evaluation's (`clustering_quality`, mean of `eval.kmeans_runs` = 10 runs);
 - head: `cluster_head.cluster_head_results` as `--mode=eval` runs it (fitted on the test and
-  train features together, scored on the test split).
+  train features together, scored on the test split; `--fit=test`: on the test features alone).
 Prints NMI and Hungarian accuracy per run, then per set the paired difference head - k-means
 over the seeds: mean and 95% Student-t interval (pcl_jax.study.report.paired_difference).
 
@@ -45,10 +45,11 @@ def _load(path: str):
     return data['features'], data['labels']
 
 
-def compare_run(directory: str) -> dict:
-  """k-means and head NMI / accuracy on one run's test split."""
+def compare_run(directory: str, fit: str) -> dict:
+  """k-means and head NMI / accuracy on one run's test split; the head fitted on the test and
+  train features (`fit='both'`, as the evaluation does) or on the test features alone."""
   test_x, test_y = _load(os.path.join(directory, 'features_test.npz'))
-  train_x, _ = _load(os.path.join(directory, 'features_train.npz'))
+  train_x = _load(os.path.join(directory, 'features_train.npz'))[0] if fit == 'both' else None
   kmeans = clustering_quality.clustering_quality(test_x, test_y, runs=KMEANS_RUNS)
   start = time.perf_counter()
   head, _ = cluster_head.cluster_head_results(test_x, test_y, kmeans['k'], train_x)
@@ -57,14 +58,14 @@ def compare_run(directory: str) -> dict:
           'head_acc': head['acc'], 'seconds': seconds, 'num_fit': head['num_fit']}
 
 
-def compare(sets, seeds) -> None:
+def compare(sets, seeds, fit: str) -> None:
   for name, pattern in sets:
     rows = []
     print(f'== {name}: {pattern}')
     print(f'{"seed":>4s} {"k-means NMI":>11s} {"head NMI":>9s} {"k-means acc":>11s} '
           f'{"head acc":>9s} {"fit on":>7s} {"time":>6s}')
     for seed in seeds:
-      row = compare_run(pattern.format(seed=seed))
+      row = compare_run(pattern.format(seed=seed), fit)
       rows.append(row)
       print(f'{seed:4d} {row["kmeans_nmi"]:11.4f} {row["head_nmi"]:9.4f} {row["kmeans_acc"]:11.2f} '
             f'{row["head_acc"]:9.2f} {row["num_fit"]:7d} {row["seconds"]:5.1f}s', flush=True)
@@ -97,12 +98,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--set', action='append', default=[], help='NAME=DIR with {seed}')
   parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--fit', choices=('both', 'test'), default='both',
+                      help='fit the head on the test and train features, or on the test alone')
   parser.add_argument('--tune', help='features_<split>.npz to choose the settings on')
   args = parser.parse_args()
   if args.tune:
     tune(args.tune)
   sets = [entry.split('=', 1) for entry in args.set]
-  compare(sets, [int(seed) for seed in args.seeds.split(',')])
+  compare(sets, [int(seed) for seed in args.seeds.split(',')], args.fit)
 
 
 if __name__ == '__main__':

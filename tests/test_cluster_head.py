@@ -131,6 +131,10 @@ def test_head_k_without_labels_and_the_too_few_samples_error():
   assert driver.cluster_head_k(config, None, 1000) == min(levels)
   assert driver.cluster_head_k(config, None, 1000, cluster_levels=[40, 7]) == 7
   assert driver.cluster_head_k(_config(cluster_head_k=9), None, 1000) == 9
+  schedule = configuration.validate(config)
+  schedule.load_state_dict({**schedule.state_dict(), 'start': 1})  # one change: [20, 10]
+  assert driver.final_cluster_levels(config, {'schedule': schedule.state_dict()}) == [20, 10]
+  assert driver.final_cluster_levels(config, {}) is None
   with pytest.raises(configuration.UserError,
                      match=r'eval.cluster_head: the eval split has 8 images, fewer than its k=9 '
                            r'clusters; set --config.eval.cluster_head_k to at most 8'):

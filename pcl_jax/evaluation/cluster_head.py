@@ -28,12 +28,12 @@ from pcl_jax.evaluation import clustering_quality
 from pcl_jax.evaluation import protocol
 
 METHOD = 'scan'
-NUM_NEIGHBOURS = 20
-ENTROPY_WEIGHT = 2.0
+NUM_NEIGHBOURS = 10
+ENTROPY_WEIGHT = 3.0
 NUM_HEADS = 10
 STEPS = 1000
 BATCH_SIZE = 256
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 3e-2
 # Rows of the similarity matrix computed at once when mining neighbours (memory chunk x N).
 MINING_CHUNK = 1024
 _EPS = 1e-8

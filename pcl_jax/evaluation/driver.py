@@ -437,8 +437,9 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
                     config.data.image_size, meta['image_size'])
 
   variables = encoder_variables(tree, config.eval.encoder)
+  levels = final_cluster_levels(config, meta) if config.eval.cluster_head else None
   results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn,
-                                         cluster_levels=final_cluster_levels(config, meta))
+                                         cluster_levels=levels)
   results['checkpoint_step'] = int(step)
   results['encoder'] = config.eval.encoder
   if config.eval.save_features:
