@@ -142,7 +142,7 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
   """
   timing = {}
   start = time.perf_counter()
-  eval_labels = np.asarray(eval_labels)
+  eval_labels = None if eval_labels is None else np.asarray(eval_labels)
   eval_features = jnp.asarray(eval_features, jnp.float32)
   protocol_name, ref_f, ref_l, query_f, query_l = protocol.reference_and_queries(
       eval_features, eval_labels, train_features, train_labels, same_split=same_split)
