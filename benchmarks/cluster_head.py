@@ -69,7 +69,7 @@ def compare(sets, seeds, fit: str) -> None:
       rows.append(row)
       print(f'{seed:4d} {row["kmeans_nmi"]:11.4f} {row["head_nmi"]:9.4f} {row["kmeans_acc"]:11.2f} '
             f'{row["head_acc"]:9.2f} {row["num_fit"]:7d} {row["seconds"]:5.1f}s', flush=True)
-    for metric in ('nmi', 'acc'):
+    for metric in ('nmi', 'acc') if len(rows) > 1 else ():  # an interval needs 2 seeds
       paired = report.paired_difference([r[f'head_{metric}'] for r in rows],
                                         [r[f'kmeans_{metric}'] for r in rows])
       kmeans = report.mean_ci([r[f'kmeans_{metric}'] for r in rows])
