@@ -117,8 +117,10 @@ def _train_heads(features, neighbours, seed, *, k: int, num_heads: int, steps: i
   # Every head's loss on all pairs: the anchor's probabilities against the mean over its
   # neighbours' of the agreement, with the entropy of the whole set's mean assignment.
   probs = jax.nn.softmax(_head_logits(params, features), axis=-1)  # [H, N, k]
-  agreement = jnp.einsum('hnk,hnmk->hnm', probs, probs[:, neighbours])
-  consistency = -jnp.mean(jnp.log(agreement + _EPS), axis=(1, 2))
+  # One neighbour rank at a time: memory heads x N x k, not x neighbours as well.
+  agreement = jax.lax.map(lambda column: jnp.sum(probs * probs[:, column], axis=-1),
+                          neighbours.T)  # [neighbours, H, N]
+  consistency = -jnp.mean(jnp.log(agreement + _EPS), axis=(0, 2))
   mean_probs = jnp.mean(probs, axis=1)
   entropy = -jnp.sum(mean_probs * jnp.log(mean_probs + _EPS), axis=1)
   return params, consistency - entropy_weight * entropy
