@@ -26,5 +26,8 @@ def get_config():
   config.eval.fewshot_episodes = 50
   config.eval.val_every = 0
   config.eval.kmeans_runs = 2
+  # Off for the suite's speed (a compilation per feature shape); tests/test_cluster_head.py
+  # turns it on.
+  config.eval.cluster_head = False
   config.checkpoint.every_epochs = 1
   return config

@@ -54,6 +54,7 @@ READ_ONLY_WITH = {
     'pcl.instance_loss': {form: (f'pcl.{form}',) for form in INSTANCE_LOSSES},
     'clustering.levels': {'balanced': ('clustering.sinkhorn_epsilon',
                                        'clustering.sinkhorn_iterations')},
+    'eval.cluster_head': {True: ('eval.cluster_head_k',)},
 }
 
 # Settings that moved between sections: old dotted name -> new one. A run directory written with
@@ -311,6 +312,9 @@ def validate(config) -> cluster_schedule.ClusterSchedule:
   _require(config.eval.knn_k >= 1, f'eval.knn_k={config.eval.knn_k} must be >= 1')
   _require(config.eval.kmeans_runs >= 1,
            f'eval.kmeans_runs={config.eval.kmeans_runs} must be >= 1 (k-means runs averaged)')
+  _require(config.eval.cluster_head_k >= 0,
+           f'eval.cluster_head_k={config.eval.cluster_head_k} must be >= 0 (0: the run\'s '
+           'coarsest cluster level)')
   _require(config.model.dim >= 1, f'model.dim={config.model.dim} must be >= 1')
   _require(config.checkpoint.every_epochs >= 1,
            f'checkpoint.every_epochs={config.checkpoint.every_epochs} must be >= 1')

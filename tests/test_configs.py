@@ -107,6 +107,10 @@ def test_a_validation_split_inside_the_training_split_is_refused():
     ({'pcl.instance_loss': 'selected', 'pcl.masked.level': 'coarsest'},
      "pcl.masked.level='coarsest' is read only with pcl.instance_loss='masked'"),
     ({'eval.kmeans_runs': 0}, 'eval.kmeans_runs=0 must be >= 1'),
+    ({'eval.cluster_head': True, 'eval.cluster_head_k': -1},
+     'eval.cluster_head_k=-1 must be >= 0'),
+    ({'eval.cluster_head': False, 'eval.cluster_head_k': 5},
+     'eval.cluster_head_k=5 is read only with eval.cluster_head=True'),
     ({'clustering.levels': 'agglomerative'}, "clustering.levels='agglomerative' is unknown"),
     ({'clustering.pad_k': 'always'},
      "clustering.pad_k='always' is unknown; use one of auto, max, exact"),
@@ -215,9 +219,9 @@ def test_a_run_saved_before_the_loss_and_clustering_choices_reads_as_published_p
   assert 'hierarchical' not in upgraded['clustering']
   assert (upgraded['pcl']['instance_loss'], upgraded['clustering']['levels']) == ('infonce',
                                                                                  'flat')
-  # configs/test.py has changed one evaluation setting since; the loss and clustering none.
+  # configs/test.py has changed two evaluation settings since; the loss and clustering none.
   changes = configuration.config_changes(upgraded, test_config.get_config().to_dict())
-  assert changes == ['eval.kmeans_runs: 10 -> 2']
+  assert changes == ['eval.cluster_head: True -> False', 'eval.kmeans_runs: 10 -> 2']
 
 
 @pytest.mark.parametrize('switches, expected', [

@@ -53,6 +53,11 @@ every checkpoint is scored on the same episodes and splits):
   normalisation), AMI and ARI as sklearn.metrics compute them (fractions in [0, 1]) and the
   accuracy of the best one-to-one cluster-to-class matching (Hungarian, in percent), each the
   mean over the runs, with the NMI's standard deviation over the runs (`nmi_sd`).
+- Cluster head (`eval.cluster_head`): `cluster_head.cluster_head_results`, SCAN's clustering
+  step on the frozen features, fitted on the eval split's features together with the train
+  split's when those are other images of the same classes, scored on the eval split like
+  k-means; k = the eval split's classes, or without labels `eval.cluster_head_k` (0: the run's
+  coarsest final cluster level).
 
 results.json (DESIGN.md section 3 keys first; accuracies in percent, NMI/AMI/ARI in [0, 1];
 entries that could not be computed are null with a `skipped` reason):
@@ -66,6 +71,9 @@ entries that could not be computed are null with a `skipped` reason):
     "clustering": {"k": int, "nmi": float, "ami": float, "ari": float, "acc": float,  # means
                    "runs": int, "spherical": bool, "nmi_sd": float, "nmi_runs": [float],
                    "backend": str},
+    "cluster_head": {"k": int, "nmi", "ami", "ari", "acc": float or null, "method": "scan",
+                     "num_fit": int, "neighbours": int, "entropy_weight": float,
+                     "heads": int, "loss": float},     # with eval.cluster_head only
     "split": str, "checkpoint_step": int,
     "protocol": "train_to_eval" | "eval_halves",
     "knn": {"k": int, "temperature": float, "num_reference": int, "num_query": int},
@@ -74,7 +82,8 @@ entries that could not be computed are null with a `skipped` reason):
     "assignments": {"columns": [str], "levels": [int], "level_seed": int,
                     "kmeans_seed": int | null, "files": {what: file name in eval/}},
     "timing_s": {"features": float, "knn": float, "linear_probe": float, "fewshot": float,
-                 "clustering": float, "assignments": float, "total": float}
+                 "clustering": float, "cluster_head": float, "assignments": float,
+                 "total": float}
   }
 Without labels (an unlabelled image folder, or saved features without `labels`), `knn_top1`,
 `linear_top1`, the few-shot means and the clustering metrics are null, and `knn`,
@@ -94,17 +103,19 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pcl_jax import cluster_schedule
 from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
 from pcl_jax.data import loaders
 from pcl_jax.evaluation import assignments as assignments_lib
+from pcl_jax.evaluation import cluster_head
 from pcl_jax.evaluation import clustering_quality
 from pcl_jax.evaluation import fewshot
 from pcl_jax.evaluation import gallery
@@ -153,7 +164,8 @@ def _unlabelled_results(config, eval_features) -> dict:
 def evaluate_features(config, eval_features, eval_labels, train_features=None,
                       train_labels=None, *, same_split: bool = False,
                       kmeans_fn: Optional[Callable] = None,
-                      assignments: Optional[dict] = None) -> dict:
+                      assignments: Optional[dict] = None,
+                      cluster_levels: Optional[Sequence[int]] = None) -> dict:
   """Every metric of results.json from features (no checkpoint, no files).
 
   Args:
@@ -165,7 +177,11 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
     assignments: a dict to receive the clusterings computed, `{column name: int array [N]}` in
       the order computed (`assignments.py`'s columns): with labels `kmeans_<k>`, the first of
-      the clustering-quality k-means runs (seed `protocol.EVAL_SEED`).
+      the clustering-quality k-means runs (seed `protocol.EVAL_SEED`); `head`, the clustering
+      stage's (`eval.cluster_head`).
+    cluster_levels: the run's final cluster levels (the checkpoint's schedule), or None (the
+      config schedule's first levels); the cluster head's k without labels defaults to their
+      coarsest.
   Returns:
     The results dict of the module docstring without `split` and `checkpoint_step`.
   """
@@ -174,9 +190,28 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
   eval_features = jnp.asarray(eval_features, jnp.float32)
   if eval_labels is None:
     results = _unlabelled_results(config, eval_features)
-    results['timing_s'] = {'total': time.perf_counter() - start}
-    return results
-  eval_labels = np.asarray(eval_labels)
+  else:
+    eval_labels = np.asarray(eval_labels)
+    results = _label_metrics(config, eval_features, eval_labels, train_features, train_labels,
+                             same_split, kmeans_fn, assignments, timing)
+  if config.eval.cluster_head:
+    k = cluster_head_k(config, eval_labels, eval_features.shape[0], cluster_levels)
+    extra = head_extra_features(train_features, train_labels, eval_labels, same_split)
+    results['cluster_head'], head_assignments = _timed(
+        timing, 'cluster_head', cluster_head.cluster_head_results, eval_features, eval_labels, k,
+        extra)
+    if assignments is not None:
+      assignments['head'] = head_assignments
+  timing['total'] = time.perf_counter() - start
+  results['timing_s'] = timing
+  return results
+
+
+def _label_metrics(config, eval_features, eval_labels, train_features, train_labels,
+                   same_split: bool, kmeans_fn, assignments: Optional[dict],
+                   timing: dict) -> dict:
+  """kNN, the linear probe, few-shot and clustering quality of labelled features
+  (`evaluate_features`), each one's time in `timing`."""
   protocol_name, ref_f, ref_l, query_f, query_l = protocol.reference_and_queries(
       eval_features, eval_labels, train_features, train_labels, same_split=same_split)
   _, ref_y, query_y = protocol.dense_labels(ref_l, query_l)
@@ -214,9 +249,39 @@ def evaluate_features(config, eval_features, eval_labels, train_features=None,
   results['clustering']['backend'] = config.clustering.backend
   if assignments is not None:
     assignments[assignments_lib.kmeans_column(results['clustering']['k'])] = first_run
-  timing['total'] = time.perf_counter() - start
-  results['timing_s'] = timing
   return results
+
+
+def cluster_head_k(config, eval_labels, num_images: int,
+                   cluster_levels: Optional[Sequence[int]] = None) -> int:
+  """The cluster head's k: the eval split's class count when it has labels, else
+  `eval.cluster_head_k`, 0 meaning the coarsest of `cluster_levels` (default the config
+  schedule's first levels). UserError when the split has fewer images than k."""
+  if eval_labels is not None:
+    k = int(np.unique(np.asarray(eval_labels)).size)
+  elif config.eval.cluster_head_k:
+    k = int(config.eval.cluster_head_k)
+  else:
+    if cluster_levels is None:
+      cluster_levels = cluster_schedule.ClusterSchedule.from_config(config.schedule).active
+    k = int(min(cluster_levels))
+  if num_images < k:
+    raise UserError(f'eval.cluster_head: the eval split has {num_images} images, fewer than its '
+                    f'k={k} clusters; set --config.eval.cluster_head_k to at most {num_images}, '
+                    'or --config.eval.cluster_head=False')
+  return k
+
+
+def head_extra_features(train_features, train_labels, eval_labels, same_split: bool):
+  """The train split's features when the cluster head may fit on them beside the eval split's
+  (other images, of the same classes when both have labels: more neighbours per class), else
+  None."""
+  if train_features is None or same_split:
+    return None
+  if (train_labels is not None and eval_labels is not None
+      and not protocol.shares_classes(train_labels, eval_labels)):
+    return None
+  return train_features
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +299,7 @@ def format_table(results: dict) -> str:
     rows = [('kNN, linear probe, few-shot, clustering quality', f'skipped: {NO_LABELS}')]
   else:
     rows = _labelled_rows(results)
+  rows += _cluster_head_rows(results)
   for name, path in results.get('assignments', {}).get('files', {}).items():
     rows.append((name, path))
   step = results.get('checkpoint_step')
@@ -270,6 +336,17 @@ def _labelled_rows(results: dict) -> list:
             f"{clusters['nmi']:.3f} / {clusters['ami']:.3f} / {clusters['ari']:.3f}"),
            (f"k-means k={clusters['k']} Hungarian acc", _fmt(clusters['acc'], suffix=' %'))]
   return rows
+
+
+def _cluster_head_rows(results: dict) -> list:
+  head = results.get('cluster_head')
+  if head is None:
+    return []
+  name = f"cluster head ({head['method']}) k={head['k']}"
+  if head['nmi'] is None:
+    return [(name, f"skipped: {head.get('skipped', '')}")]
+  return [(f'{name} NMI / AMI / ARI', f"{head['nmi']:.3f} / {head['ami']:.3f} / {head['ari']:.3f}"),
+          (f'{name} Hungarian acc', _fmt(head['acc'], suffix=' %'))]
 
 
 def results_path(workdir: str, split: Optional[str] = None) -> str:
@@ -317,7 +394,8 @@ def eval_split_in_training(config, split: Optional[str] = None) -> bool:
 
 
 def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = None,
-                       assignments: Optional[dict] = None):
+                       assignments: Optional[dict] = None,
+                       cluster_levels: Optional[Sequence[int]] = None):
   """Embeds the eval (and, for shared classes, train) split with `variables` and scores them.
 
   Args:
@@ -325,7 +403,7 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
     variables: {'params', 'batch_stats'} of the encoder (the key or query encoder of a
       checkpoint, `eval.encoder`, or a fresh initialisation for a baseline).
     kmeans_fn: k-means override (default `pcl_jax.clustering.kmeans`).
-    assignments: a dict to receive the clusterings of the eval split (`evaluate_features`).
+    assignments, cluster_levels: passed to `evaluate_features`.
   Returns:
     (results without `checkpoint_step`, {split: (features [N, D] device array, labels [N] or
     None, its ArraySource)} of the eval split and, when it was embedded, the train split).
@@ -351,7 +429,8 @@ def evaluate_variables(config, variables, *, kmeans_fn: Optional[Callable] = Non
   feature_s = time.perf_counter() - start
 
   results = evaluate_features(config, eval_features, eval_labels, train_features, train_labels,
-                              same_split=same_split, kmeans_fn=kmeans_fn, assignments=assignments)
+                              same_split=same_split, kmeans_fn=kmeans_fn,
+                              assignments=assignments, cluster_levels=cluster_levels)
   results['timing_s'] = {'features': feature_s, **results['timing_s']}
   results['timing_s']['total'] += feature_s
   results.update(split=split, feature_layer=config.eval.feature_layer)
@@ -445,8 +524,9 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
 
   variables = encoder_variables(tree, config.eval.encoder)
   computed = {}
+  levels = assignments_lib.final_levels(config, meta)
   results, embedded = evaluate_variables(config, variables, kmeans_fn=kmeans_fn,
-                                         assignments=computed)
+                                         assignments=computed, cluster_levels=levels)
   results['checkpoint_step'] = int(step)
   results['encoder'] = config.eval.encoder
   eval_dir = os.path.join(workdir, 'eval')
@@ -455,7 +535,6 @@ def evaluate_checkpoint(config, workdir: str, epochs_done: Optional[int] = None,
   # The run's own levels first, then what evaluate_features computed (kmeans_<k>, head).
   start = time.perf_counter()
   level_seed = config.seed * 1000 + int(meta.get('epochs_done', step))
-  levels = assignments_lib.final_levels(config, meta)
   columns = {**assignments_lib.level_assignments(config, features, levels, level_seed),
              **computed}
   results['assignments'] = assignments_lib.describe(

@@ -178,7 +178,8 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
                                                  int(level_seed)))
   results = driver.evaluate_features(config, eval_features, eval_labels, train_features,
                                      train_labels, same_split=bool(same_split),
-                                     kmeans_fn=kmeans_fn, assignments=columns)
+                                     kmeans_fn=kmeans_fn, assignments=columns,
+                                     cluster_levels=meta['levels'] or None)
   results['timing_s'] = {'load': load_s, **results['timing_s']}
   results['timing_s']['total'] += load_s
   results.update(split=meta['split'], feature_layer=meta.get('feature_layer'),
