@@ -79,9 +79,9 @@ python3 -c 'import jax, flax, optax, orbax.checkpoint as ocp, torch, torchvision
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
       "orbax", ocp.__version__, "torch", torch.__version__, "torchvision",
       torchvision.__version__, "faiss", faiss.__version__, jax.devices())' >> "$RESULTS" 2>&1
-# In one process: pytest.ini's `-n 2` (pytest-xdist, absent on the lent GPU's image) replaced,
-# so the GPU tests share the one device and nothing else is started.
-run tests $LIMIT_TESTS python3 -m pytest -q -o 'addopts=-p no:cacheprovider' -m gpu tests
+# In one process (tests/two_workers.py starts no workers under -m gpu): the GPU tests share the
+# one device.
+run tests $LIMIT_TESTS python3 -m pytest -q -m gpu tests
 run resident $LIMIT_EPOCH python3 benchmarks/epoch.py "${EPOCH[@]}" --input resident \
   --backend jax --pad-k max --torch-reference
 run augment $LIMIT_EPOCH python3 benchmarks/epoch.py "${EPOCH[@]}" --input augment \
