@@ -118,14 +118,8 @@ class Trainer:
     config = self.config
     run = functools.partial(
         clustering.cluster_levels, num_clusters=self.schedule.clustering_order(),
-        backend=config.clustering.backend, niter=config.clustering.niter,
-        nredo=config.clustering.nredo, seed=config.seed * 1000 + epoch,
-        spherical=config.clustering.spherical, temperature=config.pcl.temperature,
-        use_float16=config.clustering.use_float16, levels=config.clustering.levels,
-        max_points_factor=config.clustering.max_points_factor,
-        min_points_factor=config.clustering.min_points_factor,
-        sinkhorn_epsilon=config.clustering.sinkhorn_epsilon,
-        sinkhorn_iterations=config.clustering.sinkhorn_iterations, pad_rows=self.kmeans_rows)
+        seed=config.seed * 1000 + epoch, pad_rows=self.kmeans_rows,
+        **clustering.level_settings(config))
     if jax.process_count() == 1:
       return run(features)
     if clustering.resolve_backend(config.clustering.backend) == 'jax':

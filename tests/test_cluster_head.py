@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks import evaluate as evaluate_benchmark
 from configs import test as test_config
 from pcl_jax import configuration
 from pcl_jax.evaluation import assignments as assignments_lib
@@ -57,13 +58,9 @@ def test_neighbours_match_numpy_across_chunks():
   np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
 
 
-def _blobs(num_classes=5, per_class=60, dim=16, noise=0.1, seed=0):
-  rng = np.random.default_rng(seed)
-  centers = rng.normal(size=(num_classes, dim))
-  labels = np.repeat(np.arange(num_classes), per_class)
-  features = centers[labels] + noise * rng.normal(size=(labels.size, dim))
-  features /= np.linalg.norm(features, axis=1, keepdims=True)
-  return features.astype(np.float32), labels
+def _blobs(per_class=60):
+  """Five well-separated classes of unit-norm 16-d features (benchmarks/evaluate.py's sets)."""
+  return evaluate_benchmark.synthetic_features(5, per_class, 16, noise=0.1)
 
 
 def test_fit_recovers_separated_blobs_and_is_deterministic_by_seed():

@@ -115,6 +115,19 @@ def _level_concentration(sq_dist, im2cluster, k: int, temperature, padding):
                                num_segments=padding.centroids)[:k]
 
 
+def config_settings(config) -> dict:
+  """`cluster_levels`' keyword settings from a run config: the run's `clustering.*` and PCL's
+  temperature (the E-step's, and the evaluation's re-clustering of the run's levels)."""
+  settings = config.clustering
+  return dict(backend=settings.backend, niter=settings.niter, nredo=settings.nredo,
+              spherical=settings.spherical, temperature=config.pcl.temperature,
+              use_float16=settings.use_float16, levels=settings.levels,
+              max_points_factor=settings.max_points_factor,
+              min_points_factor=settings.min_points_factor,
+              sinkhorn_epsilon=settings.sinkhorn_epsilon,
+              sinkhorn_iterations=settings.sinkhorn_iterations)
+
+
 def cluster_levels(features, num_clusters, *, backend, niter, nredo, seed, spherical,
                    temperature, use_float16, levels='flat', max_points_factor=5 / 3,
                    min_points_factor=1 / 3, sinkhorn_epsilon=0.05, sinkhorn_iterations=3,

@@ -356,6 +356,12 @@ def _csv_split_files(layout: _Layout, split: str) -> SplitFiles:
                     entries, csv_path)
 
 
+def _file_entry(path: str, root: str, class_name: str) -> Tuple[str, str, int, int]:
+  """`SplitFiles.entries`' row of one image file."""
+  stat = os.stat(path)
+  return os.path.relpath(path, root), class_name, stat.st_size, stat.st_mtime_ns
+
+
 def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
   """The files of one ImageFolder split, in torchvision ImageFolder order."""
   directory = layout.splits[split]
@@ -370,9 +376,7 @@ def _folder_split_files(layout: _Layout, split: str) -> SplitFiles:
           path = os.path.join(walk_root, filename)
           paths.append(path)
           labels.append(label_of[class_name])
-          stat = os.stat(path)
-          entries.append((os.path.relpath(path, layout.root), class_name, stat.st_size,
-                          stat.st_mtime_ns))
+          entries.append(_file_entry(path, layout.root, class_name))
     if len(paths) == count:
       empty.append(class_name)
   if not paths:
@@ -405,11 +409,8 @@ def _unlabelled_split_files(layout: _Layout) -> SplitFiles:
   if not paths:
     raise UserError(f'data.root={layout.root} holds no image files at any depth (looked for '
                     f'*{{{",".join(IMAGE_EXTENSIONS)}}}); put the images there or fix data.root')
-  entries = []
-  for path in paths:
-    stat = os.stat(path)
-    entries.append((os.path.relpath(path, layout.root), '', stat.st_size, stat.st_mtime_ns))
-  return SplitFiles(UNLABELLED_SPLIT, tuple(paths), None, (), tuple(entries), layout.root)
+  entries = tuple(_file_entry(path, layout.root, '') for path in paths)
+  return SplitFiles(UNLABELLED_SPLIT, tuple(paths), None, (), entries, layout.root)
 
 
 def list_split_files(data_config, split: str, setting: str = 'data split') -> List[SplitFiles]:

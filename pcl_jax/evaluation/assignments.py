@@ -60,13 +60,8 @@ def level_assignments(config, features, ks: Sequence[int], seed: int) -> Dict[st
                     'left out', [k for k in ks if int(k) > num], num)
   if not kept:
     return {}
-  settings = config.clustering
-  levels = clustering.cluster_levels(
-      features, kept, backend=settings.backend, niter=settings.niter, nredo=settings.nredo,
-      seed=seed, spherical=settings.spherical, temperature=config.pcl.temperature,
-      use_float16=settings.use_float16, levels=settings.levels,
-      max_points_factor=settings.max_points_factor, min_points_factor=settings.min_points_factor,
-      sinkhorn_epsilon=settings.sinkhorn_epsilon, sinkhorn_iterations=settings.sinkhorn_iterations)
+  levels = clustering.cluster_levels(features, kept, seed=seed,
+                                     **clustering.level_settings(config))
   return {level_column(level['k']): np.asarray(level['im2cluster'], np.int64)
           for level in levels}
 

@@ -101,7 +101,6 @@ per level, `eval/gallery_<split>_level_<k>.png`.
 import json
 import logging
 import os
-import re
 import time
 from typing import Callable, Optional, Sequence
 
@@ -109,7 +108,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcl_jax import cluster_schedule
 from pcl_jax import clustering
 from pcl_jax import configuration
 from pcl_jax.configuration import UserError
@@ -262,9 +260,7 @@ def cluster_head_k(config, eval_labels, num_images: int,
   elif config.eval.cluster_head_k:
     k = int(config.eval.cluster_head_k)
   else:
-    if cluster_levels is None:
-      cluster_levels = cluster_schedule.ClusterSchedule.from_config(config.schedule).active
-    k = int(min(cluster_levels))
+    k = int(min(cluster_levels or assignments_lib.final_levels(config, {})))
   if num_images < k:
     raise UserError(f'eval.cluster_head: the eval split has {num_images} images, fewer than its '
                     f'k={k} clusters; set --config.eval.cluster_head_k to at most {num_images}, '
@@ -353,7 +349,7 @@ def results_path(workdir: str, split: Optional[str] = None) -> str:
   """WORKDIR/eval/results.json (the last evaluation), or results_<split>.json (that split's)."""
   if split is None:
     return os.path.join(workdir, 'eval', 'results.json')
-  return os.path.join(workdir, 'eval', f"results_{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}.json")
+  return assignments_lib.split_file(os.path.join(workdir, 'eval'), 'results', split, '.json')
 
 
 def _check_results_writable(workdir: str, split: str, overwrite: bool) -> None:
@@ -460,7 +456,7 @@ def keep_clusters(directory: str, split: str, assignments: dict, features, label
 
 def features_path(directory: str, split: str) -> str:
   """DIR/features_<split>.npz (`eval.save_features`; `pcl_jax.evaluation.score` reads it)."""
-  return os.path.join(directory, f"features_{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}.npz")
+  return assignments_lib.split_file(directory, 'features', split, '.npz')
 
 
 def save_features(directory: str, split: str, features, labels, paths=(), **meta) -> str:

@@ -92,9 +92,9 @@ def tile_origin(position: int, columns: int, per_side: int = IMAGES_PER_SIDE,
   return 2 * CAPTION + GAP + row * (height + GAP), GAP + column * (width + GAP)
 
 
-def _thumbnail(image) -> np.ndarray:
+def _thumbnail(image) -> Image.Image:
   picture = Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
-  return np.asarray(picture.resize((THUMB, THUMB), Image.BILINEAR))
+  return picture.resize((THUMB, THUMB), Image.BILINEAR)
 
 
 def compose(images, shown: Sequence[ShownCluster], num_clusters: int, title: str,
@@ -118,7 +118,7 @@ def compose(images, shown: Sequence[ShownCluster], num_clusters: int, title: str
       cell_row, cell_column = divmod(cell, per_side)
       y, x = top + CAPTION + cell_row * THUMB, left + cell_column * THUMB
       if cell < len(cluster.nearest):
-        picture.paste(Image.fromarray(_thumbnail(images[int(cluster.nearest[cell])])), (x, y))
+        picture.paste(_thumbnail(images[int(cluster.nearest[cell])]), (x, y))
       else:
         draw.rectangle((x, y, x + THUMB - 1, y + THUMB - 1), fill=EMPTY)
   return np.asarray(picture)

@@ -150,8 +150,8 @@ def score_features(config, features_arg: str, out: Optional[str] = None, *,
   start = time.perf_counter()
   train_path, eval_path, same_split = resolve_paths(features_arg, config)
   eval_features, eval_labels, meta = load_features(eval_path, 'eval features')
-  out = out or os.path.join(os.path.dirname(os.path.abspath(eval_path)),
-                            f"scores_{re.sub(r'[^A-Za-z0-9_.+-]', '_', meta['split'])}.json")
+  out = out or assignments.split_file(os.path.dirname(os.path.abspath(eval_path)), 'scores',
+                                      meta['split'], '.json')
   if os.path.exists(out) and not overwrite:
     raise UserError(f'--out={out} exists; pass --overwrite to replace it, or another --out')
   train_features = train_labels = None
