@@ -1,6 +1,6 @@
 """The tiny trained runs the test suite shares: their configs, how they are trained, and writable
-copies of them. tests/conftest.py trains each once per test run as a session fixture
-(`tiny_run`, `two_epoch_run`, `reference_run`); a test that writes into a run directory (a
+copies of them. tests/conftest.py trains each once per test run (fixtures of pytest's widest
+scope: `tiny_run`, `two_epoch_run`, `reference_run`); a test that writes into a run directory (a
 resume, an evaluation, damage) works on `copy_run(...)` and leaves the shared one as it was.
 """
 
